@@ -1,0 +1,11 @@
+//! `egress-agent check`: validate a policy and say what it allows.
+
+use std::path::Path;
+
+use crate::session::{self, SessionError};
+
+/// The text to print for a policy that this version can enforce.
+pub fn check(path: &Path) -> Result<String, SessionError> {
+    let policy = session::load_policy(path)?;
+    Ok(format!("{}: OK\n{}", path.display(), policy.summary()))
+}

@@ -1,0 +1,88 @@
+//! The command line. This is a contract used by people and by outside tests: keep it stable.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(name = "egress-agent", version, about = "Kernel-enforced egress allowlist for MCP servers")]
+pub struct Cli {
+    /// Log line format on stderr. Default: json when stderr is not a terminal, else text.
+    #[arg(long, value_enum, global = true)]
+    pub log_format: Option<LogFormat>,
+    /// Log filter (tracing EnvFilter syntax), e.g. `info` or `egress_agent=debug`.
+    #[arg(long, global = true, default_value = "info", env = "EGRESS_LOG")]
+    pub log_level: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Json,
+    Text,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run CMD in a fresh cgroup under the policy; exit with CMD's status.
+    Exec(ExecArgs),
+    /// Protect an existing cgroup until SIGINT or SIGTERM.
+    Run(RunArgs),
+    /// Validate a policy and print what it allows (exit 0), or the error (exit 78).
+    Check(CheckArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DnsArgs {
+    /// resolv.conf to read name servers from when the policy names no resolvers.
+    #[arg(long, default_value = "/etc/resolv.conf")]
+    pub resolv_conf: PathBuf,
+    /// Shortest time an answer is kept before asking again, in seconds.
+    #[arg(long, default_value_t = 5)]
+    pub dns_min_ttl: u64,
+    /// Longest time an answer is kept before asking again, in seconds.
+    #[arg(long, default_value_t = 300)]
+    pub dns_max_ttl: u64,
+    /// Seconds to wait for one DNS answer.
+    #[arg(long, default_value_t = 2)]
+    pub dns_timeout: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct ExecArgs {
+    /// Policy file (MCP-NET-02 YAML).
+    #[arg(long)]
+    pub policy: PathBuf,
+    /// User (name or uid) to run CMD as. Default: the invoking user from SUDO_UID, else nobody.
+    #[arg(long)]
+    pub user: Option<String>,
+    /// cgroup v2 directory under which the workload's cgroup is created.
+    /// Default: `egress` at the root of the cgroup v2 hierarchy.
+    #[arg(long)]
+    pub cgroup_parent: Option<PathBuf>,
+    #[command(flatten)]
+    pub dns: DnsArgs,
+    /// The command to run, after `--`.
+    #[arg(last = true, required = true, num_args = 1..)]
+    pub command: Vec<OsString>,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Policy file (MCP-NET-02 YAML).
+    #[arg(long)]
+    pub policy: PathBuf,
+    /// cgroup v2 directory to protect.
+    #[arg(long)]
+    pub cgroup: PathBuf,
+    #[command(flatten)]
+    pub dns: DnsArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// Policy file to validate.
+    pub file: PathBuf,
+}

@@ -1,0 +1,152 @@
+//! `egress-agent exec`: run one command in a fresh, enforced cgroup.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::cgroup::{self, CgroupError, WorkloadCgroup};
+use crate::cli::ExecArgs;
+use crate::exit;
+use crate::session::{self, SessionError};
+use crate::workload::{self, Credentials, Probes, WorkloadError};
+
+/// The slot `exec` uses: one agent process, one workload.
+const EXEC_SLOT: u32 = 0;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    #[error(transparent)]
+    Session(#[from] SessionError),
+    #[error(transparent)]
+    Cgroup(#[from] CgroupError),
+    #[error(transparent)]
+    Workload(#[from] WorkloadError),
+    #[error("user {0:?} does not exist")]
+    NoSuchUser(String),
+    #[error("looking up user {name:?}: {source}")]
+    UserLookup {
+        name: String,
+        #[source]
+        source: nix::Error,
+    },
+    #[error("refusing to run the workload as root: root can detach the eBPF programs that confine it; pass --user")]
+    RootWorkload,
+    #[error("installing signal handlers: {0}")]
+    Signals(#[source] std::io::Error),
+    #[error("waiting for the workload: {0}")]
+    Wait(#[source] std::io::Error),
+}
+
+impl ExecError {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            ExecError::Session(e) => e.exit_code(),
+            ExecError::NoSuchUser(_) | ExecError::RootWorkload => exit::USAGE,
+            _ => exit::FAILURE,
+        }
+    }
+}
+
+/// Runs the workload and returns the exit code to leave with: the workload's own, or
+/// 128 + signal when a signal ended it.
+pub async fn run(args: ExecArgs) -> Result<u8, ExecError> {
+    let creds = credentials(args.user.as_deref())?;
+    let policy = session::load_policy(&args.policy)?;
+    let mount = cgroup::cgroup2_mount()?;
+    let parent = args.cgroup_parent.clone().unwrap_or_else(|| mount.join("egress"));
+
+    let (mut enforcer, resolver) = session::start(policy, &args.dns, EXEC_SLOT).await?;
+    let probes = Probes::choose(enforcer.compiled())?;
+
+    let name = format!("exec-{}", std::process::id());
+    let cg = WorkloadCgroup::create(&parent, &name, &mount)?;
+    let result = supervise(&mut enforcer, resolver.as_ref(), &cg, &args, creds, probes).await;
+    // Anything the workload left behind dies with the cgroup, before enforcement is removed.
+    if let Err(error) = cg.remove(Duration::from_secs(5)) {
+        tracing::error!(%error, "removing the workload cgroup failed");
+    }
+    drop(enforcer);
+    result
+}
+
+async fn supervise(
+    enforcer: &mut crate::enforcer::Enforcer,
+    resolver: Option<&std::sync::Arc<crate::resolve::Resolver>>,
+    cg: &WorkloadCgroup,
+    args: &ExecArgs,
+    creds: Credentials,
+    probes: Probes,
+) -> Result<u8, ExecError> {
+    enforcer.attach(cg.path()).map_err(SessionError::from)?;
+    let cgroup_path: PathBuf = cg.path().into();
+    let mut child = workload::spawn(&args.command, cg.open_procs()?, creds, probes)?;
+    let pid = child.id().unwrap_or(0);
+    tracing::info!(
+        cgroup = %cgroup_path.display(), pid, uid = creds.uid,
+        probe_v4 = %probes.v4, probe_v6 = %probes.v6,
+        "workload started; enforcement proven live from inside its cgroup"
+    );
+
+    let mut sigint = signal(SignalKind::interrupt()).map_err(ExecError::Signals)?;
+    let mut sigterm = signal(SignalKind::terminate()).map_err(ExecError::Signals)?;
+    let mut sighup = signal(SignalKind::hangup()).map_err(ExecError::Signals)?;
+    let mut sigquit = signal(SignalKind::quit()).map_err(ExecError::Signals)?;
+    let forward = |sig: libc::c_int| {
+        if pid > 0 {
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe { libc::kill(pid as libc::pid_t, sig) };
+        }
+    };
+    let status = loop {
+        tokio::select! {
+            status = child.wait() => break status.map_err(ExecError::Wait)?,
+            _ = sigint.recv() => forward(libc::SIGINT),
+            _ = sigterm.recv() => forward(libc::SIGTERM),
+            _ = sighup.recv() => forward(libc::SIGHUP),
+            _ = sigquit.recv() => forward(libc::SIGQUIT),
+            _ = enforcer.until_due(), if resolver.is_some() => {
+                if let Some(r) = resolver {
+                    enforcer.refresh_due(r).await;
+                }
+            }
+        }
+    };
+    let code = exit_code(status);
+    tracing::info!(pid, exit_code = code, "workload exited");
+    Ok(code)
+}
+
+fn exit_code(status: std::process::ExitStatus) -> u8 {
+    use std::os::unix::process::ExitStatusExt as _;
+    match (status.code(), status.signal()) {
+        (Some(c), _) => u8::try_from(c & 0xff).unwrap_or(exit::FAILURE),
+        (None, Some(s)) => u8::try_from(128 + s).unwrap_or(exit::FAILURE),
+        _ => exit::FAILURE,
+    }
+}
+
+/// `--user`, else SUDO_UID, else nobody. Root is refused.
+fn credentials(user: Option<&str>) -> Result<Credentials, ExecError> {
+    use nix::unistd::{Uid, User};
+    let lookup = |name: &str| -> Result<User, ExecError> {
+        let found = match name.parse::<u32>() {
+            Ok(uid) => User::from_uid(Uid::from_raw(uid)),
+            Err(_) => User::from_name(name),
+        };
+        found
+            .map_err(|source| ExecError::UserLookup { name: name.into(), source })?
+            .ok_or_else(|| ExecError::NoSuchUser(name.into()))
+    };
+    let user = match user {
+        Some(name) => lookup(name)?,
+        None => match std::env::var("SUDO_UID") {
+            Ok(uid) if !uid.is_empty() => lookup(&uid)?,
+            _ => lookup("nobody")?,
+        },
+    };
+    if user.uid.is_root() {
+        return Err(ExecError::RootWorkload);
+    }
+    Ok(Credentials { uid: user.uid.as_raw(), gid: user.gid.as_raw() })
+}

@@ -1,0 +1,23 @@
+//! The egress agent: turns an MCP-NET-02 egress policy into kernel enforcement on a cgroup.
+//!
+//! `policy` parses and validates; `compile` turns a policy and resolved addresses into map
+//! contents (pure); `reference` is the decision read straight off the policy, for tests;
+//! `loader`, `maps`, `enforcer` load, fill and keep the kernel side; `workload`, `cgroup`,
+//! `exec` and `run` supervise the protected process.
+
+pub mod cgroup;
+pub mod check;
+pub mod cli;
+pub mod compile;
+pub mod enforcer;
+pub mod exec;
+pub mod exit;
+pub mod loader;
+pub mod logging;
+pub mod maps;
+pub mod policy;
+pub mod reference;
+pub mod resolve;
+pub mod run;
+pub mod session;
+pub mod workload;

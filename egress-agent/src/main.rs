@@ -1,0 +1,59 @@
+//! Thin binary: parse the command line, set up logging, run the command, map errors to exit
+//! codes (0 ok, 64 usage, 78 bad policy, 1 runtime failure).
+
+use std::io::Write as _;
+use std::process::ExitCode;
+
+use clap::Parser as _;
+use egress_agent::{check, cli, exec, exit, logging, run};
+
+fn main() -> ExitCode {
+    let cli = match cli::Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { exit::USAGE } else { exit::OK });
+        }
+    };
+    if let Err(e) = logging::init(cli.log_format, &cli.log_level) {
+        let _ = writeln!(std::io::stderr(), "egress-agent: {e}");
+        return ExitCode::from(exit::USAGE);
+    }
+    // One thread: the workload's parent-death signal is tied to the thread that forked it.
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            let _ = writeln!(std::io::stderr(), "egress-agent: starting the runtime: {e}");
+            return ExitCode::from(exit::FAILURE);
+        }
+    };
+    let code = runtime.block_on(async {
+        match cli.command {
+            cli::Command::Exec(args) => exec::run(args).await.unwrap_or_else(|e| fail(&e, e.exit_code())),
+            cli::Command::Run(args) => run::run(args).await.unwrap_or_else(|e| fail(&e, e.exit_code())),
+            cli::Command::Check(args) => match check::check(&args.file) {
+                Ok(text) => {
+                    let _ = std::io::stdout().write_all(text.as_bytes());
+                    exit::OK
+                }
+                Err(e) => {
+                    let _ = writeln!(std::io::stderr(), "{e}");
+                    e.exit_code()
+                }
+            },
+        }
+    });
+    ExitCode::from(code)
+}
+
+fn fail(e: &dyn std::error::Error, code: u8) -> u8 {
+    let mut chain = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        chain.push_str(": ");
+        chain.push_str(&s.to_string());
+        src = s.source();
+    }
+    tracing::error!(error = %chain, exit_code = code, "egress-agent failed");
+    code
+}

@@ -1,0 +1,120 @@
+//! Bringing the kernel maps to a compiled state.
+//!
+//! Changes are applied so that no decision is ever looser or stricter than both the old and
+//! the new state allow: new port entries before the rule entries that point at them, new and
+//! changed rule entries before removing old ones, and port entries last. Port-set ids are
+//! stable for a policy id (see `compile::SetIds`), so an id never changes meaning in place.
+
+use aya::maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, lpm_trie::Key};
+use egress_common::{
+    PortKey, Proto, Reason, RuleKey, RuleValue, SlotConfig,
+    counters::counter_index,
+    maps::{MAP_COUNTERS, MAP_PORTS, MAP_RULES, MAP_SLOTS},
+};
+
+use crate::compile::{Compiled, LpmKey};
+use crate::loader::{LoadError, Programs};
+
+#[derive(Debug, thiserror::Error)]
+pub enum MapsError {
+    #[error("{0}")]
+    Load(#[from] LoadError),
+    #[error("map {map}: {op}: {source}")]
+    Op {
+        map: &'static str,
+        op: &'static str,
+        #[source]
+        source: Box<MapError>,
+    },
+}
+
+fn op_err(map: &'static str, op: &'static str) -> impl FnOnce(MapError) -> MapsError {
+    move |e| MapsError::Op { map, op, source: Box::new(e) }
+}
+
+/// What one apply changed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ApplyStats {
+    pub rules_written: usize,
+    pub rules_removed: usize,
+    pub ports_written: usize,
+    pub ports_removed: usize,
+}
+
+pub struct MapSet {
+    slots: Array<MapData, SlotConfig>,
+    rules: LpmTrie<MapData, RuleKey, RuleValue>,
+    ports: HashMap<MapData, PortKey, u32>,
+    counters: PerCpuArray<MapData, u64>,
+}
+
+impl MapSet {
+    pub fn take(programs: &mut Programs) -> Result<Self, MapsError> {
+        let conv = |name: &'static str| op_err(name, "open");
+        Ok(MapSet {
+            slots: Array::try_from(programs.take_map(MAP_SLOTS)?).map_err(conv(MAP_SLOTS))?,
+            rules: LpmTrie::try_from(programs.take_map(MAP_RULES)?).map_err(conv(MAP_RULES))?,
+            ports: HashMap::try_from(programs.take_map(MAP_PORTS)?).map_err(conv(MAP_PORTS))?,
+            counters: PerCpuArray::try_from(programs.take_map(MAP_COUNTERS)?)
+                .map_err(conv(MAP_COUNTERS))?,
+        })
+    }
+
+    /// Moves the rule and port maps from `old` to `new` (same policy id, or `old` empty).
+    pub fn apply(&mut self, old: &Compiled, new: &Compiled) -> Result<ApplyStats, MapsError> {
+        let mut stats = ApplyStats::default();
+        for (k, v) in &new.ports {
+            if old.ports.get(k) != Some(v) {
+                self.ports.insert(k, v, 0).map_err(op_err(MAP_PORTS, "insert"))?;
+                stats.ports_written += 1;
+            }
+        }
+        for (k, v) in &new.rules {
+            if old.rules.get(k) != Some(v) {
+                self.rules.insert(&lpm(k), v, 0).map_err(op_err(MAP_RULES, "insert"))?;
+                stats.rules_written += 1;
+            }
+        }
+        for k in old.rules.keys() {
+            if !new.rules.contains_key(k) {
+                remove_missing_ok(self.rules.remove(&lpm(k)), MAP_RULES)?;
+                stats.rules_removed += 1;
+            }
+        }
+        for k in old.ports.keys() {
+            if !new.ports.contains_key(k) {
+                remove_missing_ok(self.ports.remove(k), MAP_PORTS)?;
+                stats.ports_removed += 1;
+            }
+        }
+        Ok(stats)
+    }
+
+    /// Puts `config` in force for `slot`. With `policy_id` 0 the slot denies everything.
+    pub fn set_slot(&mut self, slot: u32, config: SlotConfig) -> Result<(), MapsError> {
+        self.slots.set(slot, config, 0).map_err(op_err(MAP_SLOTS, "set"))
+    }
+
+    /// The sum over CPUs of one counter.
+    pub fn counter(&self, slot: u32, reason: Reason, proto: Proto) -> Result<u64, MapsError> {
+        let values = self
+            .counters
+            .get(&counter_index(slot, reason, proto), 0)
+            .map_err(op_err(MAP_COUNTERS, "get"))?;
+        Ok(values.iter().copied().fold(0u64, u64::wrapping_add))
+    }
+}
+
+fn lpm(k: &LpmKey) -> Key<RuleKey> {
+    Key::new(k.prefix_len, k.data)
+}
+
+/// Removing an entry that is already gone is what we wanted.
+fn remove_missing_ok(r: Result<(), MapError>, map: &'static str) -> Result<(), MapsError> {
+    match r {
+        Ok(()) => Ok(()),
+        Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        Err(e) => Err(op_err(map, "remove")(e)),
+    }
+}

@@ -1,0 +1,129 @@
+//! Why a policy file was refused. Every variant names the file; syntax and validation errors
+//! also carry the line and column (1-based) and, for validation errors, the field path such as
+//! `egress_policy.allowed_destinations[2].cidr`.
+
+use std::fmt;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use super::support::Unsupported;
+
+/// `EX_CONFIG` from sysexits.h: the configuration (here: the policy) is unusable.
+const EX_CONFIG: u8 = 78;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    /// The policy file could not be read (missing, unreadable, not UTF-8).
+    #[error("{}: cannot read the policy file", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+
+    /// The file is not well-formed YAML (or holds more than one document).
+    #[error("{}", Located { file, line: *line, column: *column, path: None, message })]
+    Syntax {
+        file: PathBuf,
+        line: Option<usize>,
+        column: Option<usize>,
+        message: String,
+    },
+
+    /// The file has no content besides comments and whitespace.
+    #[error(
+        "{}: the file is empty; a policy file is a YAML mapping with the single top-level key \
+         `egress_policy:` holding `default_action` and `allowed_destinations`",
+        file.display()
+    )]
+    Empty { file: PathBuf },
+
+    /// Well-formed YAML that is not a valid policy: unknown or duplicate key, wrong type,
+    /// out-of-range number, malformed host or CIDR, contradictory entry.
+    #[error("{}", Located { file, line: *line, column: *column, path: Some(path), message })]
+    Invalid {
+        file: PathBuf,
+        line: Option<usize>,
+        column: Option<usize>,
+        /// Field path, e.g. `egress_policy.allowed_destinations[2].cidr`; `.` for the document.
+        path: String,
+        /// What is wrong and what would be valid.
+        message: String,
+    },
+
+    /// A valid policy that uses features this version does not enforce. The policy is refused
+    /// as a whole rather than enforced in part.
+    #[error("{}", UnsupportedList { file, features })]
+    Unsupported {
+        file: PathBuf,
+        features: Vec<Unsupported>,
+    },
+}
+
+impl PolicyError {
+    /// Process exit code for this error: 78 (`EX_CONFIG`) for every variant, since each means
+    /// the policy given to the agent cannot be used.
+    pub fn exit_code(&self) -> u8 {
+        EX_CONFIG
+    }
+
+    /// The policy file the error is about.
+    pub fn file(&self) -> &Path {
+        match self {
+            PolicyError::Io { path, .. } => path,
+            PolicyError::Syntax { file, .. }
+            | PolicyError::Empty { file }
+            | PolicyError::Invalid { file, .. }
+            | PolicyError::Unsupported { file, .. } => file,
+        }
+    }
+}
+
+/// `{file}:{line}:{column}: {path}: {message}`, leaving out what is unknown.
+struct Located<'a> {
+    file: &'a Path,
+    line: Option<usize>,
+    column: Option<usize>,
+    path: Option<&'a str>,
+    message: &'a str,
+}
+
+impl fmt::Display for Located<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+            if let Some(column) = self.column {
+                write!(f, ":{column}")?;
+            }
+        }
+        f.write_str(": ")?;
+        if let Some(path) = self.path
+            && !path.is_empty()
+            && path != "."
+        {
+            write!(f, "{path}: ")?;
+        }
+        f.write_str(self.message)
+    }
+}
+
+struct UnsupportedList<'a> {
+    file: &'a Path,
+    features: &'a [Unsupported],
+}
+
+impl fmt::Display for UnsupportedList<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}: the policy is refused because this version of egress cannot enforce all of it \
+             (it is never applied in part):",
+            self.file.display()
+        )?;
+        for feature in self.features {
+            write!(f, "\n  - {feature}")?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,95 @@
+//! Verdict counters: one `u64` per (slot, reason, protocol), per CPU.
+
+use crate::dest::Proto;
+use crate::maps::MAX_SLOTS;
+
+/// Why a decision came out as it did. Values are stable: they index counters and will appear
+/// in events.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Reason {
+    /// An allow rule covers the destination, protocol and port.
+    AllowRule = 0,
+    /// Loopback destination, out of scope and allowed by the policy.
+    AllowLoopback = 1,
+    /// A TCP or UDP socket was created.
+    AllowSocket = 2,
+    /// No rule covers the destination address.
+    DenyNoRule = 3,
+    /// A rule covers the address but not this protocol and port.
+    DenyPort = 4,
+    /// The destination lies in `denied_destinations`.
+    DenyRule = 5,
+    /// A protocol no rule can allow (neither TCP nor UDP).
+    DenyProtocol = 6,
+    /// Socket type or protocol that the policy does not let the workload create.
+    DenySocketType = 7,
+    /// The program's slot has no policy (not yet configured, or being torn down).
+    DenyNoPolicy = 8,
+    /// An internal error in the program (a map that should answer did not).
+    DenyInternal = 9,
+    /// A socket of another type was created because the policy allows it.
+    AllowOtherSocket = 10,
+}
+
+pub const NUM_REASONS: u32 = 16;
+pub const NUM_PROTOS: u32 = 3;
+pub const NUM_COUNTERS: u32 = MAX_SLOTS * NUM_REASONS * NUM_PROTOS;
+
+impl Reason {
+    pub const ALL: [Reason; 11] = [
+        Reason::AllowRule,
+        Reason::AllowLoopback,
+        Reason::AllowSocket,
+        Reason::DenyNoRule,
+        Reason::DenyPort,
+        Reason::DenyRule,
+        Reason::DenyProtocol,
+        Reason::DenySocketType,
+        Reason::DenyNoPolicy,
+        Reason::DenyInternal,
+        Reason::AllowOtherSocket,
+    ];
+
+    #[inline(always)]
+    pub const fn allows(self) -> bool {
+        matches!(
+            self,
+            Reason::AllowRule | Reason::AllowLoopback | Reason::AllowSocket | Reason::AllowOtherSocket
+        )
+    }
+
+    /// Stable lowercase name, used in logs and metric labels.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Reason::AllowRule => "allowed_by_rule",
+            Reason::AllowLoopback => "loopback",
+            Reason::AllowSocket => "socket_created",
+            Reason::DenyNoRule => "no_matching_rule",
+            Reason::DenyPort => "port_not_allowed",
+            Reason::DenyRule => "denied_by_rule",
+            Reason::DenyProtocol => "protocol_not_allowed",
+            Reason::DenySocketType => "socket_type_refused",
+            Reason::DenyNoPolicy => "no_policy",
+            Reason::DenyInternal => "internal_error",
+            Reason::AllowOtherSocket => "other_socket_created",
+        }
+    }
+}
+
+/// Index of the counter for (slot, reason, protocol).
+#[inline(always)]
+pub const fn counter_index(slot: u32, reason: Reason, proto: Proto) -> u32 {
+    (slot * NUM_REASONS + reason as u32) * NUM_PROTOS + proto.counter_index()
+}
+
+/// Which hook made a decision.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Hook {
+    Connect4 = 1,
+    Connect6 = 2,
+    Sendmsg4 = 3,
+    Sendmsg6 = 4,
+    SockCreate = 5,
+}

@@ -1,0 +1,146 @@
+//! Map names, keys and values.
+//!
+//! One agent serves many protected cgroups. Each loaded copy of the programs is bound to a
+//! *slot* (a load-time constant, [`GLOBAL_SLOT`]); the slot's [`SlotConfig`] names the policy id
+//! in force. Rule and port keys carry the policy id, so policies share maps without seeing each
+//! other's entries, and a reload switches atomically by writing a new id into the slot.
+
+use crate::dest::{Dest, Family, Proto};
+
+/// Name of the `u32` global that binds a loaded program to its slot.
+pub const GLOBAL_SLOT: &str = "EGRESS_SLOT";
+
+/// `Array<SlotConfig>` indexed by slot.
+pub const MAP_SLOTS: &str = "EGRESS_SLOTS";
+/// `LpmTrie<RuleKey, RuleValue>`: addresses and prefixes of every policy.
+pub const MAP_RULES: &str = "EGRESS_RULES";
+/// `HashMap<PortKey, u32>`: which (protocol, port) pairs a port set allows, and by which rule.
+pub const MAP_PORTS: &str = "EGRESS_PORTS";
+/// `PerCpuArray<u64>`: verdict counters, see [`crate::counters`].
+pub const MAP_COUNTERS: &str = "EGRESS_COUNTERS";
+
+pub const MAX_SLOTS: u32 = 64;
+pub const MAX_RULES: u32 = 1 << 20;
+pub const MAX_PORTS: u32 = 1 << 18;
+
+/// Per-slot configuration. `policy_id == 0` means "no policy": every decision denies.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SlotConfig {
+    pub policy_id: u32,
+    pub flags: u32,
+}
+
+/// Loopback destinations (127.0.0.0/8, ::1, 0.0.0.0, ::) are allowed without a rule.
+pub const SLOT_ALLOW_LOOPBACK: u32 = 1 << 0;
+/// Inet sockets other than TCP, MPTCP and UDP may be created (their sends are still judged).
+pub const SLOT_ALLOW_OTHER_SOCKETS: u32 = 1 << 1;
+
+/// Data part of the LPM key. The prefix covers the policy id, the family and the padding
+/// ([`RULE_KEY_FIXED_BITS`]) and then the address bits.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RuleKey {
+    /// Policy id, big-endian, so that the trie's bitwise match treats it as a whole.
+    pub policy_id: [u8; 4],
+    pub family: u8,
+    pub _pad: [u8; 3],
+    /// IPv4 in the first four bytes, network order.
+    pub addr: [u8; 16],
+}
+
+/// Bits of the key before the address starts.
+pub const RULE_KEY_FIXED_BITS: u32 = 64;
+
+impl RuleKey {
+    #[inline(always)]
+    pub const fn new(policy_id: u32, family: Family, addr: [u8; 16]) -> Self {
+        RuleKey {
+            policy_id: policy_id.to_be_bytes(),
+            family: family as u8,
+            _pad: [0; 3],
+            addr,
+        }
+    }
+
+    /// Full-length prefix for looking up a destination.
+    #[inline(always)]
+    pub const fn full_prefix_len(family: Family) -> u32 {
+        RULE_KEY_FIXED_BITS + address_bits(family)
+    }
+
+    #[inline(always)]
+    pub const fn for_dest(policy_id: u32, dst: &Dest) -> Self {
+        RuleKey::new(policy_id, dst.family, dst.addr)
+    }
+}
+
+#[inline(always)]
+pub const fn address_bits(family: Family) -> u32 {
+    match family {
+        Family::V4 => 32,
+        Family::V6 => 128,
+    }
+}
+
+pub const ACTION_ALLOW: u32 = 1;
+pub const ACTION_DENY: u32 = 2;
+
+/// What the longest matching prefix says.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RuleValue {
+    /// [`ACTION_ALLOW`] or [`ACTION_DENY`]; anything else is treated as deny.
+    pub action: u32,
+    /// For deny: index of the denying entry in `denied_destinations`. For allow: the first
+    /// allow rule covering the prefix (reported when the port is not allowed).
+    pub rule_id: u32,
+    /// For allow: the port set that holds every (protocol, port) the covering rules allow.
+    pub set_id: u32,
+    pub _reserved: u32,
+}
+
+/// Key of the port map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PortKey {
+    pub policy_id: u32,
+    pub set_id: u32,
+    /// Host byte order.
+    pub port: u16,
+    /// [`Proto`] as `u8` (6 or 17).
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+impl PortKey {
+    #[inline(always)]
+    pub const fn new(policy_id: u32, set_id: u32, port: u16, proto: Proto) -> Self {
+        PortKey {
+            policy_id,
+            set_id,
+            port,
+            proto: proto as u8,
+            _pad: 0,
+        }
+    }
+}
+
+const _: () = {
+    assert!(core::mem::size_of::<SlotConfig>() == 8);
+    assert!(core::mem::size_of::<RuleKey>() == 24);
+    assert!(core::mem::align_of::<RuleKey>() == 1);
+    assert!(core::mem::size_of::<RuleValue>() == 16);
+    assert!(core::mem::size_of::<PortKey>() == 12);
+    assert!(core::mem::align_of::<PortKey>() == 4);
+};
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are #[repr(C)], contain only integers and byte arrays, and have no
+    // padding the compiler could leave uninitialised (checked by the size assertions above).
+    unsafe impl aya::Pod for super::SlotConfig {}
+    unsafe impl aya::Pod for super::RuleKey {}
+    unsafe impl aya::Pod for super::RuleValue {}
+    unsafe impl aya::Pod for super::PortKey {}
+}

@@ -1,0 +1,92 @@
+//! The policy core: one decision, shared by every hook and by the agent's table checks.
+
+use crate::counters::Reason;
+use crate::dest::{Dest, Family, Proto};
+use crate::maps::{ACTION_ALLOW, PortKey, RuleKey, RuleValue, SLOT_ALLOW_LOOPBACK, SlotConfig};
+
+/// Lookups the decision needs. The kernel implements it over BPF maps, the agent over the
+/// tables it compiled.
+pub trait Tables {
+    /// Longest-prefix match of a full-length key.
+    fn rule(&self, key: &RuleKey, family: Family) -> Option<RuleValue>;
+    /// Exact lookup in the port map: the allowing rule id.
+    fn port(&self, key: &PortKey) -> Option<u32>;
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Decision {
+    pub reason: Reason,
+    /// The rule that decided, when one did (`u32::MAX` otherwise).
+    pub rule_id: u32,
+}
+
+pub const NO_RULE: u32 = u32::MAX;
+
+impl Decision {
+    #[inline(always)]
+    pub const fn allowed(&self) -> bool {
+        self.reason.allows()
+    }
+
+    #[inline(always)]
+    const fn of(reason: Reason, rule_id: u32) -> Self {
+        Decision { reason, rule_id }
+    }
+}
+
+/// Judges one destination under one slot's configuration.
+///
+/// Order: no policy -> deny; loopback (when the policy leaves it out of scope) -> allow;
+/// protocol that no rule can name -> deny; longest prefix: deny entry -> deny, allow entry whose
+/// port set holds (protocol, port) -> allow, anything else -> deny. Deny entries win over allow
+/// entries because the compiler never lets an allow prefix shadow a covering deny.
+#[inline(always)]
+pub fn decide<T: Tables>(tables: &T, slot: &SlotConfig, dst: &Dest) -> Decision {
+    let policy_id = slot.policy_id;
+    if policy_id == 0 {
+        return Decision::of(Reason::DenyNoPolicy, NO_RULE);
+    }
+    let loopback = dst.is_loopback();
+    if loopback && slot.flags & SLOT_ALLOW_LOOPBACK != 0 {
+        return Decision::of(Reason::AllowLoopback, NO_RULE);
+    }
+    if let Proto::Other = dst.proto {
+        return Decision::of(Reason::DenyProtocol, NO_RULE);
+    }
+    // The unspecified address connects to loopback: match it as loopback, never as "any".
+    let mut lookup = *dst;
+    if loopback {
+        lookup = loopback_spelling(dst);
+    }
+    let key = RuleKey::for_dest(policy_id, &lookup);
+    let Some(value) = tables.rule(&key, lookup.family) else {
+        return Decision::of(Reason::DenyNoRule, NO_RULE);
+    };
+    if value.action != ACTION_ALLOW {
+        // ACTION_DENY, or a value we do not understand: deny either way.
+        return Decision::of(Reason::DenyRule, value.rule_id);
+    }
+    let port_key = PortKey::new(policy_id, value.set_id, lookup.port, lookup.proto);
+    match tables.port(&port_key) {
+        Some(rule_id) => Decision::of(Reason::AllowRule, rule_id),
+        None => Decision::of(Reason::DenyPort, value.rule_id),
+    }
+}
+
+#[inline(always)]
+const fn loopback_spelling(dst: &Dest) -> Dest {
+    match dst.family {
+        Family::V4 if dst.addr[0] == 0 => Dest::v4([127, 0, 0, 1], dst.port, dst.proto),
+        Family::V6 => {
+            let mut addr = [0u8; 16];
+            addr[15] = 1;
+            Dest {
+                family: Family::V6,
+                addr,
+                port: dst.port,
+                proto: dst.proto,
+            }
+        }
+        _ => *dst,
+    }
+}

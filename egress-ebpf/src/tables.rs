@@ -1,0 +1,108 @@
+//! The policy core over BPF maps.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LpmTrie, lpm_trie::Key},
+    programs::SockContext,
+};
+use egress_common::{
+    Decision, Dest, Family, PortKey, Proto, Reason, RuleKey, RuleValue, SlotConfig, Tables,
+    decide,
+    dest::{IPPROTO_MPTCP, IPPROTO_TCP, IPPROTO_UDP},
+    maps::{MAX_PORTS, MAX_RULES, MAX_SLOTS, SLOT_ALLOW_OTHER_SOCKETS, address_bits, RULE_KEY_FIXED_BITS},
+};
+
+/// The slot this copy of the programs serves; set by the agent at load time.
+#[unsafe(no_mangle)]
+static EGRESS_SLOT: u32 = u32::MAX;
+
+#[map(name = "EGRESS_SLOTS")]
+static SLOTS: Array<SlotConfig> = Array::with_max_entries(MAX_SLOTS, 0);
+
+#[map(name = "EGRESS_RULES")]
+static RULES: LpmTrie<RuleKey, RuleValue> = LpmTrie::with_max_entries(MAX_RULES, 0);
+
+#[map(name = "EGRESS_PORTS")]
+static PORTS: HashMap<PortKey, u32> =
+    HashMap::with_max_entries(MAX_PORTS, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
+
+#[inline(always)]
+pub fn slot() -> u32 {
+    // SAFETY: a plain read of a load-time constant; volatile so the compiler does not fold
+    // the placeholder value.
+    unsafe { core::ptr::read_volatile(&EGRESS_SLOT) }
+}
+
+struct Maps;
+
+impl Tables for Maps {
+    #[inline(always)]
+    fn rule(&self, key: &RuleKey, family: Family) -> Option<RuleValue> {
+        let prefix = RULE_KEY_FIXED_BITS + address_bits(family);
+        RULES.get(Key::new(prefix, *key)).copied()
+    }
+
+    #[inline(always)]
+    fn port(&self, key: &PortKey) -> Option<u32> {
+        // SAFETY: the value is a plain u32 copied out at once.
+        unsafe { PORTS.get(key) }.copied()
+    }
+}
+
+/// The slot's configuration, or the verdict to give when it cannot be read. A slot the agent
+/// never configured reads as all-zero and so denies through `DenyNoPolicy`.
+#[inline(always)]
+fn slot_config() -> Result<SlotConfig, Reason> {
+    match SLOTS.get(slot()) {
+        Some(cfg) => Ok(*cfg),
+        // Out-of-range slot: the program was loaded without a valid slot. Deny.
+        None => Err(Reason::DenyInternal),
+    }
+}
+
+#[inline(always)]
+pub fn judge_dest(dst: &Dest) -> Decision {
+    match slot_config() {
+        Ok(cfg) => decide(&Maps, &cfg, dst),
+        Err(reason) => Decision {
+            reason,
+            rule_id: egress_common::verdict::NO_RULE,
+        },
+    }
+}
+
+/// sock_create: TCP (and MPTCP) stream sockets and UDP datagram sockets may be created;
+/// anything else only when the slot allows other sockets.
+#[inline(always)]
+pub fn judge_socket(ctx: &SockContext) -> (Reason, Proto) {
+    // SAFETY: the kernel passes a valid bpf_sock; the verifier checks field accesses.
+    let sk = ctx.sock;
+    // SAFETY: as above; whole 32-bit reads.
+    let (sk_type, sk_protocol) = unsafe {
+        (
+            core::ptr::read_volatile(core::ptr::addr_of!((*sk).type_)),
+            core::ptr::read_volatile(core::ptr::addr_of!((*sk).protocol)),
+        )
+    };
+    let proto = Proto::from_ip_proto(sk_protocol);
+    let cfg = match slot_config() {
+        Ok(cfg) => cfg,
+        Err(reason) => return (reason, proto),
+    };
+    if cfg.policy_id == 0 {
+        return (Reason::DenyNoPolicy, proto);
+    }
+    const SOCK_STREAM: u32 = 1;
+    const SOCK_DGRAM: u32 = 2;
+    let plain = matches!(
+        (sk_type, sk_protocol),
+        (SOCK_STREAM, IPPROTO_TCP) | (SOCK_STREAM, IPPROTO_MPTCP) | (SOCK_DGRAM, IPPROTO_UDP)
+    );
+    if plain {
+        (Reason::AllowSocket, proto)
+    } else if cfg.flags & SLOT_ALLOW_OTHER_SOCKETS != 0 {
+        (Reason::AllowOtherSocket, proto)
+    } else {
+        (Reason::DenySocketType, proto)
+    }
+}
