@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 pub enum CgroupError {
     #[error("reading /proc/self/mountinfo: {0}")]
     MountInfo(#[source] std::io::Error),
-    #[error("no cgroup v2 hierarchy is mounted (no cgroup2 entry in /proc/self/mountinfo); egress needs cgroup v2")]
+    #[error(
+        "no cgroup v2 hierarchy is mounted (no cgroup2 entry in /proc/self/mountinfo); egress needs cgroup v2"
+    )]
     NoCgroup2,
     #[error("{path} is not inside the cgroup v2 hierarchy mounted at {mount}")]
     Outside { path: PathBuf, mount: PathBuf },
@@ -27,7 +29,11 @@ pub enum CgroupError {
 }
 
 fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> CgroupError + 'a {
-    move |source| CgroupError::Io { op, path: path.to_path_buf(), source }
+    move |source| CgroupError::Io {
+        op,
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// Mount point of the cgroup v2 hierarchy, from `/proc/self/mountinfo`.
@@ -75,7 +81,10 @@ fn unescape_octal(s: &str) -> String {
 pub fn validate(path: &Path, mount: &Path) -> Result<PathBuf, CgroupError> {
     let abs = fs::canonicalize(path).map_err(io("resolving", path))?;
     if !abs.starts_with(mount) || abs.components().any(|c| c == Component::ParentDir) {
-        return Err(CgroupError::Outside { path: abs, mount: mount.into() });
+        return Err(CgroupError::Outside {
+            path: abs,
+            mount: mount.into(),
+        });
     }
     if !abs.join("cgroup.procs").exists() {
         return Err(CgroupError::NotCgroup { path: abs });
@@ -94,7 +103,10 @@ impl WorkloadCgroup {
     /// Creates `<parent>/<name>`; `parent` is created when missing.
     pub fn create(parent: &Path, name: &str, mount: &Path) -> Result<Self, CgroupError> {
         if !parent.starts_with(mount) {
-            return Err(CgroupError::Outside { path: parent.into(), mount: mount.into() });
+            return Err(CgroupError::Outside {
+                path: parent.into(),
+                mount: mount.into(),
+            });
         }
         fs::create_dir_all(parent).map_err(io("creating", parent))?;
         let parent = validate(parent, mount)?;
@@ -110,7 +122,10 @@ impl WorkloadCgroup {
     /// `cgroup.procs`, opened for the child to write its own pid into before it execs.
     pub fn open_procs(&self) -> Result<fs::File, CgroupError> {
         let p = self.path.join("cgroup.procs");
-        fs::OpenOptions::new().write(true).open(&p).map_err(io("opening", &p))
+        fs::OpenOptions::new()
+            .write(true)
+            .open(&p)
+            .map_err(io("opening", &p))
     }
 
     /// Kills whatever still runs in the cgroup (processes the workload left behind must not
@@ -118,12 +133,18 @@ impl WorkloadCgroup {
     pub fn remove(self, wait: Duration) -> Result<(), CgroupError> {
         if populated(&self.path)? {
             let kill = self.path.join("cgroup.kill");
-            let mut f = fs::OpenOptions::new().write(true).open(&kill).map_err(io("opening", &kill))?;
+            let mut f = fs::OpenOptions::new()
+                .write(true)
+                .open(&kill)
+                .map_err(io("opening", &kill))?;
             f.write_all(b"1").map_err(io("writing", &kill))?;
             let start = Instant::now();
             while populated(&self.path)? {
                 if start.elapsed() > wait {
-                    return Err(CgroupError::StillPopulated { path: self.path.clone(), waited: wait });
+                    return Err(CgroupError::StillPopulated {
+                        path: self.path.clone(),
+                        waited: wait,
+                    });
                 }
                 std::thread::sleep(Duration::from_millis(10));
             }
@@ -149,7 +170,10 @@ mod tests {
 40 31 0:37 / /sys/fs/cgroup/memory rw shared:16 - cgroup cgroup rw,memory
 41 31 0:38 / /sys/fs/cgroup/unified rw,relatime shared:9 - cgroup2 cgroup2 rw
 ";
-        assert_eq!(parse_mountinfo(info), Some(PathBuf::from("/sys/fs/cgroup/unified")));
+        assert_eq!(
+            parse_mountinfo(info),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
     }
 
     #[test]

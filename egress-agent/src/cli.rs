@@ -6,7 +6,11 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 #[derive(Debug, Parser)]
-#[command(name = "egress-agent", version, about = "Kernel-enforced egress allowlist for MCP servers")]
+#[command(
+    name = "egress-agent",
+    version,
+    about = "Kernel-enforced egress allowlist for MCP servers"
+)]
 pub struct Cli {
     /// Log line format on stderr. Default: json when stderr is not a terminal, else text.
     #[arg(long, value_enum, global = true)]

@@ -12,7 +12,10 @@ use std::net::IpAddr;
 
 use egress_common::{
     Family, PortKey, Proto, RuleKey, RuleValue,
-    maps::{ACTION_ALLOW, ACTION_DENY, RULE_KEY_FIXED_BITS, SLOT_ALLOW_LOOPBACK, SLOT_ALLOW_OTHER_SOCKETS},
+    maps::{
+        ACTION_ALLOW, ACTION_DENY, RULE_KEY_FIXED_BITS, SLOT_ALLOW_LOOPBACK,
+        SLOT_ALLOW_OTHER_SOCKETS,
+    },
 };
 use ipnet::IpNet;
 
@@ -72,7 +75,12 @@ struct Node {
 /// Compiles `policy` under `policy_id`. Wildcard hosts are not compiled (the policy gate
 /// refuses them before this step); host names missing from `resolved` contribute nothing,
 /// which denies them.
-pub fn compile(policy: &Policy, policy_id: u32, resolved: &Resolved, sets: &mut SetIds) -> Compiled {
+pub fn compile(
+    policy: &Policy,
+    policy_id: u32,
+    resolved: &Resolved,
+    sets: &mut SetIds,
+) -> Compiled {
     let mut nodes: BTreeMap<(Family, [u8; 16], u8), Node> = BTreeMap::new();
 
     for (i, rule) in policy.allowed.iter().enumerate() {
@@ -129,13 +137,23 @@ pub fn compile(policy: &Policy, policy_id: u32, resolved: &Resolved, sets: &mut 
         let shadowed = node.deny.is_none() && parent.is_some_and(|p| p.deny.is_some());
         if let Some(rule_id) = deny {
             if !shadowed {
-                compiled.rules.insert(key, RuleValue { action: ACTION_DENY, rule_id, set_id: 0, _reserved: 0 });
+                compiled.rules.insert(
+                    key,
+                    RuleValue {
+                        action: ACTION_DENY,
+                        rule_id,
+                        set_id: 0,
+                        _reserved: 0,
+                    },
+                );
             }
         } else if let Some(&first) = allow.first() {
             let set_id = sets.id_for(&allow);
             if used_sets.insert(set_id) {
                 for &rule_id in &allow {
-                    let Some(rule) = policy.allowed.get(rule_id as usize) else { continue };
+                    let Some(rule) = policy.allowed.get(rule_id as usize) else {
+                        continue;
+                    };
                     for (transport, port) in rule.transport_ports() {
                         let pk = PortKey::new(policy_id, set_id, port, proto(transport));
                         // The lowest-numbered rule that allows a port is the one reported.
@@ -143,9 +161,23 @@ pub fn compile(policy: &Policy, policy_id: u32, resolved: &Resolved, sets: &mut 
                     }
                 }
             }
-            compiled.rules.insert(key, RuleValue { action: ACTION_ALLOW, rule_id: first, set_id, _reserved: 0 });
+            compiled.rules.insert(
+                key,
+                RuleValue {
+                    action: ACTION_ALLOW,
+                    rule_id: first,
+                    set_id,
+                    _reserved: 0,
+                },
+            );
         }
-        stack.push(Open { family: *family, addr: *addr, len: *len, deny, allow });
+        stack.push(Open {
+            family: *family,
+            addr: *addr,
+            len: *len,
+            deny,
+            allow,
+        });
     }
     sets.retain_used(&used_sets);
     compiled
@@ -180,7 +212,12 @@ pub fn targets(target: &Target, resolved: &Resolved) -> Vec<IpNet> {
         Target::Cidr(net) => vec![canonical_net(*net)],
         Target::Host(HostPattern::Exact(name)) => resolved
             .get(name)
-            .map(|addrs| addrs.iter().map(|a| IpNet::from(a.to_canonical())).collect())
+            .map(|addrs| {
+                addrs
+                    .iter()
+                    .map(|a| IpNet::from(a.to_canonical()))
+                    .collect()
+            })
             .unwrap_or_default(),
         Target::Host(HostPattern::Wildcard(_)) => Vec::new(),
     }
@@ -234,7 +271,10 @@ impl egress_common::Tables for Compiled {
         for len in (0..=bits).rev() {
             let mut data = *key;
             mask_addr(&mut data.addr, len);
-            let k = LpmKey { prefix_len: RULE_KEY_FIXED_BITS + u32::from(len), data };
+            let k = LpmKey {
+                prefix_len: RULE_KEY_FIXED_BITS + u32::from(len),
+                data,
+            };
             if let Some(v) = self.rules.get(&k) {
                 return Some(*v);
             }
@@ -289,7 +329,9 @@ mod tests {
     }
 
     fn deny(target: &str) -> DeniedDestination {
-        DeniedDestination { target: parse_target(target) }
+        DeniedDestination {
+            target: parse_target(target),
+        }
     }
 
     fn policy(allowed: Vec<AllowedDestination>, denied: Vec<DeniedDestination>) -> Policy {
@@ -307,8 +349,14 @@ mod tests {
 
     fn judge(p: &Policy, resolved: &Resolved, dst: &Dest) -> (Reason, Reason) {
         let c = compile(p, 7, resolved, &mut SetIds::default());
-        let slot = SlotConfig { policy_id: 7, flags: c.slot_flags };
-        (decide(&c, &slot, dst).reason, reference::decide(p, resolved, dst).reason)
+        let slot = SlotConfig {
+            policy_id: 7,
+            flags: c.slot_flags,
+        };
+        (
+            decide(&c, &slot, dst).reason,
+            reference::decide(p, resolved, dst).reason,
+        )
     }
 
     fn v4(a: [u8; 4], port: u16, proto: Proto) -> Dest {
@@ -317,79 +365,157 @@ mod tests {
 
     #[test]
     fn deny_cidr_beats_allowed_address_inside_it() {
-        let p = policy(vec![allow("10.1.2.3/32", &[443], &[Protocol::Https])], vec![deny("10.0.0.0/8")]);
+        let p = policy(
+            vec![allow("10.1.2.3/32", &[443], &[Protocol::Https])],
+            vec![deny("10.0.0.0/8")],
+        );
         let (k, r) = judge(&p, &Resolved::new(), &v4([10, 1, 2, 3], 443, Proto::Tcp));
         assert_eq!((k, r), (Reason::DenyRule, Reason::DenyRule));
     }
 
     #[test]
     fn https_only_rule_never_opens_port_80() {
-        let p = policy(vec![allow("198.18.0.10/32", &[443], &[Protocol::Https])], vec![]);
+        let p = policy(
+            vec![allow("198.18.0.10/32", &[443], &[Protocol::Https])],
+            vec![],
+        );
         let r = Resolved::new();
-        assert_eq!(judge(&p, &r, &v4([198, 18, 0, 10], 443, Proto::Tcp)).0, Reason::AllowRule);
-        assert_eq!(judge(&p, &r, &v4([198, 18, 0, 10], 80, Proto::Tcp)).0, Reason::DenyPort);
-        assert_eq!(judge(&p, &r, &v4([198, 18, 0, 10], 443, Proto::Udp)).0, Reason::DenyPort);
+        assert_eq!(
+            judge(&p, &r, &v4([198, 18, 0, 10], 443, Proto::Tcp)).0,
+            Reason::AllowRule
+        );
+        assert_eq!(
+            judge(&p, &r, &v4([198, 18, 0, 10], 80, Proto::Tcp)).0,
+            Reason::DenyPort
+        );
+        assert_eq!(
+            judge(&p, &r, &v4([198, 18, 0, 10], 443, Proto::Udp)).0,
+            Reason::DenyPort
+        );
     }
 
     #[test]
     fn dns_protocol_is_udp_and_tcp() {
-        let p = policy(vec![allow("198.18.0.53/32", &[53], &[Protocol::Dns])], vec![]);
+        let p = policy(
+            vec![allow("198.18.0.53/32", &[53], &[Protocol::Dns])],
+            vec![],
+        );
         let r = Resolved::new();
-        assert_eq!(judge(&p, &r, &v4([198, 18, 0, 53], 53, Proto::Udp)).0, Reason::AllowRule);
-        assert_eq!(judge(&p, &r, &v4([198, 18, 0, 53], 53, Proto::Tcp)).0, Reason::AllowRule);
+        assert_eq!(
+            judge(&p, &r, &v4([198, 18, 0, 53], 53, Proto::Udp)).0,
+            Reason::AllowRule
+        );
+        assert_eq!(
+            judge(&p, &r, &v4([198, 18, 0, 53], 53, Proto::Tcp)).0,
+            Reason::AllowRule
+        );
     }
 
     #[test]
     fn nested_allow_rules_union_their_ports() {
         let p = policy(
-            vec![allow("10.1.0.0/16", &[443], &[Protocol::Tcp]), allow("10.1.2.3/32", &[5432], &[Protocol::Tcp])],
+            vec![
+                allow("10.1.0.0/16", &[443], &[Protocol::Tcp]),
+                allow("10.1.2.3/32", &[5432], &[Protocol::Tcp]),
+            ],
             vec![],
         );
         let r = Resolved::new();
-        assert_eq!(judge(&p, &r, &v4([10, 1, 2, 3], 443, Proto::Tcp)).0, Reason::AllowRule);
-        assert_eq!(judge(&p, &r, &v4([10, 1, 2, 3], 5432, Proto::Tcp)).0, Reason::AllowRule);
-        assert_eq!(judge(&p, &r, &v4([10, 1, 9, 9], 5432, Proto::Tcp)).0, Reason::DenyPort);
+        assert_eq!(
+            judge(&p, &r, &v4([10, 1, 2, 3], 443, Proto::Tcp)).0,
+            Reason::AllowRule
+        );
+        assert_eq!(
+            judge(&p, &r, &v4([10, 1, 2, 3], 5432, Proto::Tcp)).0,
+            Reason::AllowRule
+        );
+        assert_eq!(
+            judge(&p, &r, &v4([10, 1, 9, 9], 5432, Proto::Tcp)).0,
+            Reason::DenyPort
+        );
     }
 
     #[test]
     fn deny_inside_allow_denies_only_its_range() {
-        let p = policy(vec![allow("10.0.0.0/8", &[443], &[Protocol::Tcp])], vec![deny("10.66.0.0/16")]);
+        let p = policy(
+            vec![allow("10.0.0.0/8", &[443], &[Protocol::Tcp])],
+            vec![deny("10.66.0.0/16")],
+        );
         let r = Resolved::new();
-        assert_eq!(judge(&p, &r, &v4([10, 66, 1, 1], 443, Proto::Tcp)).0, Reason::DenyRule);
-        assert_eq!(judge(&p, &r, &v4([10, 65, 1, 1], 443, Proto::Tcp)).0, Reason::AllowRule);
+        assert_eq!(
+            judge(&p, &r, &v4([10, 66, 1, 1], 443, Proto::Tcp)).0,
+            Reason::DenyRule
+        );
+        assert_eq!(
+            judge(&p, &r, &v4([10, 65, 1, 1], 443, Proto::Tcp)).0,
+            Reason::AllowRule
+        );
     }
 
     #[test]
     fn mapped_ipv6_is_judged_as_ipv4() {
-        let p = policy(vec![allow("198.18.0.10/32", &[443], &[Protocol::Tcp])], vec![deny("198.18.1.0/24")]);
+        let p = policy(
+            vec![allow("198.18.0.10/32", &[443], &[Protocol::Tcp])],
+            vec![deny("198.18.1.0/24")],
+        );
         let r = Resolved::new();
         let mapped = |a: Ipv4Addr, port| Dest::v6(a.to_ipv6_mapped().octets(), port, Proto::Tcp);
-        assert_eq!(judge(&p, &r, &mapped(Ipv4Addr::new(198, 18, 0, 10), 443)).0, Reason::AllowRule);
-        assert_eq!(judge(&p, &r, &mapped(Ipv4Addr::new(198, 18, 1, 7), 443)).0, Reason::DenyRule);
+        assert_eq!(
+            judge(&p, &r, &mapped(Ipv4Addr::new(198, 18, 0, 10), 443)).0,
+            Reason::AllowRule
+        );
+        assert_eq!(
+            judge(&p, &r, &mapped(Ipv4Addr::new(198, 18, 1, 7), 443)).0,
+            Reason::DenyRule
+        );
         // A mapped CIDR in the policy is an IPv4 rule.
-        let p = policy(vec![allow("::ffff:198.18.0.0/112", &[80], &[Protocol::Tcp])], vec![]);
-        assert_eq!(judge(&p, &r, &v4([198, 18, 3, 4], 80, Proto::Tcp)).0, Reason::AllowRule);
+        let p = policy(
+            vec![allow("::ffff:198.18.0.0/112", &[80], &[Protocol::Tcp])],
+            vec![],
+        );
+        assert_eq!(
+            judge(&p, &r, &v4([198, 18, 3, 4], 80, Proto::Tcp)).0,
+            Reason::AllowRule
+        );
     }
 
     #[test]
     fn unspecified_address_is_loopback_not_any() {
-        let mut p = policy(vec![allow("0.0.0.0/0", &[443], &[Protocol::Tcp])], vec![deny("127.0.0.0/8")]);
+        let mut p = policy(
+            vec![allow("0.0.0.0/0", &[443], &[Protocol::Tcp])],
+            vec![deny("127.0.0.0/8")],
+        );
         let r = Resolved::new();
-        assert_eq!(judge(&p, &r, &v4([0, 0, 0, 0], 443, Proto::Tcp)), (Reason::AllowLoopback, Reason::AllowLoopback));
+        assert_eq!(
+            judge(&p, &r, &v4([0, 0, 0, 0], 443, Proto::Tcp)),
+            (Reason::AllowLoopback, Reason::AllowLoopback)
+        );
         p.allow_loopback = false;
         // With loopback in scope, 0.0.0.0 is judged as 127.0.0.1: the deny wins.
-        assert_eq!(judge(&p, &r, &v4([0, 0, 0, 0], 443, Proto::Tcp)), (Reason::DenyRule, Reason::DenyRule));
+        assert_eq!(
+            judge(&p, &r, &v4([0, 0, 0, 0], 443, Proto::Tcp)),
+            (Reason::DenyRule, Reason::DenyRule)
+        );
         let any6 = Dest::v6([0; 16], 443, Proto::Tcp);
-        assert_eq!(judge(&p, &r, &any6), (Reason::DenyNoRule, Reason::DenyNoRule));
+        assert_eq!(
+            judge(&p, &r, &any6),
+            (Reason::DenyNoRule, Reason::DenyNoRule)
+        );
     }
 
     #[test]
     fn resolved_hosts_enter_and_leave() {
-        let p = policy(vec![allow("api.company.test", &[443], &[Protocol::Https])], vec![]);
+        let p = policy(
+            vec![allow("api.company.test", &[443], &[Protocol::Https])],
+            vec![],
+        );
         let mut r = Resolved::new();
         let dst = v4([198, 18, 0, 10], 443, Proto::Tcp);
         assert_eq!(judge(&p, &r, &dst).0, Reason::DenyNoRule);
-        r.insert("api.company.test".into(), vec![Ipv4Addr::new(198, 18, 0, 10).into()]);
+        r.insert(
+            "api.company.test".into(),
+            vec![Ipv4Addr::new(198, 18, 0, 10).into()],
+        );
         assert_eq!(judge(&p, &r, &dst).0, Reason::AllowRule);
         // A resolved address inside a denied range stays denied.
         let p2 = policy(p.allowed.clone(), vec![deny("198.18.0.0/24")]);
@@ -399,14 +525,23 @@ mod tests {
     #[test]
     fn set_ids_are_stable_across_recompiles() {
         let p = policy(
-            vec![allow("a.test", &[443], &[Protocol::Tcp]), allow("10.0.0.0/8", &[80], &[Protocol::Tcp])],
+            vec![
+                allow("a.test", &[443], &[Protocol::Tcp]),
+                allow("10.0.0.0/8", &[80], &[Protocol::Tcp]),
+            ],
             vec![],
         );
         let mut sets = SetIds::default();
         let mut r = Resolved::new();
         r.insert("a.test".into(), vec![Ipv4Addr::new(10, 0, 0, 1).into()]);
         let c1 = compile(&p, 1, &r, &mut sets);
-        r.insert("a.test".into(), vec![Ipv4Addr::new(10, 0, 0, 1).into(), Ipv4Addr::new(10, 0, 0, 2).into()]);
+        r.insert(
+            "a.test".into(),
+            vec![
+                Ipv4Addr::new(10, 0, 0, 1).into(),
+                Ipv4Addr::new(10, 0, 0, 2).into(),
+            ],
+        );
         let c2 = compile(&p, 1, &r, &mut sets);
         for (k, v) in &c1.ports {
             assert_eq!(c2.ports.get(k), Some(v), "port entry {k:?} changed meaning");
@@ -418,13 +553,21 @@ mod tests {
     #[test]
     fn compiled_tables_agree_with_reference() {
         let mut rng = StdRng::seed_from_u64(0x0e9e55);
-        let protos = [Protocol::Tcp, Protocol::Udp, Protocol::Http, Protocol::Https, Protocol::Dns];
+        let protos = [
+            Protocol::Tcp,
+            Protocol::Udp,
+            Protocol::Http,
+            Protocol::Https,
+            Protocol::Dns,
+        ];
         let mut checked = 0;
         for _ in 0..200 {
             let mut allowed = Vec::new();
             let mut denied = Vec::new();
             for _ in 0..rng.random_range(0..12) {
-                let ports: Vec<u16> = (0..rng.random_range(1..4)).map(|_| rng.random_range(1..6) * 100).collect();
+                let ports: Vec<u16> = (0..rng.random_range(1..4))
+                    .map(|_| rng.random_range(1..6) * 100)
+                    .collect();
                 let mut ports = ports;
                 ports.sort();
                 ports.dedup();
@@ -439,13 +582,18 @@ mod tests {
                 });
             }
             for _ in 0..rng.random_range(0..4) {
-                denied.push(DeniedDestination { target: Target::Cidr(random_net(&mut rng)) });
+                denied.push(DeniedDestination {
+                    target: Target::Cidr(random_net(&mut rng)),
+                });
             }
             let mut p = policy(allowed, denied);
             p.allow_loopback = rng.random_bool(0.5);
             let r = Resolved::new();
             let c = compile(&p, 3, &r, &mut SetIds::default());
-            let slot = SlotConfig { policy_id: 3, flags: c.slot_flags };
+            let slot = SlotConfig {
+                policy_id: 3,
+                flags: c.slot_flags,
+            };
             for _ in 0..200 {
                 let dst = random_dest(&mut rng);
                 let k = decide(&c, &slot, &dst);
@@ -460,11 +608,33 @@ mod tests {
     /// Prefixes drawn from a small space so that they nest and collide often.
     fn random_net(rng: &mut StdRng) -> IpNet {
         if rng.random_bool(0.7) {
-            let a = Ipv4Addr::new(10, rng.random_range(0..4), rng.random_range(0..4), rng.random_range(0..4));
-            IpNet::V4(ipnet::Ipv4Net::new(a, [8, 16, 24, 30, 32][rng.random_range(0..5)]).unwrap_or_default().trunc())
+            let a = Ipv4Addr::new(
+                10,
+                rng.random_range(0..4),
+                rng.random_range(0..4),
+                rng.random_range(0..4),
+            );
+            IpNet::V4(
+                ipnet::Ipv4Net::new(a, [8, 16, 24, 30, 32][rng.random_range(0..5)])
+                    .unwrap_or_default()
+                    .trunc(),
+            )
         } else {
-            let a = Ipv6Addr::new(0xfd00, rng.random_range(0..3), 0, 0, 0, 0, 0, rng.random_range(0..4));
-            IpNet::V6(ipnet::Ipv6Net::new(a, [16, 32, 64, 126, 128][rng.random_range(0..5)]).unwrap_or_default().trunc())
+            let a = Ipv6Addr::new(
+                0xfd00,
+                rng.random_range(0..3),
+                0,
+                0,
+                0,
+                0,
+                0,
+                rng.random_range(0..4),
+            );
+            IpNet::V6(
+                ipnet::Ipv6Net::new(a, [16, 32, 64, 126, 128][rng.random_range(0..5)])
+                    .unwrap_or_default()
+                    .trunc(),
+            )
         }
     }
 
@@ -475,10 +645,35 @@ mod tests {
             0 => Dest::v4([127, 0, 0, rng.random_range(0..3)], port, proto),
             1 => Dest::v4([0, 0, 0, 0], port, proto),
             2 => Dest::v6(Ipv6Addr::LOCALHOST.octets(), port, proto),
-            3 => Dest::v6(Ipv4Addr::new(10, rng.random_range(0..4), 1, 2).to_ipv6_mapped().octets(), port, proto),
-            4..=6 => Dest::v4([10, rng.random_range(0..4), rng.random_range(0..4), rng.random_range(0..4)], port, proto),
+            3 => Dest::v6(
+                Ipv4Addr::new(10, rng.random_range(0..4), 1, 2)
+                    .to_ipv6_mapped()
+                    .octets(),
+                port,
+                proto,
+            ),
+            4..=6 => Dest::v4(
+                [
+                    10,
+                    rng.random_range(0..4),
+                    rng.random_range(0..4),
+                    rng.random_range(0..4),
+                ],
+                port,
+                proto,
+            ),
             _ => Dest::v6(
-                Ipv6Addr::new(0xfd00, rng.random_range(0..3), 0, 0, 0, 0, 0, rng.random_range(0..4)).octets(),
+                Ipv6Addr::new(
+                    0xfd00,
+                    rng.random_range(0..3),
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    rng.random_range(0..4),
+                )
+                .octets(),
                 port,
                 proto,
             ),

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use egress_common::SlotConfig;
+use egress_common::{Proto, SlotConfig};
 use tokio::time::Instant;
 
 use crate::compile::{Compiled, Resolved, SetIds, compile};
@@ -47,10 +47,27 @@ impl Enforcer {
         let mut sets = SetIds::default();
         let compiled = compile(&policy, FIRST_POLICY_ID, &resolved, &mut sets);
         maps.apply(&Compiled::default(), &compiled)?;
-        maps.set_slot(slot, SlotConfig { policy_id: compiled.policy_id, flags: compiled.slot_flags })?;
+        maps.set_slot(
+            slot,
+            SlotConfig {
+                policy_id: compiled.policy_id,
+                flags: compiled.slot_flags,
+            },
+        )?;
         let now = Instant::now();
-        let due = policy_hosts(&policy).into_iter().map(|h| (h, now)).collect();
-        Ok(Enforcer { programs, maps, policy, sets, resolved, current: compiled, due })
+        let due = policy_hosts(&policy)
+            .into_iter()
+            .map(|h| (h, now))
+            .collect();
+        Ok(Enforcer {
+            programs,
+            maps,
+            policy,
+            sets,
+            resolved,
+            current: compiled,
+            due,
+        })
     }
 
     pub fn attach(&mut self, cgroup: &Path) -> Result<(), EnforcerError> {
@@ -79,13 +96,23 @@ impl Enforcer {
     }
 
     /// Sets a host's addresses (after a lookup) and brings the maps up to date.
-    pub fn set_host(&mut self, host: &str, addrs: Vec<IpAddr>, next: Instant) -> Result<ApplyStats, EnforcerError> {
+    pub fn set_host(
+        &mut self,
+        host: &str,
+        addrs: Vec<IpAddr>,
+        next: Instant,
+    ) -> Result<ApplyStats, EnforcerError> {
         self.due.insert(host.to_owned(), next);
         if self.resolved.get(host) == Some(&addrs) {
             return Ok(ApplyStats::default());
         }
         self.resolved.insert(host.to_owned(), addrs);
-        let compiled = compile(&self.policy, self.current.policy_id, &self.resolved, &mut self.sets);
+        let compiled = compile(
+            &self.policy,
+            self.current.policy_id,
+            &self.resolved,
+            &mut self.sets,
+        );
         let stats = self.maps.apply(&self.current, &compiled)?;
         self.current = compiled;
         Ok(stats)
@@ -99,7 +126,12 @@ impl Enforcer {
     /// Looks up every host that is due and applies the answers.
     pub async fn refresh_due(&mut self, resolver: &Arc<Resolver>) {
         let now = Instant::now();
-        let due: Vec<String> = self.due.iter().filter(|(_, t)| **t <= now).map(|(h, _)| h.clone()).collect();
+        let due: Vec<String> = self
+            .due
+            .iter()
+            .filter(|(_, t)| **t <= now)
+            .map(|(h, _)| h.clone())
+            .collect();
         if due.is_empty() {
             return;
         }
@@ -147,8 +179,35 @@ impl Enforcer {
         }
     }
 
+    /// Logs every non-zero verdict counter of this slot.
+    pub fn log_counters(&self) {
+        match self.maps.counters(self.slot()) {
+            Ok(counts) => {
+                for (reason, proto, count) in counts {
+                    tracing::info!(
+                        policy = %self.policy.name, slot = self.slot(), reason = reason.as_str(),
+                        protocol = proto_name(proto), verdict = if reason.allows() { "allow" } else { "deny" },
+                        count, "verdict count"
+                    );
+                }
+            }
+            Err(error) => tracing::error!(%error, "reading verdict counters failed"),
+        }
+    }
+
     /// Clamps a TTL-derived instant for tests and callers.
     pub fn due_in(&self, host: &str) -> Option<Duration> {
-        self.due.get(host).map(|t| t.saturating_duration_since(Instant::now()))
+        self.due
+            .get(host)
+            .map(|t| t.saturating_duration_since(Instant::now()))
+    }
+}
+
+/// Label value for a protocol.
+pub fn proto_name(p: Proto) -> &'static str {
+    match p {
+        Proto::Tcp => "tcp",
+        Proto::Udp => "udp",
+        Proto::Other => "other",
     }
 }

@@ -30,7 +30,9 @@ pub enum ExecError {
         #[source]
         source: nix::Error,
     },
-    #[error("refusing to run the workload as root: root can detach the eBPF programs that confine it; pass --user")]
+    #[error(
+        "refusing to run the workload as root: root can detach the eBPF programs that confine it; pass --user"
+    )]
     RootWorkload,
     #[error("installing signal handlers: {0}")]
     Signals(#[source] std::io::Error),
@@ -54,7 +56,10 @@ pub async fn run(args: ExecArgs) -> Result<u8, ExecError> {
     let creds = credentials(args.user.as_deref())?;
     let policy = session::load_policy(&args.policy)?;
     let mount = cgroup::cgroup2_mount()?;
-    let parent = args.cgroup_parent.clone().unwrap_or_else(|| mount.join("egress"));
+    let parent = args
+        .cgroup_parent
+        .clone()
+        .unwrap_or_else(|| mount.join("egress"));
 
     let (mut enforcer, resolver) = session::start(policy, &args.dns, EXEC_SLOT).await?;
     let probes = Probes::choose(enforcer.compiled())?;
@@ -114,6 +119,7 @@ async fn supervise(
     };
     let code = exit_code(status);
     tracing::info!(pid, exit_code = code, "workload exited");
+    enforcer.log_counters();
     Ok(code)
 }
 
@@ -135,7 +141,10 @@ fn credentials(user: Option<&str>) -> Result<Credentials, ExecError> {
             Err(_) => User::from_name(name),
         };
         found
-            .map_err(|source| ExecError::UserLookup { name: name.into(), source })?
+            .map_err(|source| ExecError::UserLookup {
+                name: name.into(),
+                source,
+            })?
             .ok_or_else(|| ExecError::NoSuchUser(name.into()))
     };
     let user = match user {
@@ -148,5 +157,8 @@ fn credentials(user: Option<&str>) -> Result<Credentials, ExecError> {
     if user.uid.is_root() {
         return Err(ExecError::RootWorkload);
     }
-    Ok(Credentials { uid: user.uid.as_raw(), gid: user.gid.as_raw() })
+    Ok(Credentials {
+        uid: user.uid.as_raw(),
+        gid: user.gid.as_raw(),
+    })
 }

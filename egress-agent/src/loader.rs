@@ -16,8 +16,12 @@ use egress_common::maps::GLOBAL_SLOT;
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/egress"));
 
 /// The sock_addr programs, one per hook.
-pub const SOCK_ADDR_PROGRAMS: [&str; 4] =
-    ["egress_connect4", "egress_connect6", "egress_sendmsg4", "egress_sendmsg6"];
+pub const SOCK_ADDR_PROGRAMS: [&str; 4] = [
+    "egress_connect4",
+    "egress_connect6",
+    "egress_sendmsg4",
+    "egress_sendmsg6",
+];
 /// The socket-creation program.
 pub const SOCK_CREATE_PROGRAM: &str = "egress_sock_create";
 
@@ -41,6 +45,12 @@ pub enum LoadError {
         #[source]
         source: Box<aya::maps::MapError>,
     },
+    #[error(
+        "kernel {found} is too old: egress attaches with bpf_link, which cgroups support from Linux 5.7; refusing to fall back to legacy attachment"
+    )]
+    KernelTooOld { found: String },
+    #[error("reading the kernel version: {0}")]
+    KernelVersion(#[source] std::io::Error),
     #[error("opening cgroup {path}: {source}")]
     OpenCgroup {
         path: PathBuf,
@@ -71,11 +81,16 @@ impl Programs {
             .map_err(|e| LoadError::Object(Box::new(e)))?;
         for name in SOCK_ADDR_PROGRAMS {
             let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
-            prog.load().map_err(|e| LoadError::Program { name, source: Box::new(e) })?;
+            prog.load().map_err(|e| LoadError::Program {
+                name,
+                source: Box::new(e),
+            })?;
         }
         let prog: &mut CgroupSock = program(&mut ebpf, SOCK_CREATE_PROGRAM)?;
-        prog.load()
-            .map_err(|e| LoadError::Program { name: SOCK_CREATE_PROGRAM, source: Box::new(e) })?;
+        prog.load().map_err(|e| LoadError::Program {
+            name: SOCK_CREATE_PROGRAM,
+            source: Box::new(e),
+        })?;
         Ok(Programs { ebpf, slot })
     }
 
@@ -91,22 +106,35 @@ impl Programs {
     /// Attaches every program to the cgroup directory `path`. On error the programs attached
     /// so far stay attached until this value is dropped; callers drop it on error.
     pub fn attach(&mut self, path: &Path) -> Result<(), LoadError> {
-        let cgroup = File::open(path)
-            .map_err(|source| LoadError::OpenCgroup { path: path.into(), source })?;
+        // aya falls back to BPF_PROG_ATTACH before 5.7; such attachments outlive nothing we
+        // track and are not what we promise, so refuse instead.
+        let kernel = aya::util::KernelVersion::current()
+            .map_err(|e| LoadError::KernelVersion(std::io::Error::other(e.to_string())))?;
+        if kernel < aya::util::KernelVersion::new(5, 7, 0) {
+            return Err(LoadError::KernelTooOld {
+                found: format!("{kernel:?}"),
+            });
+        }
+        let cgroup = File::open(path).map_err(|source| LoadError::OpenCgroup {
+            path: path.into(),
+            source,
+        })?;
         // Socket creation first: from then on no new socket of a refused type appears.
         let prog: &mut CgroupSock = program(&mut self.ebpf, SOCK_CREATE_PROGRAM)?;
-        prog.attach(&cgroup, CgroupAttachMode::Single).map_err(|e| LoadError::Attach {
-            name: SOCK_CREATE_PROGRAM,
-            path: path.into(),
-            source: Box::new(e),
-        })?;
-        for name in SOCK_ADDR_PROGRAMS {
-            let prog: &mut CgroupSockAddr = program(&mut self.ebpf, name)?;
-            prog.attach(&cgroup, CgroupAttachMode::Single).map_err(|e| LoadError::Attach {
-                name,
+        prog.attach(&cgroup, CgroupAttachMode::Single)
+            .map_err(|e| LoadError::Attach {
+                name: SOCK_CREATE_PROGRAM,
                 path: path.into(),
                 source: Box::new(e),
             })?;
+        for name in SOCK_ADDR_PROGRAMS {
+            let prog: &mut CgroupSockAddr = program(&mut self.ebpf, name)?;
+            prog.attach(&cgroup, CgroupAttachMode::Single)
+                .map_err(|e| LoadError::Attach {
+                    name,
+                    path: path.into(),
+                    source: Box::new(e),
+                })?;
         }
         Ok(())
     }
@@ -116,6 +144,11 @@ fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, L
 where
     &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
 {
-    let prog = ebpf.program_mut(name).ok_or(LoadError::MissingProgram(name))?;
-    prog.try_into().map_err(|e| LoadError::Program { name, source: Box::new(e) })
+    let prog = ebpf
+        .program_mut(name)
+        .ok_or(LoadError::MissingProgram(name))?;
+    prog.try_into().map_err(|e| LoadError::Program {
+        name,
+        source: Box::new(e),
+    })
 }

@@ -15,13 +15,28 @@ pub struct LogError {
 }
 
 pub fn init(format: Option<LogFormat>, filter: &str) -> Result<(), LogError> {
-    let env = EnvFilter::try_new(filter)
-        .map_err(|e| LogError { filter: filter.into(), message: e.to_string() })?;
-    let format = format.unwrap_or(if std::io::stderr().is_terminal() { LogFormat::Text } else { LogFormat::Json });
-    let builder = tracing_subscriber::fmt().with_env_filter(env).with_writer(std::io::stderr);
+    let env = EnvFilter::try_new(filter).map_err(|e| LogError {
+        filter: filter.into(),
+        message: e.to_string(),
+    })?;
+    let format = format.unwrap_or(if std::io::stderr().is_terminal() {
+        LogFormat::Text
+    } else {
+        LogFormat::Json
+    });
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(env)
+        .with_writer(std::io::stderr);
     let result = match format {
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).try_init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .try_init(),
         LogFormat::Text => builder.try_init(),
     };
-    result.map_err(|e| LogError { filter: filter.into(), message: e.to_string() })
+    result.map_err(|e| LogError {
+        filter: filter.into(),
+        message: e.to_string(),
+    })
 }

@@ -12,7 +12,11 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => {
             let _ = e.print();
-            return ExitCode::from(if e.use_stderr() { exit::USAGE } else { exit::OK });
+            return ExitCode::from(if e.use_stderr() {
+                exit::USAGE
+            } else {
+                exit::OK
+            });
         }
     };
     if let Err(e) = logging::init(cli.log_format, &cli.log_level) {
@@ -20,7 +24,10 @@ fn main() -> ExitCode {
         return ExitCode::from(exit::USAGE);
     }
     // One thread: the workload's parent-death signal is tied to the thread that forked it.
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             let _ = writeln!(std::io::stderr(), "egress-agent: starting the runtime: {e}");
@@ -29,8 +36,12 @@ fn main() -> ExitCode {
     };
     let code = runtime.block_on(async {
         match cli.command {
-            cli::Command::Exec(args) => exec::run(args).await.unwrap_or_else(|e| fail(&e, e.exit_code())),
-            cli::Command::Run(args) => run::run(args).await.unwrap_or_else(|e| fail(&e, e.exit_code())),
+            cli::Command::Exec(args) => exec::run(args)
+                .await
+                .unwrap_or_else(|e| fail(&e, e.exit_code())),
+            cli::Command::Run(args) => run::run(args)
+                .await
+                .unwrap_or_else(|e| fail(&e, e.exit_code())),
             cli::Command::Check(args) => match check::check(&args.file) {
                 Ok(text) => {
                     let _ = std::io::stdout().write_all(text.as_bytes());

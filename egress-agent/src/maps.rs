@@ -29,7 +29,11 @@ pub enum MapsError {
 }
 
 fn op_err(map: &'static str, op: &'static str) -> impl FnOnce(MapError) -> MapsError {
-    move |e| MapsError::Op { map, op, source: Box::new(e) }
+    move |e| MapsError::Op {
+        map,
+        op,
+        source: Box::new(e),
+    }
 }
 
 /// What one apply changed.
@@ -65,13 +69,17 @@ impl MapSet {
         let mut stats = ApplyStats::default();
         for (k, v) in &new.ports {
             if old.ports.get(k) != Some(v) {
-                self.ports.insert(k, v, 0).map_err(op_err(MAP_PORTS, "insert"))?;
+                self.ports
+                    .insert(k, v, 0)
+                    .map_err(op_err(MAP_PORTS, "insert"))?;
                 stats.ports_written += 1;
             }
         }
         for (k, v) in &new.rules {
             if old.rules.get(k) != Some(v) {
-                self.rules.insert(&lpm(k), v, 0).map_err(op_err(MAP_RULES, "insert"))?;
+                self.rules
+                    .insert(&lpm(k), v, 0)
+                    .map_err(op_err(MAP_RULES, "insert"))?;
                 stats.rules_written += 1;
             }
         }
@@ -92,7 +100,23 @@ impl MapSet {
 
     /// Puts `config` in force for `slot`. With `policy_id` 0 the slot denies everything.
     pub fn set_slot(&mut self, slot: u32, config: SlotConfig) -> Result<(), MapsError> {
-        self.slots.set(slot, config, 0).map_err(op_err(MAP_SLOTS, "set"))
+        self.slots
+            .set(slot, config, 0)
+            .map_err(op_err(MAP_SLOTS, "set"))
+    }
+
+    /// Every non-zero counter of `slot`, summed over CPUs.
+    pub fn counters(&self, slot: u32) -> Result<Vec<(Reason, Proto, u64)>, MapsError> {
+        let mut out = Vec::new();
+        for reason in Reason::ALL {
+            for proto in [Proto::Tcp, Proto::Udp, Proto::Other] {
+                let n = self.counter(slot, reason, proto)?;
+                if n > 0 {
+                    out.push((reason, proto, n));
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// The sum over CPUs of one counter.

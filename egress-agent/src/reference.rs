@@ -11,15 +11,27 @@ use crate::policy::{Policy, Transport};
 pub fn decide(policy: &Policy, resolved: &Resolved, dst: &Dest) -> Decision {
     let loopback = is_loopback(dst);
     if loopback && policy.allow_loopback {
-        return Decision { reason: Reason::AllowLoopback, rule_id: NO_RULE };
+        return Decision {
+            reason: Reason::AllowLoopback,
+            rule_id: NO_RULE,
+        };
     }
     let transport = match dst.proto {
         Proto::Tcp => Transport::Tcp,
         Proto::Udp => Transport::Udp,
-        Proto::Other => return Decision { reason: Reason::DenyProtocol, rule_id: NO_RULE },
+        Proto::Other => {
+            return Decision {
+                reason: Reason::DenyProtocol,
+                rule_id: NO_RULE,
+            };
+        }
     };
     // The unspecified address connects to loopback: judge it as loopback, never as "any".
-    let addr = if ip(dst).is_unspecified() { loopback_addr(dst.family) } else { ip(dst) };
+    let addr = if ip(dst).is_unspecified() {
+        loopback_addr(dst.family)
+    } else {
+        ip(dst)
+    };
 
     // The most specific covering deny entry; the first one among equals.
     let mut deny: Option<(u8, u32)> = None;
@@ -38,28 +50,48 @@ pub fn decide(policy: &Policy, resolved: &Resolved, dst: &Dest) -> Decision {
         }
     }
     if let Some((_, rule_id)) = deny {
-        return Decision { reason: Reason::DenyRule, rule_id };
+        return Decision {
+            reason: Reason::DenyRule,
+            rule_id,
+        };
     }
 
     let mut covering: Option<u32> = None;
     for (i, rule) in policy.allowed.iter().enumerate() {
-        if !targets(&rule.target, resolved).iter().any(|n| n.contains(&addr)) {
+        if !targets(&rule.target, resolved)
+            .iter()
+            .any(|n| n.contains(&addr))
+        {
             continue;
         }
         covering.get_or_insert(i as u32);
-        if rule.transport_ports().any(|(t, p)| t == transport && p == dst.port) {
-            return Decision { reason: Reason::AllowRule, rule_id: i as u32 };
+        if rule
+            .transport_ports()
+            .any(|(t, p)| t == transport && p == dst.port)
+        {
+            return Decision {
+                reason: Reason::AllowRule,
+                rule_id: i as u32,
+            };
         }
     }
     match covering {
-        Some(rule_id) => Decision { reason: Reason::DenyPort, rule_id },
-        None => Decision { reason: Reason::DenyNoRule, rule_id: NO_RULE },
+        Some(rule_id) => Decision {
+            reason: Reason::DenyPort,
+            rule_id,
+        },
+        None => Decision {
+            reason: Reason::DenyNoRule,
+            rule_id: NO_RULE,
+        },
     }
 }
 
 fn ip(dst: &Dest) -> std::net::IpAddr {
     match dst.family {
-        Family::V4 => std::net::Ipv4Addr::new(dst.addr[0], dst.addr[1], dst.addr[2], dst.addr[3]).into(),
+        Family::V4 => {
+            std::net::Ipv4Addr::new(dst.addr[0], dst.addr[1], dst.addr[2], dst.addr[3]).into()
+        }
         Family::V6 => std::net::Ipv6Addr::from(dst.addr).into(),
     }
 }

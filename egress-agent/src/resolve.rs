@@ -53,7 +53,10 @@ impl TtlBounds {
 
 impl Default for TtlBounds {
     fn default() -> Self {
-        TtlBounds { floor: Duration::from_secs(5), ceiling: Duration::from_secs(300) }
+        TtlBounds {
+            floor: Duration::from_secs(5),
+            ceiling: Duration::from_secs(300),
+        }
     }
 }
 
@@ -91,28 +94,45 @@ impl Resolver {
         bounds: TtlBounds,
         timeout: Duration,
     ) -> Result<Self, ResolveError> {
-        let config = if servers.is_empty() {
-            let data = std::fs::read(resolv_conf)
-                .map_err(|source| ResolveError::ReadConf { path: resolv_conf.into(), source })?;
-            let (config, _opts) = hickory_resolver::system_conf::parse_resolv_conf(data).map_err(
-                |e| ResolveError::ParseConf { path: resolv_conf.into(), message: e.to_string() },
-            )?;
-            if config.name_servers.is_empty() {
-                return Err(ResolveError::NoServers { path: resolv_conf.into() });
-            }
-            config
-        } else {
-            ResolverConfig::from_name_servers(
-                servers.iter().map(|ip| NameServerConfig::udp_and_tcp(*ip)).collect(),
-            )
-        };
-        let mut builder = TokioResolver::builder_with_config(config, TokioRuntimeProvider::default());
+        let config =
+            if servers.is_empty() {
+                let data = std::fs::read(resolv_conf).map_err(|source| ResolveError::ReadConf {
+                    path: resolv_conf.into(),
+                    source,
+                })?;
+                let (config, _opts) = hickory_resolver::system_conf::parse_resolv_conf(data)
+                    .map_err(|e| ResolveError::ParseConf {
+                        path: resolv_conf.into(),
+                        message: e.to_string(),
+                    })?;
+                if config.name_servers.is_empty() {
+                    return Err(ResolveError::NoServers {
+                        path: resolv_conf.into(),
+                    });
+                }
+                config
+            } else {
+                ResolverConfig::from_name_servers(
+                    servers
+                        .iter()
+                        .map(|ip| NameServerConfig::udp_and_tcp(*ip))
+                        .collect(),
+                )
+            };
+        let mut builder =
+            TokioResolver::builder_with_config(config, TokioRuntimeProvider::default());
         let opts = builder.options_mut();
         opts.timeout = timeout;
         opts.attempts = 2;
         opts.ndots = 0;
-        let inner = builder.build().map_err(|e| ResolveError::Build(e.to_string()))?;
-        Ok(Resolver { inner, timeout, bounds })
+        let inner = builder
+            .build()
+            .map_err(|e| ResolveError::Build(e.to_string()))?;
+        Ok(Resolver {
+            inner,
+            timeout,
+            bounds,
+        })
     }
 
     /// Looks `host` up (A and AAAA) as a fully qualified name.
@@ -122,14 +142,23 @@ impl Resolver {
         let limit = self.timeout * 3;
         let lookup = tokio::time::timeout(limit, self.inner.lookup_ip(fqdn.as_str()))
             .await
-            .map_err(|_| ResolveError::Timeout { host: host.into(), timeout: limit })?
-            .map_err(|e| ResolveError::Lookup { host: host.into(), message: e.to_string() })?;
+            .map_err(|_| ResolveError::Timeout {
+                host: host.into(),
+                timeout: limit,
+            })?
+            .map_err(|e| ResolveError::Lookup {
+                host: host.into(),
+                message: e.to_string(),
+            })?;
         let now = std::time::Instant::now();
         let ttl = lookup.valid_until().saturating_duration_since(now);
         let mut addrs: Vec<IpAddr> = lookup.iter().map(|a| a.to_canonical()).collect();
         addrs.sort();
         addrs.dedup();
-        Ok(Answer { addrs, ttl: self.bounds.clamp(ttl) })
+        Ok(Answer {
+            addrs,
+            ttl: self.bounds.clamp(ttl),
+        })
     }
 
     pub fn bounds(&self) -> TtlBounds {
@@ -143,12 +172,21 @@ mod tests {
 
     #[test]
     fn ttl_is_clamped_to_floor_and_ceiling() {
-        let b = TtlBounds { floor: Duration::from_secs(5), ceiling: Duration::from_secs(60) };
+        let b = TtlBounds {
+            floor: Duration::from_secs(5),
+            ceiling: Duration::from_secs(60),
+        };
         assert_eq!(b.clamp(Duration::from_secs(0)), Duration::from_secs(5));
         assert_eq!(b.clamp(Duration::from_secs(30)), Duration::from_secs(30));
-        assert_eq!(b.clamp(Duration::from_secs(86_400)), Duration::from_secs(60));
+        assert_eq!(
+            b.clamp(Duration::from_secs(86_400)),
+            Duration::from_secs(60)
+        );
         // A ceiling below the floor never yields less than the floor.
-        let odd = TtlBounds { floor: Duration::from_secs(10), ceiling: Duration::from_secs(1) };
+        let odd = TtlBounds {
+            floor: Duration::from_secs(10),
+            ceiling: Duration::from_secs(1),
+        };
         assert_eq!(odd.clamp(Duration::from_secs(0)), Duration::from_secs(10));
     }
 

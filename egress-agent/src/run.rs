@@ -24,7 +24,9 @@ impl RunError {
     pub fn exit_code(&self) -> u8 {
         match self {
             RunError::Session(e) => e.exit_code(),
-            RunError::Cgroup(CgroupError::Outside { .. } | CgroupError::NotCgroup { .. }) => exit::USAGE,
+            RunError::Cgroup(CgroupError::Outside { .. } | CgroupError::NotCgroup { .. }) => {
+                exit::USAGE
+            }
             _ => exit::FAILURE,
         }
     }
@@ -55,6 +57,7 @@ pub async fn run(args: RunArgs) -> Result<u8, RunError> {
             }
         }
     }
+    enforcer.log_counters();
     tracing::warn!(cgroup = %path.display(), "stopping: enforcement on the cgroup ends with this process");
     Ok(exit::OK)
 }

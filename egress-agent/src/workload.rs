@@ -22,9 +22,18 @@ const PROBE_V4: [SocketAddr; 4] = [
     SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::new(100, 64, 0, 1)), 65535),
 ];
 const PROBE_V6: [SocketAddr; 3] = [
-    SocketAddr::new(IpAddr::V6(std::net::Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1)), 9),
-    SocketAddr::new(IpAddr::V6(std::net::Ipv6Addr::new(0x100, 0, 0, 0, 0, 0, 0, 1)), 9),
-    SocketAddr::new(IpAddr::V6(std::net::Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 9)), 65535),
+    SocketAddr::new(
+        IpAddr::V6(std::net::Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1)),
+        9,
+    ),
+    SocketAddr::new(
+        IpAddr::V6(std::net::Ipv6Addr::new(0x100, 0, 0, 0, 0, 0, 0, 1)),
+        9,
+    ),
+    SocketAddr::new(
+        IpAddr::V6(std::net::Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 9)),
+        65535,
+    ),
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -33,7 +42,9 @@ pub enum WorkloadError {
     NoProbe { family: &'static str },
     #[error("creating the status pipe: {0}")]
     Pipe(#[source] io::Error),
-    #[error("enforcement is not live: a UDP connect to the denied probe {probe} from inside the cgroup succeeded; refusing to start the workload")]
+    #[error(
+        "enforcement is not live: a UDP connect to the denied probe {probe} from inside the cgroup succeeded; refusing to start the workload"
+    )]
     NotEnforced { probe: String },
     #[error("starting the workload failed while {stage}: {source}")]
     Setup {
@@ -61,7 +72,10 @@ pub struct Probes {
 
 impl Probes {
     pub fn choose(compiled: &Compiled) -> Result<Self, WorkloadError> {
-        let slot = SlotConfig { policy_id: compiled.policy_id, flags: compiled.slot_flags };
+        let slot = SlotConfig {
+            policy_id: compiled.policy_id,
+            flags: compiled.slot_flags,
+        };
         let denied = |a: &&SocketAddr| {
             let dst = match a.ip() {
                 IpAddr::V4(ip) => Dest::v4(ip.octets(), a.port(), Proto::Udp),
@@ -69,8 +83,14 @@ impl Probes {
             };
             !decide(compiled, &slot, &dst).allowed()
         };
-        let v4 = PROBE_V4.iter().find(denied).ok_or(WorkloadError::NoProbe { family: "IPv4" })?;
-        let v6 = PROBE_V6.iter().find(denied).ok_or(WorkloadError::NoProbe { family: "IPv6" })?;
+        let v4 = PROBE_V4
+            .iter()
+            .find(denied)
+            .ok_or(WorkloadError::NoProbe { family: "IPv4" })?;
+        let v6 = PROBE_V6
+            .iter()
+            .find(denied)
+            .ok_or(WorkloadError::NoProbe { family: "IPv6" })?;
         Ok(Probes { v4: *v4, v6: *v6 })
     }
 }
@@ -107,7 +127,10 @@ pub fn spawn(
     probes: Probes,
 ) -> Result<tokio::process::Child, WorkloadError> {
     let (program, args) = argv.split_first().ok_or_else(|| {
-        WorkloadError::Spawn(io::Error::new(io::ErrorKind::InvalidInput, "no command given"))
+        WorkloadError::Spawn(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "no command given",
+        ))
     })?;
     let (read_end, write_end) = pipe()?;
     let plan = ChildPlan {
@@ -132,10 +155,15 @@ pub fn spawn(
         Err(err) => {
             let stage = last_stage(read_end);
             if err.raw_os_error() == Some(PROBE_PASSED_ERRNO) && stage == b'p' {
-                return Err(WorkloadError::NotEnforced { probe: format!("{} / {}", probes.v4, probes.v6) });
+                return Err(WorkloadError::NotEnforced {
+                    probe: format!("{} / {}", probes.v4, probes.v6),
+                });
             }
             match STAGES.iter().find(|(c, _)| *c == stage) {
-                Some((_, name)) => Err(WorkloadError::Setup { stage: name, source: err }),
+                Some((_, name)) => Err(WorkloadError::Setup {
+                    stage: name,
+                    source: err,
+                }),
                 // All stages passed: exec itself failed (missing binary, permissions).
                 None => Err(WorkloadError::Spawn(err)),
             }
@@ -184,11 +212,17 @@ fn sockaddr6(a: SocketAddr) -> libc::sockaddr_in6 {
 }
 
 fn errno() -> i32 {
-    io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO)
+    io::Error::last_os_error()
+        .raw_os_error()
+        .unwrap_or(libc::EIO)
 }
 
 fn check(r: libc::c_long) -> io::Result<()> {
-    if r < 0 { Err(io::Error::from_raw_os_error(errno())) } else { Ok(()) }
+    if r < 0 {
+        Err(io::Error::from_raw_os_error(errno()))
+    } else {
+        Ok(())
+    }
 }
 
 fn stage(plan: &ChildPlan, s: u8) {
@@ -200,7 +234,11 @@ fn stage(plan: &ChildPlan, s: u8) {
 ///
 /// # Safety
 /// `addr` must point to a socket address of `len` bytes.
-unsafe fn probe(family: libc::c_int, addr: *const libc::sockaddr, len: libc::socklen_t) -> io::Result<()> {
+unsafe fn probe(
+    family: libc::c_int,
+    addr: *const libc::sockaddr,
+    len: libc::socklen_t,
+) -> io::Result<()> {
     // SAFETY: plain socket(2).
     let fd = unsafe { libc::socket(family, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
     if fd < 0 {
@@ -265,7 +303,12 @@ fn setup_child(plan: &ChildPlan) -> io::Result<()> {
         }
 
         stage(plan, b'f');
-        check(libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, libc::CLOSE_RANGE_CLOEXEC))?;
+        check(libc::syscall(
+            libc::SYS_close_range,
+            3u32,
+            u32::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        ))?;
         stage(plan, b'x');
     }
     Ok(())

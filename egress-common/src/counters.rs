@@ -34,7 +34,11 @@ pub enum Reason {
 
 pub const NUM_REASONS: u32 = 16;
 pub const NUM_PROTOS: u32 = 3;
-pub const NUM_COUNTERS: u32 = MAX_SLOTS * NUM_REASONS * NUM_PROTOS;
+/// One block of counters per slot, plus a last block for programs whose slot is out of range
+/// (a load error that the kernel side still has to count).
+pub const NUM_COUNTERS: u32 = (MAX_SLOTS + 1) * NUM_REASONS * NUM_PROTOS;
+/// The block that counts decisions of programs with an out-of-range slot.
+pub const INVALID_SLOT_BLOCK: u32 = MAX_SLOTS;
 
 impl Reason {
     pub const ALL: [Reason; 11] = [
@@ -55,7 +59,10 @@ impl Reason {
     pub const fn allows(self) -> bool {
         matches!(
             self,
-            Reason::AllowRule | Reason::AllowLoopback | Reason::AllowSocket | Reason::AllowOtherSocket
+            Reason::AllowRule
+                | Reason::AllowLoopback
+                | Reason::AllowSocket
+                | Reason::AllowOtherSocket
         )
     }
 
@@ -77,10 +84,16 @@ impl Reason {
     }
 }
 
-/// Index of the counter for (slot, reason, protocol).
+/// Index of the counter for (slot, reason, protocol). Slots out of range share the
+/// [`INVALID_SLOT_BLOCK`].
 #[inline(always)]
 pub const fn counter_index(slot: u32, reason: Reason, proto: Proto) -> u32 {
-    (slot * NUM_REASONS + reason as u32) * NUM_PROTOS + proto.counter_index()
+    let block = if slot < MAX_SLOTS {
+        slot
+    } else {
+        INVALID_SLOT_BLOCK
+    };
+    (block * NUM_REASONS + reason as u32) * NUM_PROTOS + proto.counter_index()
 }
 
 /// Which hook made a decision.

@@ -78,7 +78,11 @@ impl Dest {
     #[inline(always)]
     pub const fn v6(octets: [u8; 16], port: u16, proto: Proto) -> Self {
         if is_v4_mapped(&octets) {
-            return Dest::v4([octets[12], octets[13], octets[14], octets[15]], port, proto);
+            return Dest::v4(
+                [octets[12], octets[13], octets[14], octets[15]],
+                port,
+                proto,
+            );
         }
         Dest {
             family: Family::V6,
@@ -95,7 +99,10 @@ impl Dest {
         match self.family {
             Family::V4 => {
                 self.addr[0] == 127
-                    || (self.addr[0] == 0 && self.addr[1] == 0 && self.addr[2] == 0 && self.addr[3] == 0)
+                    || (self.addr[0] == 0
+                        && self.addr[1] == 0
+                        && self.addr[2] == 0
+                        && self.addr[3] == 0)
             }
             Family::V6 => {
                 let mut i = 0;

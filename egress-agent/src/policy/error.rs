@@ -6,11 +6,6 @@ use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use super::support::Unsupported;
-
-/// `EX_CONFIG` from sysexits.h: the configuration (here: the policy) is unusable.
-const EX_CONFIG: u8 = 78;
-
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyError {
     /// The policy file could not be read (missing, unreadable, not UTF-8).
@@ -30,7 +25,7 @@ pub enum PolicyError {
         message: String,
     },
 
-    /// The file has no content besides comments and whitespace.
+    /// The file holds no value: nothing but comments and whitespace, or a bare `null`.
     #[error(
         "{}: the file is empty; a policy file is a YAML mapping with the single top-level key \
          `egress_policy:` holding `default_action` and `allowed_destinations`",
@@ -50,21 +45,13 @@ pub enum PolicyError {
         /// What is wrong and what would be valid.
         message: String,
     },
-
-    /// A valid policy that uses features this version does not enforce. The policy is refused
-    /// as a whole rather than enforced in part.
-    #[error("{}", UnsupportedList { file, features })]
-    Unsupported {
-        file: PathBuf,
-        features: Vec<Unsupported>,
-    },
 }
 
 impl PolicyError {
     /// Process exit code for this error: 78 (`EX_CONFIG`) for every variant, since each means
     /// the policy given to the agent cannot be used.
     pub fn exit_code(&self) -> u8 {
-        EX_CONFIG
+        crate::exit::CONFIG
     }
 
     /// The policy file the error is about.
@@ -73,8 +60,7 @@ impl PolicyError {
             PolicyError::Io { path, .. } => path,
             PolicyError::Syntax { file, .. }
             | PolicyError::Empty { file }
-            | PolicyError::Invalid { file, .. }
-            | PolicyError::Unsupported { file, .. } => file,
+            | PolicyError::Invalid { file, .. } => file,
         }
     }
 }
@@ -105,25 +91,5 @@ impl fmt::Display for Located<'_> {
             write!(f, "{path}: ")?;
         }
         f.write_str(self.message)
-    }
-}
-
-struct UnsupportedList<'a> {
-    file: &'a Path,
-    features: &'a [Unsupported],
-}
-
-impl fmt::Display for UnsupportedList<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{}: the policy is refused because this version of egress cannot enforce all of it \
-             (it is never applied in part):",
-            self.file.display()
-        )?;
-        for feature in self.features {
-            write!(f, "\n  - {feature}")?;
-        }
-        Ok(())
     }
 }
