@@ -20,7 +20,10 @@ fn port_and_proto(ctx: &SockAddrContext) -> (u16, Proto) {
         )
     };
     // user_port holds the port in network order in its first two bytes.
-    (u16::from_be(user_port as u16), Proto::from_ip_proto(protocol))
+    (
+        u16::from_be(user_port as u16),
+        Proto::from_ip_proto(protocol),
+    )
 }
 
 #[inline(always)]

@@ -1,7 +1,10 @@
 //! Per-CPU verdict counters: exact, and independent of any event delivery.
 
 use aya_ebpf::{macros::map, maps::PerCpuArray};
-use egress_common::{Proto, Reason, counters::{NUM_COUNTERS, counter_index}};
+use egress_common::{
+    Proto, Reason,
+    counters::{NUM_COUNTERS, counter_index},
+};
 
 use crate::tables::slot;
 

@@ -6,10 +6,12 @@ use aya_ebpf::{
     programs::SockContext,
 };
 use egress_common::{
-    Decision, Dest, Family, PortKey, Proto, Reason, RuleKey, RuleValue, SlotConfig, Tables,
-    decide,
+    Decision, Dest, Family, PortKey, Proto, Reason, RuleKey, RuleValue, SlotConfig, Tables, decide,
     dest::{IPPROTO_MPTCP, IPPROTO_TCP, IPPROTO_UDP},
-    maps::{MAX_PORTS, MAX_RULES, MAX_SLOTS, SLOT_ALLOW_OTHER_SOCKETS, address_bits, RULE_KEY_FIXED_BITS},
+    maps::{
+        MAX_PORTS, MAX_RULES, MAX_SLOTS, RULE_KEY_FIXED_BITS, SLOT_ALLOW_OTHER_SOCKETS,
+        address_bits,
+    },
 };
 
 /// The slot this copy of the programs serves; set by the agent at load time.

@@ -1,0 +1,736 @@
+//! egress-probe: the workload the egress tests run under the agent, as an unprivileged user.
+//!
+//! It performs the network operations given on the command line, one op per argument (or
+//! one per line of `--ops-file PATH`), and prints one JSON line per op on stdout. The op
+//! grammar is documented in `egress_tests::probe`. Exit status: 0, or 64 when the arguments
+//! are malformed, or N for an `exit N` op.
+
+use std::io::Write;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use egress_tests::probe::{ProbeResult, errno_name};
+
+const EX_USAGE: u8 = 64;
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+const IO_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long `send` waits for the peer to close after our shutdown(SHUT_WR).
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Family {
+    V4,
+    V6,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Transport {
+    Tcp,
+    Udp,
+    Mptcp,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum SocketKind {
+    Raw,
+    Icmp,
+    Sctp,
+    Udplite,
+    Tcp,
+    Udp,
+    Mptcp,
+}
+
+#[derive(Clone, Debug)]
+enum Action {
+    Connect(Transport, Family, SocketAddr),
+    Send(Transport, Family, SocketAddr, Vec<u8>),
+    SendTo(Family, SocketAddr, Vec<u8>),
+    UdpConnectSend(Family, SocketAddr, Vec<u8>),
+    Tfo(Transport, Family, SocketAddr, Vec<u8>),
+    Socket(SocketKind, Family),
+    Sleep(Duration),
+    Whoami,
+    Cgroup,
+    Exit(u8),
+}
+
+struct Op {
+    text: String,
+    action: Action,
+}
+
+/// A syscall failure: errno plus, for non-errno failures, a description.
+#[derive(Debug)]
+struct Failure {
+    errno: Option<i32>,
+    error: String,
+}
+
+impl Failure {
+    fn errno(errno: i32) -> Self {
+        Self {
+            errno: Some(errno),
+            error: errno_name(errno),
+        }
+    }
+
+    fn last() -> Self {
+        Self::errno(std::io::Error::last_os_error().raw_os_error().unwrap_or(0))
+    }
+
+    fn other(error: String) -> Self {
+        Self { errno: None, error }
+    }
+}
+
+type OpResult = Result<(), Failure>;
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let ops = match parse_args(&args) {
+        Ok(ops) => ops,
+        Err(e) => {
+            eprintln!("egress-probe: {e}");
+            eprintln!(
+                "usage: egress-probe [--ops-file PATH] OP...   (see egress_tests::probe for the op grammar)"
+            );
+            return ExitCode::from(EX_USAGE);
+        }
+    };
+    let stdout = std::io::stdout();
+    for op in &ops {
+        if let Action::Exit(code) = op.action {
+            emit(&stdout, &ProbeResult::ok(&op.text));
+            return ExitCode::from(code);
+        }
+        let result = run(op);
+        emit(&stdout, &result);
+    }
+    ExitCode::SUCCESS
+}
+
+fn emit(stdout: &std::io::Stdout, result: &ProbeResult) {
+    let line = serde_json::to_string(result).unwrap_or_else(|e| {
+        format!(
+            r#"{{"op":"<unserialisable>","ok":false,"errno":null,"error":"{}"}}"#,
+            e.to_string().replace('"', "'")
+        )
+    });
+    let mut out = stdout.lock();
+    // A closed stdout must not turn into a panic; the exit status still reports the run.
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+fn parse_args(args: &[String]) -> Result<Vec<Op>, String> {
+    let mut ops = Vec::new();
+    let mut i = 0;
+    while i < args.len() {
+        if args[i] == "--ops-file" {
+            let path = args
+                .get(i + 1)
+                .ok_or_else(|| "--ops-file needs a path".to_owned())?;
+            let text = std::fs::read_to_string(path).map_err(|e| format!("reading {path}: {e}"))?;
+            for (n, line) in text.lines().enumerate() {
+                let line = line.trim();
+                if line.is_empty() || line.starts_with('#') {
+                    continue;
+                }
+                ops.push(parse_op(line).map_err(|e| format!("{path}:{}: {e}", n + 1))?);
+            }
+            i += 2;
+        } else {
+            ops.push(parse_op(&args[i])?);
+            i += 1;
+        }
+    }
+    if ops.is_empty() {
+        return Err("no ops given".to_owned());
+    }
+    Ok(ops)
+}
+
+fn parse_op(text: &str) -> Result<Op, String> {
+    let fields: Vec<&str> = text.split_whitespace().collect();
+    let bad = |why: &str| format!("malformed op {text:?}: {why}");
+    let name = fields.first().copied().ok_or_else(|| bad("empty"))?;
+    // DATA: everything after the fourth field, as written.
+    let data = || -> Result<Vec<u8>, String> {
+        let mut rest = text.trim_start();
+        for _ in 0..4 {
+            let end = rest
+                .find(char::is_whitespace)
+                .ok_or_else(|| bad("missing DATA"))?;
+            rest = rest[end..].trim_start();
+        }
+        if rest.is_empty() {
+            return Err(bad("missing DATA"));
+        }
+        Ok(rest.as_bytes().to_vec())
+    };
+    let dest = || -> Result<(Transport, Family, SocketAddr), String> {
+        let (proto, family) = parse_proto(
+            fields
+                .get(1)
+                .copied()
+                .ok_or_else(|| bad("missing protocol"))?,
+        )
+        .ok_or_else(|| bad("protocol must be tcp4|tcp6|udp4|udp6|mptcp4|mptcp6"))?;
+        let ip = parse_ip(
+            family,
+            fields.get(2).copied().ok_or_else(|| bad("missing ADDR"))?,
+        )
+        .ok_or_else(|| bad("ADDR is not an IP literal of that family"))?;
+        let port: u16 = fields
+            .get(3)
+            .ok_or_else(|| bad("missing PORT"))?
+            .parse()
+            .map_err(|_| bad("PORT must be 0..=65535"))?;
+        Ok((proto, family, SocketAddr::new(ip, port)))
+    };
+    let exact = |n: usize| {
+        if fields.len() == n {
+            Ok(())
+        } else {
+            Err(bad(&format!("expected {n} fields")))
+        }
+    };
+    let action = match name {
+        "connect" => {
+            exact(4)?;
+            let (t, f, a) = dest()?;
+            Action::Connect(t, f, a)
+        }
+        "send" | "tfo" => {
+            let (t, f, a) = dest()?;
+            if t == Transport::Udp {
+                return Err(bad("send/tfo take tcp4|tcp6|mptcp4|mptcp6"));
+            }
+            if name == "send" {
+                Action::Send(t, f, a, data()?)
+            } else {
+                Action::Tfo(t, f, a, data()?)
+            }
+        }
+        "sendto" | "udpconnect-send" => {
+            let (t, f, a) = dest()?;
+            if t != Transport::Udp {
+                return Err(bad("sendto/udpconnect-send take udp4|udp6"));
+            }
+            if name == "sendto" {
+                Action::SendTo(f, a, data()?)
+            } else {
+                Action::UdpConnectSend(f, a, data()?)
+            }
+        }
+        "socket" => {
+            exact(2)?;
+            let (kind, family) = parse_kind(fields[1]).ok_or_else(|| {
+                bad("KIND must be raw|icmp|sctp|udplite|tcp|udp|mptcp followed by 4 or 6")
+            })?;
+            Action::Socket(kind, family)
+        }
+        "sleep" => {
+            exact(2)?;
+            let ms: u64 = fields[1].parse().map_err(|_| bad("MS must be a number"))?;
+            Action::Sleep(Duration::from_millis(ms))
+        }
+        "whoami" => {
+            exact(1)?;
+            Action::Whoami
+        }
+        "cgroup" => {
+            exact(1)?;
+            Action::Cgroup
+        }
+        "exit" => {
+            exact(2)?;
+            Action::Exit(fields[1].parse().map_err(|_| bad("N must be 0..=255"))?)
+        }
+        _ => return Err(bad("unknown op")),
+    };
+    Ok(Op {
+        text: text.trim().to_owned(),
+        action,
+    })
+}
+
+fn parse_proto(s: &str) -> Option<(Transport, Family)> {
+    let (t, f) = s.split_at_checked(s.len().checked_sub(1)?)?;
+    let transport = match t {
+        "tcp" => Transport::Tcp,
+        "udp" => Transport::Udp,
+        "mptcp" => Transport::Mptcp,
+        _ => return None,
+    };
+    Some((transport, parse_family(f)?))
+}
+
+fn parse_kind(s: &str) -> Option<(SocketKind, Family)> {
+    let (k, f) = s.split_at_checked(s.len().checked_sub(1)?)?;
+    let kind = match k {
+        "raw" => SocketKind::Raw,
+        "icmp" => SocketKind::Icmp,
+        "sctp" => SocketKind::Sctp,
+        "udplite" => SocketKind::Udplite,
+        "tcp" => SocketKind::Tcp,
+        "udp" => SocketKind::Udp,
+        "mptcp" => SocketKind::Mptcp,
+        _ => return None,
+    };
+    Some((kind, parse_family(f)?))
+}
+
+fn parse_family(s: &str) -> Option<Family> {
+    match s {
+        "4" => Some(Family::V4),
+        "6" => Some(Family::V6),
+        _ => None,
+    }
+}
+
+fn parse_ip(family: Family, s: &str) -> Option<IpAddr> {
+    let ip: IpAddr = s.parse().ok()?;
+    match (family, ip) {
+        (Family::V4, IpAddr::V4(_)) | (Family::V6, IpAddr::V6(_)) => Some(ip),
+        (Family::V6, IpAddr::V4(v4)) => Some(IpAddr::V6(v4.to_ipv6_mapped())),
+        (Family::V4, IpAddr::V6(_)) => None,
+    }
+}
+
+fn run(op: &Op) -> ProbeResult {
+    let text = op.text.as_str();
+    let outcome = match &op.action {
+        Action::Connect(t, f, addr) => connect_only(*t, *f, *addr),
+        Action::Send(t, f, addr, data) => send_stream(*t, *f, *addr, data),
+        Action::SendTo(f, addr, data) => sendto_udp(*f, *addr, data),
+        Action::UdpConnectSend(f, addr, data) => udp_connect_send(*f, *addr, data),
+        Action::Tfo(t, f, addr, data) => fastopen(*t, *f, *addr, data),
+        Action::Socket(kind, f) => socket_for_kind(*kind, *f).map(drop),
+        Action::Sleep(d) => {
+            std::thread::sleep(*d);
+            Ok(())
+        }
+        Action::Whoami => return whoami(text),
+        Action::Cgroup => return cgroup(text),
+        Action::Exit(_) => Ok(()),
+    };
+    match outcome {
+        Ok(()) => ProbeResult::ok(text),
+        Err(f) => ProbeResult::failed(text, f.errno, f.error),
+    }
+}
+
+fn whoami(text: &str) -> ProbeResult {
+    // SAFETY: these getters have no preconditions and cannot fail.
+    let (uid, euid, gid, egid) = unsafe {
+        (
+            libc::getuid(),
+            libc::geteuid(),
+            libc::getgid(),
+            libc::getegid(),
+        )
+    };
+    let groups = nix::unistd::getgroups()
+        .map(|g| g.into_iter().map(|g| g.as_raw()).collect::<Vec<u32>>())
+        .ok();
+    let cap_eff = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .map(|v| v.trim().to_owned())
+        });
+    ProbeResult {
+        uid: Some(uid),
+        euid: Some(euid),
+        gid: Some(gid),
+        egid: Some(egid),
+        groups,
+        cap_eff,
+        ..ProbeResult::ok(text)
+    }
+}
+
+fn cgroup(text: &str) -> ProbeResult {
+    match std::fs::read_to_string("/proc/self/cgroup") {
+        Ok(s) => ProbeResult {
+            cgroup: s
+                .lines()
+                .find_map(|l| l.strip_prefix("0::"))
+                .map(str::to_owned),
+            ..ProbeResult::ok(text)
+        },
+        Err(e) => ProbeResult::failed(text, e.raw_os_error(), e.to_string()),
+    }
+}
+
+fn domain(f: Family) -> libc::c_int {
+    match f {
+        Family::V4 => libc::AF_INET,
+        Family::V6 => libc::AF_INET6,
+    }
+}
+
+fn new_socket(family: Family, ty: libc::c_int, protocol: libc::c_int) -> Result<OwnedFd, Failure> {
+    // SAFETY: plain syscall; the returned descriptor is owned by the OwnedFd below.
+    let fd = unsafe { libc::socket(domain(family), ty | libc::SOCK_CLOEXEC, protocol) };
+    if fd < 0 {
+        return Err(Failure::last());
+    }
+    // SAFETY: fd is a fresh descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn transport_socket(t: Transport, f: Family) -> Result<OwnedFd, Failure> {
+    match t {
+        Transport::Tcp => new_socket(f, libc::SOCK_STREAM, libc::IPPROTO_TCP),
+        Transport::Udp => new_socket(f, libc::SOCK_DGRAM, libc::IPPROTO_UDP),
+        Transport::Mptcp => new_socket(f, libc::SOCK_STREAM, libc::IPPROTO_MPTCP),
+    }
+}
+
+fn socket_for_kind(kind: SocketKind, f: Family) -> Result<OwnedFd, Failure> {
+    let icmp = match f {
+        Family::V4 => libc::IPPROTO_ICMP,
+        Family::V6 => libc::IPPROTO_ICMPV6,
+    };
+    match kind {
+        SocketKind::Raw => new_socket(f, libc::SOCK_RAW, icmp),
+        SocketKind::Icmp => new_socket(f, libc::SOCK_DGRAM, icmp),
+        SocketKind::Sctp => new_socket(f, libc::SOCK_STREAM, libc::IPPROTO_SCTP),
+        SocketKind::Udplite => new_socket(f, libc::SOCK_DGRAM, libc::IPPROTO_UDPLITE),
+        SocketKind::Tcp => transport_socket(Transport::Tcp, f),
+        SocketKind::Udp => transport_socket(Transport::Udp, f),
+        SocketKind::Mptcp => transport_socket(Transport::Mptcp, f),
+    }
+}
+
+/// A socket address in the C layout the syscalls take.
+struct CSockAddr {
+    storage: libc::sockaddr_storage,
+    len: libc::socklen_t,
+}
+
+impl CSockAddr {
+    fn new(addr: SocketAddr) -> Self {
+        // SAFETY: sockaddr_storage is plain data; all-zero is a valid value.
+        let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+        let len = match addr {
+            SocketAddr::V4(a) => {
+                let sin = libc::sockaddr_in {
+                    sin_family: libc::AF_INET as libc::sa_family_t,
+                    sin_port: a.port().to_be(),
+                    sin_addr: libc::in_addr {
+                        s_addr: u32::from_ne_bytes(a.ip().octets()),
+                    },
+                    sin_zero: [0; 8],
+                };
+                // SAFETY: sockaddr_storage is larger than and suitably aligned for sockaddr_in.
+                unsafe { std::ptr::write(std::ptr::from_mut(&mut storage).cast(), sin) };
+                std::mem::size_of::<libc::sockaddr_in>()
+            }
+            SocketAddr::V6(a) => {
+                let sin6 = libc::sockaddr_in6 {
+                    sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                    sin6_port: a.port().to_be(),
+                    sin6_flowinfo: 0,
+                    sin6_addr: libc::in6_addr {
+                        s6_addr: a.ip().octets(),
+                    },
+                    sin6_scope_id: 0,
+                };
+                // SAFETY: sockaddr_storage is larger than and suitably aligned for sockaddr_in6.
+                unsafe { std::ptr::write(std::ptr::from_mut(&mut storage).cast(), sin6) };
+                std::mem::size_of::<libc::sockaddr_in6>()
+            }
+        };
+        Self {
+            storage,
+            len: len as libc::socklen_t,
+        }
+    }
+
+    fn ptr(&self) -> *const libc::sockaddr {
+        std::ptr::from_ref(&self.storage).cast()
+    }
+}
+
+fn sock_addr(f: Family, addr: SocketAddr) -> CSockAddr {
+    // The parser already made the address match the family; mapped form for v4 on v6.
+    let addr = match (f, addr) {
+        (Family::V6, SocketAddr::V4(a)) => {
+            SocketAddr::new(IpAddr::V6(a.ip().to_ipv6_mapped()), a.port())
+        }
+        _ => addr,
+    };
+    CSockAddr::new(addr)
+}
+
+fn check(ret: libc::c_int) -> Result<libc::c_int, Failure> {
+    if ret < 0 {
+        Err(Failure::last())
+    } else {
+        Ok(ret)
+    }
+}
+
+fn set_nonblocking(fd: RawFd, on: bool) -> OpResult {
+    // SAFETY: fcntl on a descriptor we own.
+    let flags = check(unsafe { libc::fcntl(fd, libc::F_GETFL) })?;
+    let flags = if on {
+        flags | libc::O_NONBLOCK
+    } else {
+        flags & !libc::O_NONBLOCK
+    };
+    // SAFETY: as above.
+    check(unsafe { libc::fcntl(fd, libc::F_SETFL, flags) }).map(drop)
+}
+
+fn set_timeout(fd: RawFd, option: libc::c_int, d: Duration) -> OpResult {
+    let tv = libc::timeval {
+        tv_sec: d.as_secs() as libc::time_t,
+        tv_usec: d.subsec_micros() as libc::suseconds_t,
+    };
+    // SAFETY: tv outlives the call and the length matches its type.
+    check(unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            option,
+            std::ptr::from_ref(&tv).cast(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    })
+    .map(drop)
+}
+
+/// Waits until `fd` is ready for `events`, at most `timeout`; ETIMEDOUT otherwise.
+fn wait_ready(fd: RawFd, events: libc::c_short, timeout: Duration) -> OpResult {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(Failure::errno(libc::ETIMEDOUT));
+        }
+        let mut pfd = libc::pollfd {
+            fd,
+            events,
+            revents: 0,
+        };
+        let ms = libc::c_int::try_from(left.as_millis().max(1)).unwrap_or(libc::c_int::MAX);
+        // SAFETY: one valid pollfd.
+        let n = unsafe { libc::poll(&mut pfd, 1, ms) };
+        if n < 0 {
+            let f = Failure::last();
+            if f.errno == Some(libc::EINTR) {
+                continue;
+            }
+            return Err(f);
+        }
+        if n > 0 {
+            return Ok(());
+        }
+    }
+}
+
+fn so_error(fd: RawFd) -> OpResult {
+    let mut err: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: err and len are valid for writes of the sizes given.
+    check(unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_ERROR,
+            std::ptr::from_mut(&mut err).cast(),
+            &mut len,
+        )
+    })?;
+    if err != 0 {
+        Err(Failure::errno(err))
+    } else {
+        Ok(())
+    }
+}
+
+/// connect(); for stream sockets non-blocking with CONNECT_TIMEOUT, then back to blocking.
+fn connect_fd(fd: RawFd, t: Transport, addr: &CSockAddr) -> OpResult {
+    let stream = t != Transport::Udp;
+    if stream {
+        set_nonblocking(fd, true)?;
+    }
+    // SAFETY: addr points to a valid sockaddr of len bytes.
+    let ret = unsafe { libc::connect(fd, addr.ptr(), addr.len) };
+    if ret < 0 {
+        let f = Failure::last();
+        if !(stream && f.errno == Some(libc::EINPROGRESS)) {
+            return Err(f);
+        }
+        wait_ready(fd, libc::POLLOUT, CONNECT_TIMEOUT)?;
+        so_error(fd)?;
+    }
+    if stream {
+        set_nonblocking(fd, false)?;
+    }
+    Ok(())
+}
+
+fn connect_only(t: Transport, f: Family, addr: SocketAddr) -> OpResult {
+    let sock = transport_socket(t, f)?;
+    connect_fd(sock.as_raw_fd(), t, &sock_addr(f, addr))
+}
+
+fn write_all(fd: RawFd, mut data: &[u8]) -> OpResult {
+    while !data.is_empty() {
+        // SAFETY: data is valid for reads of data.len() bytes.
+        let n = unsafe { libc::send(fd, data.as_ptr().cast(), data.len(), libc::MSG_NOSIGNAL) };
+        if n < 0 {
+            let f = Failure::last();
+            if f.errno == Some(libc::EINTR) {
+                continue;
+            }
+            return Err(f);
+        }
+        data = data.get(n.unsigned_abs()..).unwrap_or_default();
+    }
+    Ok(())
+}
+
+/// shutdown(SHUT_WR), then read until the peer closes (bounded), so the bytes are delivered
+/// before we report success.
+fn finish_stream(fd: RawFd) -> OpResult {
+    // SAFETY: plain syscall on a descriptor we own.
+    check(unsafe { libc::shutdown(fd, libc::SHUT_WR) })?;
+    set_timeout(fd, libc::SO_RCVTIMEO, DRAIN_TIMEOUT)?;
+    let deadline = Instant::now() + DRAIN_TIMEOUT;
+    let mut buf = [0u8; 512];
+    while Instant::now() < deadline {
+        // SAFETY: buf is valid for writes of its length.
+        let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n <= 0 {
+            break;
+        }
+    }
+    Ok(())
+}
+
+fn send_stream(t: Transport, f: Family, addr: SocketAddr, data: &[u8]) -> OpResult {
+    let sock = transport_socket(t, f)?;
+    let fd = sock.as_raw_fd();
+    connect_fd(fd, t, &sock_addr(f, addr))?;
+    set_timeout(fd, libc::SO_SNDTIMEO, IO_TIMEOUT)?;
+    write_all(fd, data)?;
+    finish_stream(fd)
+}
+
+fn send_datagram(fd: RawFd, data: &[u8], to: Option<&CSockAddr>) -> OpResult {
+    let (ptr, len) = to.map_or((std::ptr::null(), 0), |a| (a.ptr(), a.len));
+    // SAFETY: data is valid for reads of its length; ptr/len describe a valid sockaddr or
+    // are null/0 for a connected socket.
+    let n = unsafe {
+        libc::sendto(
+            fd,
+            data.as_ptr().cast(),
+            data.len(),
+            libc::MSG_NOSIGNAL,
+            ptr,
+            len,
+        )
+    };
+    if n < 0 {
+        return Err(Failure::last());
+    }
+    if n.unsigned_abs() != data.len() {
+        return Err(Failure::other(format!("short send: {n} of {}", data.len())));
+    }
+    Ok(())
+}
+
+fn sendto_udp(f: Family, addr: SocketAddr, data: &[u8]) -> OpResult {
+    let sock = transport_socket(Transport::Udp, f)?;
+    send_datagram(sock.as_raw_fd(), data, Some(&sock_addr(f, addr)))
+}
+
+fn udp_connect_send(f: Family, addr: SocketAddr, data: &[u8]) -> OpResult {
+    let sock = transport_socket(Transport::Udp, f)?;
+    let fd = sock.as_raw_fd();
+    connect_fd(fd, Transport::Udp, &sock_addr(f, addr))?;
+    send_datagram(fd, data, None)
+}
+
+fn fastopen(t: Transport, f: Family, addr: SocketAddr, data: &[u8]) -> OpResult {
+    let sock = transport_socket(t, f)?;
+    let fd = sock.as_raw_fd();
+    // Bounds the implicit connect inside sendto(MSG_FASTOPEN) on this blocking socket.
+    set_timeout(fd, libc::SO_SNDTIMEO, CONNECT_TIMEOUT)?;
+    let to = sock_addr(f, addr);
+    // SAFETY: data and the address are valid for the lengths given.
+    let n = unsafe {
+        libc::sendto(
+            fd,
+            data.as_ptr().cast(),
+            data.len(),
+            libc::MSG_FASTOPEN | libc::MSG_NOSIGNAL,
+            to.ptr(),
+            to.len,
+        )
+    };
+    if n < 0 {
+        return Err(Failure::last());
+    }
+    write_all(fd, data.get(n.unsigned_abs()..).unwrap_or_default())?;
+    finish_stream(fd)
+}
+
+#[cfg(test)]
+#[expect(clippy::expect_used, reason = "test assertions")]
+mod tests {
+    use std::net::Ipv6Addr;
+
+    use super::*;
+
+    #[test]
+    fn v4_literal_on_family_6_is_mapped() {
+        assert_eq!(
+            parse_ip(Family::V6, "198.18.0.2"),
+            Some(IpAddr::V6(
+                "::ffff:198.18.0.2".parse::<Ipv6Addr>().expect("literal")
+            ))
+        );
+        assert_eq!(parse_ip(Family::V4, "::1"), None);
+    }
+
+    #[test]
+    fn data_is_the_rest_of_the_op() {
+        let op = parse_op("send tcp4 198.18.0.2 80 GET / HTTP/1.0").expect("valid op");
+        match op.action {
+            Action::Send(Transport::Tcp, Family::V4, addr, data) => {
+                assert_eq!(addr, "198.18.0.2:80".parse().expect("literal"));
+                assert_eq!(data, b"GET / HTTP/1.0");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn malformed_ops_are_rejected() {
+        for bad in [
+            "",
+            "connect tcp5 1.2.3.4 80",
+            "connect tcp4 1.2.3.4",
+            "connect tcp4 1.2.3.4 99999",
+            "send udp4 1.2.3.4 80 x",
+            "sendto tcp4 1.2.3.4 80 x",
+            "sendto udp4 1.2.3.4 80",
+            "socket foo4",
+            "exit 300",
+            "whoami now",
+        ] {
+            assert!(parse_op(bad).is_err(), "{bad:?} should be rejected");
+        }
+    }
+}

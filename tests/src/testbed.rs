@@ -1,0 +1,107 @@
+//! Everything one enforcement test needs: a client/remote topology, a test-owned cgroup
+//! parent, the probe staged for uid nobody, and a place for policy files.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+
+use crate::agent::AgentRun;
+use crate::cgroup::TestCgroupParent;
+use crate::netns::{Netns, Topology};
+use crate::policy::PolicyYaml;
+use crate::process::{RunOutput, run_captured};
+use crate::server::Listener;
+use crate::{NOBODY_GID, NOBODY_UID, StagedProbe, copy_probe_for_nobody, require_root_or_skip};
+
+/// Deadline for a probe run without the agent.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug)]
+pub struct Testbed {
+    // Fields drop in order: leftover workload processes die with the cgroups before the
+    // namespaces they used are deleted.
+    pub cgroups: TestCgroupParent,
+    pub topo: Topology,
+    pub probe: StagedProbe,
+    policies: tempfile::TempDir,
+    policy_counter: AtomicU32,
+}
+
+impl Testbed {
+    /// For a privileged test: `None` (after a skip notice) when it cannot run here and CI is
+    /// not set; panics when set-up fails.
+    pub fn for_test(probe: &Path) -> Option<Self> {
+        if !require_root_or_skip() {
+            return None;
+        }
+        match Self::new(probe) {
+            Ok(tb) => Some(tb),
+            Err(e) => panic!("setting up the testbed: {e:#}"),
+        }
+    }
+
+    pub fn new(probe: &Path) -> Result<Self> {
+        Ok(Self {
+            cgroups: TestCgroupParent::new()?,
+            topo: Topology::new()?,
+            probe: copy_probe_for_nobody(probe)?,
+            policies: tempfile::Builder::new()
+                .prefix("egress-policy-")
+                .tempdir()
+                .context("creating a temp dir for policies")?,
+            policy_counter: AtomicU32::new(0),
+        })
+    }
+
+    pub fn client(&self) -> &Netns {
+        &self.topo.client
+    }
+
+    pub fn remote(&self) -> &Netns {
+        &self.topo.remote
+    }
+
+    pub fn listen_tcp(&self, addr: SocketAddr) -> Result<Listener> {
+        Listener::tcp(&self.topo.remote, addr)
+    }
+
+    pub fn listen_udp(&self, addr: SocketAddr) -> Result<Listener> {
+        Listener::udp(&self.topo.remote, addr)
+    }
+
+    /// Writes `yaml` to a fresh file and returns its path.
+    pub fn write_policy(&self, yaml: &str) -> Result<PathBuf> {
+        let n = self.policy_counter.fetch_add(1, Ordering::Relaxed);
+        let path = self.policies.path().join(format!("policy-{n}.yaml"));
+        std::fs::write(&path, yaml).with_context(|| format!("writing {}", path.display()))?;
+        Ok(path)
+    }
+
+    /// An agent run of the probe under `policy` (builder: add ops with `.arg`/`.args`).
+    pub fn agent(&self, policy: &PolicyYaml) -> Result<AgentRun> {
+        let path = self.write_policy(&policy.render())?;
+        AgentRun::new(&path, &self.cgroups, self.probe.path())
+    }
+
+    /// Runs the probe with `ops` under `policy` through the agent, in the client namespace.
+    pub fn run_agent(&self, policy: &PolicyYaml, ops: &[&str]) -> Result<RunOutput> {
+        self.agent(policy)?.args(ops).run_in(&self.topo.client)
+    }
+
+    /// Runs the probe with `ops` as uid nobody in the client namespace, without the agent.
+    pub fn run_probe(&self, ops: &[&str]) -> Result<RunOutput> {
+        run_probe_as_nobody(&self.topo.client, self.probe.path(), ops)
+    }
+}
+
+/// Runs `probe ops...` as uid/gid nobody inside `ns` (no agent, no cgroup change).
+pub fn run_probe_as_nobody(ns: &Netns, probe: &Path, ops: &[&str]) -> Result<RunOutput> {
+    let mut cmd = Command::new(probe);
+    cmd.args(ops).current_dir("/");
+    ns.run_in_as(&mut cmd, NOBODY_UID, NOBODY_GID);
+    run_captured(&mut cmd, PROBE_TIMEOUT, || {})
+}
