@@ -27,7 +27,7 @@ impl Dnsmasq {
     pub fn start(ns: &Netns, listen: IpAddr, records: &[(&str, IpAddr)]) -> Result<Self> {
         let bin = crate::find_tool("dnsmasq").context(
             "dnsmasq not found: the DNS tests need Debian package dnsmasq-base \
-             (not installed by scripts/bootstrap.sh yet)",
+             (scripts/bootstrap.sh installs it)",
         )?;
         let dir = tempfile::Builder::new()
             .prefix("egress-dnsmasq-")
