@@ -53,4 +53,22 @@ if ! command -v bpf-linker >/dev/null 2>&1; then
     --version "${BPF_LINKER_VERSION}" --no-default-features --features "llvm-${LLVM_MAJOR}"
 fi
 
+# Prometheus, for the test that scrapes the agent with a real server. Unpacked from Debian's
+# package into target/tools rather than installed, so that no service starts on this host.
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PROM_DIR="$REPO/target/tools/prometheus"
+if [ ! -x "$PROM_DIR/usr/bin/prometheus" ]; then
+  need_root "prometheus"
+  if [ "$apt_updated" -eq 0 ]; then
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    apt_updated=1
+  fi
+  tmp="$(mktemp -d)"
+  log "fetching Debian's prometheus package into $PROM_DIR"
+  (cd "$tmp" && apt-get download -qq prometheus >/dev/null 2>&1)
+  mkdir -p "$PROM_DIR"
+  dpkg-deb -x "$tmp"/prometheus_*.deb "$PROM_DIR"
+  rm -rf "$tmp"
+fi
+
 log "ok"

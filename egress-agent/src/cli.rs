@@ -68,6 +68,8 @@ pub struct ExecArgs {
     pub cgroup_parent: Option<PathBuf>,
     #[command(flatten)]
     pub dns: DnsArgs,
+    #[command(flatten)]
+    pub telemetry: TelemetryArgs,
     /// The command to run, after `--`.
     #[arg(last = true, required = true, num_args = 1..)]
     pub command: Vec<OsString>,
@@ -83,10 +85,24 @@ pub struct RunArgs {
     pub cgroup: PathBuf,
     #[command(flatten)]
     pub dns: DnsArgs,
+    #[command(flatten)]
+    pub telemetry: TelemetryArgs,
 }
 
 #[derive(Debug, Args)]
 pub struct CheckArgs {
     /// Policy file to validate.
     pub file: PathBuf,
+}
+
+/// Telemetry options shared by `exec` and `run`.
+#[derive(Debug, Clone, Args)]
+pub struct TelemetryArgs {
+    /// Serve Prometheus metrics at http://ADDR/metrics (for example 127.0.0.1:9464).
+    #[arg(long)]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Seconds over which identical blocked attempts are folded into one "repeated N times"
+    /// log line.
+    #[arg(long, default_value_t = 5)]
+    pub log_window: u64,
 }

@@ -192,6 +192,9 @@ pub fn slot_flags(policy: &Policy) -> u32 {
     if policy.allow_other_socket_types {
         flags |= SLOT_ALLOW_OTHER_SOCKETS;
     }
+    if crate::ratelimit::has_limits(policy) {
+        flags |= egress_common::maps::SLOT_RATE_LIMITED;
+    }
     flags
 }
 
@@ -352,6 +355,7 @@ mod tests {
         let slot = SlotConfig {
             policy_id: 7,
             flags: c.slot_flags,
+            ..SlotConfig::default()
         };
         (
             decide(&c, &slot, dst).reason,
@@ -593,6 +597,7 @@ mod tests {
             let slot = SlotConfig {
                 policy_id: 3,
                 flags: c.slot_flags,
+                ..SlotConfig::default()
             };
             for _ in 0..200 {
                 let dst = random_dest(&mut rng);

@@ -7,13 +7,14 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use egress_common::{Proto, SlotConfig};
+use egress_common::SlotConfig;
 use tokio::time::Instant;
 
 use crate::compile::{Compiled, Resolved, SetIds, compile};
 use crate::loader::{LoadError, Programs};
 use crate::maps::{ApplyStats, MapSet, MapsError};
 use crate::policy::Policy;
+use crate::ratelimit::{COLLECT_PERIOD, CompiledLimits, RateMaps, RateMapsError, compile_limits};
 use crate::resolve::{Resolver, policy_hosts};
 
 #[derive(Debug, thiserror::Error)]
@@ -22,6 +23,8 @@ pub enum EnforcerError {
     Load(#[from] LoadError),
     #[error(transparent)]
     Maps(#[from] MapsError),
+    #[error(transparent)]
+    RateLimits(#[from] RateMapsError),
 }
 
 /// The id the first policy of a slot gets. Ids are per slot for now (one policy each).
@@ -34,6 +37,9 @@ pub struct Enforcer {
     sets: SetIds,
     resolved: Resolved,
     current: Compiled,
+    /// Rate-limit entries and buckets (the budgets do not depend on resolved addresses).
+    rate: RateMaps,
+    limits: CompiledLimits,
     /// When each host name is due for another lookup.
     due: BTreeMap<String, Instant>,
 }
@@ -47,13 +53,20 @@ impl Enforcer {
         let mut sets = SetIds::default();
         let compiled = compile(&policy, FIRST_POLICY_ID, &resolved, &mut sets);
         maps.apply(&Compiled::default(), &compiled)?;
+        let mut rate = RateMaps::take(&mut programs)?;
+        let limits = compile_limits(&policy, compiled.policy_id);
+        rate.apply(&CompiledLimits::default(), &limits)?;
         maps.set_slot(
             slot,
             SlotConfig {
                 policy_id: compiled.policy_id,
                 flags: compiled.slot_flags,
+                ..SlotConfig::default()
             },
         )?;
+        if !limits.limits.is_empty() {
+            rate.start_collector(slot, COLLECT_PERIOD)?;
+        }
         let now = Instant::now();
         let due = policy_hosts(&policy)
             .into_iter()
@@ -66,6 +79,8 @@ impl Enforcer {
             sets,
             resolved,
             current: compiled,
+            rate,
+            limits,
             due,
         })
     }
@@ -76,6 +91,15 @@ impl Enforcer {
 
     pub fn policy(&self) -> &Policy {
         &self.policy
+    }
+
+    /// The rate-limit maps (buckets can be listed, and filled by tests).
+    pub fn rate_limits(&self) -> &RateMaps {
+        &self.rate
+    }
+
+    pub fn compiled_limits(&self) -> &CompiledLimits {
+        &self.limits
     }
 
     pub fn compiled(&self) -> &Compiled {
@@ -123,8 +147,19 @@ impl Enforcer {
         self.due.insert(host.to_owned(), next);
     }
 
+    /// The addresses each host name currently has.
+    pub fn resolved(&self) -> &Resolved {
+        &self.resolved
+    }
+
+    /// Takes the event ring buffer (once).
+    pub fn take_events(&mut self) -> Option<aya::maps::RingBuf<aya::maps::MapData>> {
+        self.maps.take_events()
+    }
+
     /// Looks up every host that is due and applies the answers.
-    pub async fn refresh_due(&mut self, resolver: &Arc<Resolver>) {
+    pub async fn refresh_due(&mut self, resolver: &Arc<Resolver>) -> RefreshStats {
+        let mut stats = RefreshStats::default();
         let now = Instant::now();
         let due: Vec<String> = self
             .due
@@ -133,7 +168,7 @@ impl Enforcer {
             .map(|(h, _)| h.clone())
             .collect();
         if due.is_empty() {
-            return;
+            return stats;
         }
         let mut set = tokio::task::JoinSet::new();
         for host in due {
@@ -144,10 +179,14 @@ impl Enforcer {
             });
         }
         while let Some(joined) = set.join_next().await {
-            let Ok((host, answer)) = joined else { continue };
+            let Ok((host, answer)) = joined else {
+                stats.failed += 1;
+                continue;
+            };
             let now = Instant::now();
             match answer {
                 Ok(answer) => {
+                    stats.ok += 1;
                     let n = answer.addrs.len();
                     match self.set_host(&host, answer.addrs, now + answer.ttl) {
                         Ok(stats) => tracing::info!(
@@ -162,6 +201,7 @@ impl Enforcer {
                     }
                 }
                 Err(error) => {
+                    stats.failed += 1;
                     let retry = resolver.bounds().floor;
                     tracing::warn!(host = %host, %error, retry_secs = retry.as_secs(),
                         "lookup failed; the host keeps its last known addresses (none if never resolved: denied)");
@@ -169,6 +209,12 @@ impl Enforcer {
                 }
             }
         }
+        stats
+    }
+
+    /// Whether the policy names any host to resolve.
+    pub fn has_hosts(&self) -> bool {
+        !self.due.is_empty()
     }
 
     /// Sleeps until the next host is due (forever when the policy names no host).
@@ -203,11 +249,38 @@ impl Enforcer {
     }
 }
 
-/// Label value for a protocol.
-pub fn proto_name(p: Proto) -> &'static str {
-    match p {
-        Proto::Tcp => "tcp",
-        Proto::Udp => "udp",
-        Proto::Other => "other",
+pub use crate::counters::proto_name;
+
+/// Outcome of one round of lookups.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RefreshStats {
+    pub ok: usize,
+    pub failed: usize,
+}
+
+impl Enforcer {
+    /// Names exec's start-up probe destinations in the slot, so that the kernel counts their
+    /// (required) refusal as `startup_probe` rather than as blocked egress.
+    pub fn set_probes(
+        &mut self,
+        v4: std::net::SocketAddr,
+        v6: std::net::SocketAddr,
+    ) -> Result<(), EnforcerError> {
+        let mut cfg = SlotConfig {
+            policy_id: self.current.policy_id,
+            flags: self.current.slot_flags,
+            ..SlotConfig::default()
+        };
+        if let std::net::IpAddr::V4(ip) = v4.ip() {
+            cfg.probe_v4 = ip.octets();
+            cfg.probe_port_v4 = v4.port();
+        }
+        if let std::net::IpAddr::V6(ip) = v6.ip() {
+            cfg.probe_v6 = ip.octets();
+            cfg.probe_port_v6 = v6.port();
+        }
+        let slot = self.slot();
+        self.maps.set_slot(slot, cfg)?;
+        Ok(())
     }
 }

@@ -8,7 +8,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use crate::cgroup::{self, CgroupError, WorkloadCgroup};
 use crate::cli::ExecArgs;
 use crate::exit;
-use crate::session::{self, SessionError};
+use crate::session::{self, SessionError, Supervisor};
 use crate::workload::{self, Credentials, Probes, WorkloadError};
 
 /// The slot `exec` uses: one agent process, one workload.
@@ -61,29 +61,30 @@ pub async fn run(args: ExecArgs) -> Result<u8, ExecError> {
         .clone()
         .unwrap_or_else(|| mount.join("egress"));
 
-    let (mut enforcer, resolver) = session::start(policy, &args.dns, EXEC_SLOT).await?;
-    let probes = Probes::choose(enforcer.compiled())?;
+    let mut sup = Supervisor::start(policy, &args.dns, &args.telemetry, EXEC_SLOT).await?;
+    let probes = Probes::choose(sup.enforcer.compiled())?;
+    sup.expect_probes(probes.v4, probes.v6)?;
 
     let name = format!("exec-{}", std::process::id());
     let cg = WorkloadCgroup::create(&parent, &name, &mount)?;
-    let result = supervise(&mut enforcer, resolver.as_ref(), &cg, &args, creds, probes).await;
+    let result = supervise(&mut sup, &cg, &args, creds, probes).await;
     // Anything the workload left behind dies with the cgroup, before enforcement is removed.
     if let Err(error) = cg.remove(Duration::from_secs(5)) {
         tracing::error!(%error, "removing the workload cgroup failed");
     }
-    drop(enforcer);
+    sup.finish();
+    drop(sup);
     result
 }
 
 async fn supervise(
-    enforcer: &mut crate::enforcer::Enforcer,
-    resolver: Option<&std::sync::Arc<crate::resolve::Resolver>>,
+    sup: &mut Supervisor,
     cg: &WorkloadCgroup,
     args: &ExecArgs,
     creds: Credentials,
     probes: Probes,
 ) -> Result<u8, ExecError> {
-    enforcer.attach(cg.path()).map_err(SessionError::from)?;
+    sup.enforcer.attach(cg.path()).map_err(SessionError::from)?;
     let cgroup_path: PathBuf = cg.path().into();
     let mut child = workload::spawn(&args.command, cg.open_procs()?, creds, probes)?;
     let pid = child.id().unwrap_or(0);
@@ -110,16 +111,11 @@ async fn supervise(
             _ = sigterm.recv() => forward(libc::SIGTERM),
             _ = sighup.recv() => forward(libc::SIGHUP),
             _ = sigquit.recv() => forward(libc::SIGQUIT),
-            _ = enforcer.until_due(), if resolver.is_some() => {
-                if let Some(r) = resolver {
-                    enforcer.refresh_due(r).await;
-                }
-            }
+            _ = sup.tick() => {}
         }
     };
     let code = exit_code(status);
     tracing::info!(pid, exit_code = code, "workload exited");
-    enforcer.log_counters();
     Ok(code)
 }
 

@@ -5,12 +5,16 @@
 //! changed rule entries before removing old ones, and port entries last. Port-set ids are
 //! stable for a policy id (see `compile::SetIds`), so an id never changes meaning in place.
 
-use aya::maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, lpm_trie::Key};
+use std::sync::Arc;
+
+use aya::maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, RingBuf, lpm_trie::Key};
 use egress_common::{
     PortKey, Proto, Reason, RuleKey, RuleValue, SlotConfig,
-    counters::counter_index,
+    events::{MAP_EVENTS, MAP_EVENTS_LOST},
     maps::{MAP_COUNTERS, MAP_PORTS, MAP_RULES, MAP_SLOTS},
 };
+
+use crate::counters::Counters;
 
 use crate::compile::{Compiled, LpmKey};
 use crate::loader::{LoadError, Programs};
@@ -49,7 +53,8 @@ pub struct MapSet {
     slots: Array<MapData, SlotConfig>,
     rules: LpmTrie<MapData, RuleKey, RuleValue>,
     ports: HashMap<MapData, PortKey, u32>,
-    counters: PerCpuArray<MapData, u64>,
+    counters: Arc<Counters>,
+    events: Option<RingBuf<MapData>>,
 }
 
 impl MapSet {
@@ -59,8 +64,15 @@ impl MapSet {
             slots: Array::try_from(programs.take_map(MAP_SLOTS)?).map_err(conv(MAP_SLOTS))?,
             rules: LpmTrie::try_from(programs.take_map(MAP_RULES)?).map_err(conv(MAP_RULES))?,
             ports: HashMap::try_from(programs.take_map(MAP_PORTS)?).map_err(conv(MAP_PORTS))?,
-            counters: PerCpuArray::try_from(programs.take_map(MAP_COUNTERS)?)
-                .map_err(conv(MAP_COUNTERS))?,
+            counters: Arc::new(Counters::new(
+                PerCpuArray::try_from(programs.take_map(MAP_COUNTERS)?)
+                    .map_err(conv(MAP_COUNTERS))?,
+                PerCpuArray::try_from(programs.take_map(MAP_EVENTS_LOST)?)
+                    .map_err(conv(MAP_EVENTS_LOST))?,
+            )),
+            events: Some(
+                RingBuf::try_from(programs.take_map(MAP_EVENTS)?).map_err(conv(MAP_EVENTS))?,
+            ),
         })
     }
 
@@ -107,25 +119,28 @@ impl MapSet {
 
     /// Every non-zero counter of `slot`, summed over CPUs.
     pub fn counters(&self, slot: u32) -> Result<Vec<(Reason, Proto, u64)>, MapsError> {
-        let mut out = Vec::new();
-        for reason in Reason::ALL {
-            for proto in [Proto::Tcp, Proto::Udp, Proto::Other] {
-                let n = self.counter(slot, reason, proto)?;
-                if n > 0 {
-                    out.push((reason, proto, n));
-                }
-            }
-        }
-        Ok(out)
+        let all = self
+            .counters
+            .all(slot)
+            .map_err(op_err(MAP_COUNTERS, "get"))?;
+        Ok(all.into_iter().filter(|(_, _, n)| *n > 0).collect())
     }
 
     /// The sum over CPUs of one counter.
     pub fn counter(&self, slot: u32, reason: Reason, proto: Proto) -> Result<u64, MapsError> {
-        let values = self
-            .counters
-            .get(&counter_index(slot, reason, proto), 0)
-            .map_err(op_err(MAP_COUNTERS, "get"))?;
-        Ok(values.iter().copied().fold(0u64, u64::wrapping_add))
+        self.counters
+            .get(slot, reason, proto)
+            .map_err(op_err(MAP_COUNTERS, "get"))
+    }
+
+    /// The counters, for readers that outlive a borrow (metrics).
+    pub fn shared_counters(&self) -> Arc<Counters> {
+        Arc::clone(&self.counters)
+    }
+
+    /// The event ring buffer; there is one reader, so the first call takes it.
+    pub fn take_events(&mut self) -> Option<RingBuf<MapData>> {
+        self.events.take()
     }
 }
 

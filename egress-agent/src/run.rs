@@ -5,7 +5,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use crate::cgroup::{self, CgroupError};
 use crate::cli::RunArgs;
 use crate::exit;
-use crate::session::{self, SessionError};
+use crate::session::{self, SessionError, Supervisor};
 
 /// `run` serves a single cgroup in slot 0.
 const RUN_SLOT: u32 = 0;
@@ -36,9 +36,9 @@ pub async fn run(args: RunArgs) -> Result<u8, RunError> {
     let policy = session::load_policy(&args.policy)?;
     let mount = cgroup::cgroup2_mount()?;
     let path = cgroup::validate(&args.cgroup, &mount)?;
-    let (mut enforcer, resolver) = session::start(policy, &args.dns, RUN_SLOT).await?;
-    enforcer.attach(&path).map_err(SessionError::from)?;
-    tracing::info!(cgroup = %path.display(), policy = %enforcer.policy().name, "enforcing");
+    let mut sup = Supervisor::start(policy, &args.dns, &args.telemetry, RUN_SLOT).await?;
+    sup.enforcer.attach(&path).map_err(SessionError::from)?;
+    tracing::info!(cgroup = %path.display(), policy = %sup.enforcer.policy().name, "enforcing");
 
     let mut sigint = signal(SignalKind::interrupt()).map_err(RunError::Signals)?;
     let mut sigterm = signal(SignalKind::terminate()).map_err(RunError::Signals)?;
@@ -50,14 +50,10 @@ pub async fn run(args: RunArgs) -> Result<u8, RunError> {
             _ = sighup.recv() => {
                 tracing::warn!("SIGHUP: policy reload is not supported by this version; the loaded policy stays in force");
             }
-            _ = enforcer.until_due(), if resolver.is_some() => {
-                if let Some(r) = &resolver {
-                    enforcer.refresh_due(r).await;
-                }
-            }
+            _ = sup.tick() => {}
         }
     }
-    enforcer.log_counters();
+    sup.finish();
     tracing::warn!(cgroup = %path.display(), "stopping: enforcement on the cgroup ends with this process");
     Ok(exit::OK)
 }

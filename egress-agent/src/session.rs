@@ -4,10 +4,12 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::cli::DnsArgs;
+use crate::cli::{DnsArgs, TelemetryArgs};
 use crate::compile::Resolved;
 use crate::enforcer::{Enforcer, EnforcerError};
+use crate::events::{Blocked, Context, EventLog, EventStream};
 use crate::exit;
+use crate::metrics::{Metrics, PolicyLabels, PolicyResultLabels, ResultLabels, SlotInfo};
 use crate::policy::{self, Policy, PolicyError, Unsupported};
 use crate::resolve::{ResolveError, Resolver, TtlBounds, policy_hosts};
 
@@ -108,4 +110,220 @@ pub async fn start(
         "policy compiled and loaded"
     );
     Ok((enforcer, resolver))
+}
+
+/// The background work of a protected cgroup: DNS refresh, events, logs, metrics.
+pub struct Supervisor {
+    pub enforcer: Enforcer,
+    resolver: Option<Arc<Resolver>>,
+    events: Option<EventStream>,
+    log: EventLog,
+    metrics: Metrics,
+    server: Option<tokio::task::JoinHandle<()>>,
+}
+
+enum Work {
+    Dns,
+    Events(Vec<Blocked>, u64),
+    Flush,
+}
+
+impl Supervisor {
+    /// Loads and configures the programs for `slot`, starts the event reader and (when asked)
+    /// the metrics endpoint. Nothing is attached yet.
+    pub async fn start(
+        policy: Policy,
+        dns: &DnsArgs,
+        telemetry: &TelemetryArgs,
+        slot: u32,
+    ) -> Result<Self, SessionError> {
+        let name = policy.name.clone();
+        let (mut enforcer, resolver) = match start(policy, dns, slot).await {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::error!(policy = %name, "policy load failed");
+                return Err(e);
+            }
+        };
+        let (metrics, registry) = Metrics::new(enforcer.maps().shared_counters());
+        metrics
+            .policy_loads
+            .get_or_create(&ResultLabels { result: "success" })
+            .inc();
+        let events = match enforcer.take_events() {
+            Some(ring) => {
+                Some(EventStream::new(ring).map_err(|e| SessionError::Other(Box::new(e)))?)
+            }
+            None => None,
+        };
+        let server = match telemetry.metrics_addr {
+            Some(addr) => Some(
+                crate::metrics::serve(addr, Arc::new(registry))
+                    .await
+                    .map_err(|e| SessionError::Other(Box::new(e)))?,
+            ),
+            None => None,
+        };
+        let s = Supervisor {
+            enforcer,
+            resolver,
+            events,
+            log: EventLog::new(Duration::from_secs(telemetry.log_window.max(1))),
+            metrics,
+            server,
+        };
+        s.publish_slot();
+        Ok(s)
+    }
+
+    fn publish_slot(&self) {
+        self.metrics.set_slot(
+            self.enforcer.slot(),
+            SlotInfo {
+                policy: self.enforcer.policy().name.clone(),
+                allowlist_entries: self.enforcer.compiled().rules.len() as u64,
+            },
+        );
+    }
+
+    /// Waits for and does one unit of background work. Cancel-safe: dropping the future
+    /// loses no event and leaves the maps consistent.
+    pub async fn tick(&mut self) {
+        let has_hosts = self.resolver.is_some() && self.enforcer.has_hosts();
+        let work = {
+            let Supervisor {
+                enforcer,
+                events,
+                log,
+                ..
+            } = self;
+            let window_end = tokio::time::Instant::from_std(log.window_end());
+            tokio::select! {
+                _ = enforcer.until_due(), if has_hosts => Work::Dns,
+                batch = next_batch(events) => match batch {
+                    Ok((batch, bad)) => Work::Events(batch, bad),
+                    Err(error) => {
+                        tracing::error!(%error, "reading events failed");
+                        Work::Flush
+                    }
+                },
+                _ = tokio::time::sleep_until(window_end) => Work::Flush,
+            }
+        };
+        match work {
+            Work::Dns => {
+                if let Some(r) = self.resolver.clone() {
+                    let stats = self.enforcer.refresh_due(&r).await;
+                    let policy = self.enforcer.policy().name.clone();
+                    let fam = &self.metrics.dns_refreshes;
+                    fam.get_or_create(&PolicyResultLabels {
+                        policy: policy.clone(),
+                        result: "success",
+                    })
+                    .inc_by(stats.ok as u64);
+                    fam.get_or_create(&PolicyResultLabels {
+                        policy,
+                        result: "failure",
+                    })
+                    .inc_by(stats.failed as u64);
+                    self.publish_slot();
+                }
+            }
+            Work::Events(batch, bad) => {
+                self.metrics.events_undecodable.inc_by(bad);
+                self.record(batch);
+            }
+            Work::Flush => self.flush_log(),
+        }
+    }
+
+    /// Names the start-up probe destinations to the kernel, so their refusals are counted
+    /// and logged as the expected proof of enforcement rather than as blocked egress.
+    pub fn expect_probes(
+        &mut self,
+        v4: std::net::SocketAddr,
+        v6: std::net::SocketAddr,
+    ) -> Result<(), SessionError> {
+        Ok(self.enforcer.set_probes(v4, v6)?)
+    }
+
+    fn record(&mut self, batch: Vec<Blocked>) {
+        let ctx = Context {
+            policy: self.enforcer.policy(),
+            resolved: self.enforcer.resolved(),
+        };
+        let (lines, collapsed) = (self.log.lines, self.log.collapsed);
+        for b in batch {
+            if b.reason() == Some(egress_common::Reason::StartupProbe) {
+                tracing::info!(
+                    event = "egress_probe",
+                    dst.ip = b.dst().map(|ip| ip.to_string()),
+                    dst.port = b.event.port,
+                    pid = b.tgid(),
+                    "start-up probe refused by the kernel, as required"
+                );
+                continue;
+            }
+            self.log.record(b, &ctx);
+        }
+        self.count_lines(lines, collapsed);
+    }
+
+    fn flush_log(&mut self) {
+        let ctx = Context {
+            policy: self.enforcer.policy(),
+            resolved: self.enforcer.resolved(),
+        };
+        let (lines, collapsed) = (self.log.lines, self.log.collapsed);
+        self.log.flush(&ctx);
+        self.count_lines(lines, collapsed);
+    }
+
+    fn count_lines(&self, lines_before: u64, collapsed_before: u64) {
+        let labels = PolicyLabels {
+            policy: self.enforcer.policy().name.clone(),
+        };
+        self.metrics
+            .log_lines
+            .get_or_create(&labels)
+            .inc_by(self.log.lines - lines_before);
+        self.metrics
+            .events_collapsed
+            .get_or_create(&labels)
+            .inc_by(self.log.collapsed - collapsed_before);
+    }
+
+    /// Reads what is left in the ring buffer, closes the log window and logs the counters.
+    pub fn finish(&mut self) {
+        if let Some(events) = &mut self.events {
+            let mut batch = Vec::new();
+            let mut bad = 0;
+            events.drain_now(|b| batch.push(b), &mut bad);
+            self.metrics.events_undecodable.inc_by(bad);
+            self.record(batch);
+        }
+        self.flush_log();
+        self.enforcer.log_counters();
+        match self.enforcer.maps().shared_counters().events_lost() {
+            Ok(0) => {}
+            Ok(lost) => tracing::warn!(
+                lost,
+                "events lost in the kernel ring buffer (verdicts and counters unaffected)"
+            ),
+            Err(error) => tracing::error!(%error, "reading the lost-events counter failed"),
+        }
+        if let Some(server) = self.server.take() {
+            server.abort();
+        }
+    }
+}
+
+async fn next_batch(events: &mut Option<EventStream>) -> std::io::Result<(Vec<Blocked>, u64)> {
+    let Some(events) = events else {
+        return std::future::pending().await;
+    };
+    let mut batch = Vec::new();
+    let mut bad = 0;
+    events.drain(|b| batch.push(b), &mut bad).await?;
+    Ok((batch, bad))
 }

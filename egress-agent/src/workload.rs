@@ -75,6 +75,7 @@ impl Probes {
         let slot = SlotConfig {
             policy_id: compiled.policy_id,
             flags: compiled.slot_flags,
+            ..SlotConfig::default()
         };
         let denied = |a: &&SocketAddr| {
             let dst = match a.ip() {

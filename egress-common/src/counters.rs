@@ -30,6 +30,19 @@ pub enum Reason {
     DenyInternal = 9,
     /// A socket of another type was created because the policy allows it.
     AllowOtherSocket = 10,
+    /// Allowed by a rule, but the destination's connection budget is used up
+    /// (`rate_limits.per_destination` or the rule's `rate_limit`).
+    RateLimitedDestination = 11,
+    /// Allowed by a rule, but the workload's global budget of new connections is used up
+    /// (`rate_limits.global`).
+    RateLimitedGlobal = 12,
+    /// Allowed by a rule, but the connection needs a new rate-limit bucket and the bucket
+    /// table is full (or the kernel had no memory for it).
+    RateLimitTableFull = 13,
+    /// The agent's start-up probe (a UDP connect from inside the cgroup to the destination the
+    /// slot names as its probe) was denied by the policy, as it must be. Counted apart so that
+    /// proving enforcement never reads as blocked egress.
+    StartupProbe = 15,
 }
 
 pub const NUM_REASONS: u32 = 16;
@@ -41,7 +54,7 @@ pub const NUM_COUNTERS: u32 = (MAX_SLOTS + 1) * NUM_REASONS * NUM_PROTOS;
 pub const INVALID_SLOT_BLOCK: u32 = MAX_SLOTS;
 
 impl Reason {
-    pub const ALL: [Reason; 11] = [
+    pub const ALL: [Reason; 15] = [
         Reason::AllowRule,
         Reason::AllowLoopback,
         Reason::AllowSocket,
@@ -53,6 +66,10 @@ impl Reason {
         Reason::DenyNoPolicy,
         Reason::DenyInternal,
         Reason::AllowOtherSocket,
+        Reason::RateLimitedDestination,
+        Reason::RateLimitedGlobal,
+        Reason::RateLimitTableFull,
+        Reason::StartupProbe,
     ];
 
     #[inline(always)]
@@ -80,6 +97,10 @@ impl Reason {
             Reason::DenyNoPolicy => "no_policy",
             Reason::DenyInternal => "internal_error",
             Reason::AllowOtherSocket => "other_socket_created",
+            Reason::RateLimitedDestination => "rate_limited_destination",
+            Reason::RateLimitedGlobal => "rate_limited_global",
+            Reason::RateLimitTableFull => "rate_limit_table_full",
+            Reason::StartupProbe => "startup_probe",
         }
     }
 }

@@ -7,11 +7,14 @@
 
 pub mod counters;
 pub mod dest;
+pub mod events;
 pub mod maps;
+pub mod ratelimit;
 pub mod verdict;
 
 pub use counters::{Hook, Reason};
 pub use dest::{Dest, Family, Proto};
+pub use events::Event;
 pub use maps::{PortKey, RuleKey, RuleValue, SlotConfig};
 pub use verdict::{Decision, Tables, decide};
 

@@ -29,12 +29,46 @@ pub const MAX_PORTS: u32 = 1 << 18;
 pub struct SlotConfig {
     pub policy_id: u32,
     pub flags: u32,
+    /// The start-up probe's destinations (UDP): a *denied* attempt to exactly one of these
+    /// is counted as [`crate::Reason::StartupProbe`]. Port 0: no probe.
+    pub probe_v4: [u8; 4],
+    pub probe_v6: [u8; 16],
+    pub probe_port_v4: u16,
+    pub probe_port_v6: u16,
+}
+
+impl SlotConfig {
+    /// Whether `dst` is this slot's start-up probe.
+    #[inline(always)]
+    pub fn is_probe(&self, dst: &Dest) -> bool {
+        if dst.proto as u8 != Proto::Udp as u8 {
+            return false;
+        }
+        match dst.family {
+            Family::V4 => {
+                self.probe_port_v4 != 0
+                    && dst.port == self.probe_port_v4
+                    && dst.addr[0] == self.probe_v4[0]
+                    && dst.addr[1] == self.probe_v4[1]
+                    && dst.addr[2] == self.probe_v4[2]
+                    && dst.addr[3] == self.probe_v4[3]
+            }
+            Family::V6 => {
+                self.probe_port_v6 != 0
+                    && dst.port == self.probe_port_v6
+                    && dst.addr == self.probe_v6
+            }
+        }
+    }
 }
 
 /// Loopback destinations (127.0.0.0/8, ::1, 0.0.0.0, ::) are allowed without a rule.
 pub const SLOT_ALLOW_LOOPBACK: u32 = 1 << 0;
 /// Inet sockets other than TCP, MPTCP and UDP may be created (their sends are still judged).
 pub const SLOT_ALLOW_OTHER_SOCKETS: u32 = 1 << 1;
+/// The policy has connection rate limits: allowed connections go through the rate-limit
+/// step (see [`crate::ratelimit`]).
+pub const SLOT_RATE_LIMITED: u32 = 1 << 2;
 
 /// Data part of the LPM key. The prefix covers the policy id, the family and the padding
 /// ([`RULE_KEY_FIXED_BITS`]) and then the address bits.
@@ -127,7 +161,7 @@ impl PortKey {
 }
 
 const _: () = {
-    assert!(core::mem::size_of::<SlotConfig>() == 8);
+    assert!(core::mem::size_of::<SlotConfig>() == 32);
     assert!(core::mem::size_of::<RuleKey>() == 24);
     assert!(core::mem::align_of::<RuleKey>() == 1);
     assert!(core::mem::size_of::<RuleValue>() == 16);

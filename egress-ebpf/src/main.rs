@@ -1,9 +1,14 @@
 //! Entry points only. Every hook reads its destination, then asks the one policy core.
 #![no_std]
 #![no_main]
+// BPF atomic instructions for the rate-limit buckets (see ratelimit.rs): the bpf target has no
+// compare-and-exchange in core::sync::atomic.
+#![feature(asm_experimental_arch)]
 
 mod context;
 mod counters;
+mod events;
+mod ratelimit;
 mod tables;
 
 use aya_ebpf::{
@@ -38,16 +43,40 @@ pub fn egress_sendmsg6(ctx: SockAddrContext) -> i32 {
 
 #[cgroup_sock(sock_create)]
 pub fn egress_sock_create(ctx: SockContext) -> i32 {
-    let (reason, proto) = tables::judge_socket(&ctx);
-    counters::count(reason, proto);
-    if reason.allows() { ALLOW } else { DENY }
+    let s = tables::judge_socket(&ctx);
+    counters::count(s.reason, s.proto);
+    if s.reason.allows() {
+        return ALLOW;
+    }
+    let attempt = events::Attempt {
+        hook: Hook::SockCreate,
+        reason: s.reason,
+        rule_id: egress_common::verdict::NO_RULE,
+        proto: s.proto,
+        family: s.family,
+        addr: [0; 16],
+        port: 0,
+        sock_type: s.sock_type,
+        sock_protocol: s.sock_protocol,
+    };
+    events::emit(tables::slot(), &attempt);
+    DENY
 }
 
+/// Decide, count, and report a denial. The counter is incremented whatever happens to the
+/// event.
 #[inline(always)]
-fn judge(_hook: Hook, dst: egress_common::Dest) -> i32 {
+fn judge(hook: Hook, dst: egress_common::Dest) -> i32 {
     let decision = tables::judge_dest(&dst);
     counters::count(decision.reason, dst.proto);
-    if decision.allowed() { ALLOW } else { DENY }
+    if decision.allowed() {
+        return ALLOW;
+    }
+    events::emit(
+        tables::slot(),
+        &events::Attempt::to(hook, &dst, decision.reason, decision.rule_id),
+    );
+    DENY
 }
 
 #[cfg(not(test))]

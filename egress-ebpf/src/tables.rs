@@ -65,7 +65,14 @@ fn slot_config() -> Result<SlotConfig, Reason> {
 #[inline(always)]
 pub fn judge_dest(dst: &Dest) -> Decision {
     match slot_config() {
-        Ok(cfg) => decide(&Maps, &cfg, dst),
+        Ok(cfg) => {
+            let mut decision = crate::ratelimit::limit(slot(), &cfg, dst, decide(&Maps, &cfg, dst));
+            // The agent's start-up probe: a real decision, counted apart.
+            if !decision.allowed() && cfg.is_probe(dst) {
+                decision.reason = Reason::StartupProbe;
+            }
+            decision
+        }
         Err(reason) => Decision {
             reason,
             rule_id: egress_common::verdict::NO_RULE,
@@ -73,26 +80,43 @@ pub fn judge_dest(dst: &Dest) -> Decision {
     }
 }
 
+/// A socket creation, judged.
+pub struct SocketVerdict {
+    pub reason: Reason,
+    pub proto: Proto,
+    /// AF_INET (2) / AF_INET6 (10) as 4 / 6.
+    pub family: u8,
+    pub sock_type: u32,
+    pub sock_protocol: u32,
+}
+
 /// sock_create: TCP (and MPTCP) stream sockets and UDP datagram sockets may be created;
 /// anything else only when the slot allows other sockets.
 #[inline(always)]
-pub fn judge_socket(ctx: &SockContext) -> (Reason, Proto) {
-    // SAFETY: the kernel passes a valid bpf_sock; the verifier checks field accesses.
+pub fn judge_socket(ctx: &SockContext) -> SocketVerdict {
     let sk = ctx.sock;
-    // SAFETY: as above; whole 32-bit reads.
-    let (sk_type, sk_protocol) = unsafe {
+    // SAFETY: the kernel passes a valid bpf_sock; whole 32-bit reads the verifier checks.
+    let (sk_family, sk_type, sk_protocol) = unsafe {
         (
+            core::ptr::read_volatile(core::ptr::addr_of!((*sk).family)),
             core::ptr::read_volatile(core::ptr::addr_of!((*sk).type_)),
             core::ptr::read_volatile(core::ptr::addr_of!((*sk).protocol)),
         )
     };
-    let proto = Proto::from_ip_proto(sk_protocol);
+    const AF_INET6: u32 = 10;
+    let verdict = |reason| SocketVerdict {
+        reason,
+        proto: Proto::from_ip_proto(sk_protocol),
+        family: if sk_family == AF_INET6 { 6 } else { 4 },
+        sock_type: sk_type,
+        sock_protocol: sk_protocol,
+    };
     let cfg = match slot_config() {
         Ok(cfg) => cfg,
-        Err(reason) => return (reason, proto),
+        Err(reason) => return verdict(reason),
     };
     if cfg.policy_id == 0 {
-        return (Reason::DenyNoPolicy, proto);
+        return verdict(Reason::DenyNoPolicy);
     }
     const SOCK_STREAM: u32 = 1;
     const SOCK_DGRAM: u32 = 2;
@@ -101,10 +125,10 @@ pub fn judge_socket(ctx: &SockContext) -> (Reason, Proto) {
         (SOCK_STREAM, IPPROTO_TCP) | (SOCK_STREAM, IPPROTO_MPTCP) | (SOCK_DGRAM, IPPROTO_UDP)
     );
     if plain {
-        (Reason::AllowSocket, proto)
+        verdict(Reason::AllowSocket)
     } else if cfg.flags & SLOT_ALLOW_OTHER_SOCKETS != 0 {
-        (Reason::AllowOtherSocket, proto)
+        verdict(Reason::AllowOtherSocket)
     } else {
-        (Reason::DenySocketType, proto)
+        verdict(Reason::DenySocketType)
     }
 }

@@ -11,6 +11,17 @@
 //! tfo              tcp4|tcp6|mptcp4|mptcp6 ADDR PORT DATA        sendto(MSG_FASTOPEN) on a fresh socket
 //! socket           KIND                                          only create the socket
 //!                  KIND: raw4 icmp4 sctp4 udplite4 tcp4 udp4 mptcp4 (and the same with 6)
+//! flood            tcp4|tcp6 ADDR PORT N                             N x (socket, connect, close) in a tight
+//!                                                                loop (at most 300 s); reports attempts and EPERMs
+//! hammer           THREADS N OP                                  THREADS threads each run the
+//!                                                                network op OP N times, started
+//!                                                                together; reports attempts,
+//!                                                                EPERMs and successes (`count`)
+//! dns              connect|socket udp4|udp6 ADDR PORT NAME N     N DNS queries (type A) for NAME:
+//!                                                                `connect`: new socket + connect()
+//!                                                                per query (glibc, Go); `socket`:
+//!                                                                one unconnected socket, sendto
+//!                                                                per query; `count` = answers
 //! sleep            MS
 //! whoami                                                         uid, euid, gid, egid, groups, CapEff
 //! cgroup                                                         this process's cgroup v2 path
@@ -49,6 +60,17 @@ pub struct ProbeResult {
     /// `cgroup` only: the `0::` line of /proc/self/cgroup.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cgroup: Option<String>,
+    /// `whoami` only: the process id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    /// `flood` only: attempts made, and how many failed with EPERM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempts: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eperm: Option<u64>,
+    /// `hammer`: attempts that succeeded; `dns`: queries answered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub count: Option<u64>,
 }
 
 impl ProbeResult {

@@ -663,7 +663,6 @@ fn mptcp_to_a_non_allowed_destination_is_refused() {
 /// MCP-NET-02: blocked attempts appear in the logs (the agent logs to stderr), naming the
 /// destination.
 #[test]
-#[ignore = "per-attempt block events are not logged yet (only verdict counts); run with --ignored"]
 fn blocked_attempts_are_logged_with_the_destination() {
     let Some(tb) = testbed() else { return };
     tb.topo.add_remote_addr(ip("198.18.1.9")).expect("address");

@@ -5,7 +5,6 @@
 //! programs bound to a slot outside the table.
 #![expect(
     clippy::expect_used,
-    clippy::unwrap_used,
     reason = "test code: a failure is a test failure"
 )]
 

@@ -17,14 +17,10 @@ pub enum Unsupported {
         /// The pattern as written after normalisation, e.g. `*.amazonaws.com`.
         pattern: String,
     },
-    /// `rate_limit:` on an allowed entry.
-    RuleRateLimit { rule: String },
     /// `restrictions:` on an allowed entry.
     Restrictions { rule: String },
     /// Any `dns_policy:` section.
     DnsPolicy,
-    /// Any `rate_limits:` section.
-    RateLimits,
 }
 
 const REFUSED: &str = "the policy is refused rather than enforced in part";
@@ -45,11 +41,6 @@ impl fmt::Display for Unsupported {
                  names hosts that cannot be resolved in advance; {REFUSED}: list the exact host \
                  names instead"
             ),
-            Unsupported::RuleRateLimit { rule } => write!(
-                f,
-                "{rule}.rate_limit: per-rule connection rate limits are not enforced by this \
-                 version; {REFUSED}: remove `rate_limit` from the entry"
-            ),
             Unsupported::Restrictions { rule } => write!(
                 f,
                 "{rule}.restrictions: region and service restrictions (`regions`, `services`) are \
@@ -63,11 +54,6 @@ impl fmt::Display for Unsupported {
                  remove the section, and allow your resolvers as allowed_destinations with \
                  `protocols: [dns]` and `ports: [53]` (with default DENY, other resolvers are \
                  then unreachable)"
-            ),
-            Unsupported::RateLimits => write!(
-                f,
-                "rate_limits: per-destination and global connection rate limits are not enforced \
-                 by this version; {REFUSED}: remove the section"
             ),
         }
     }
@@ -88,9 +74,6 @@ pub fn unsupported_features(p: &Policy) -> Vec<Unsupported> {
                 pattern: format!("*.{suffix}"),
             });
         }
-        if rule.rate_limit.is_some() {
-            found.push(Unsupported::RuleRateLimit { rule: name.clone() });
-        }
         if rule.restrictions.is_some() {
             found.push(Unsupported::Restrictions { rule: name });
         }
@@ -105,9 +88,6 @@ pub fn unsupported_features(p: &Policy) -> Vec<Unsupported> {
     }
     if p.dns.is_some() {
         found.push(Unsupported::DnsPolicy);
-    }
-    if p.rate_limits.is_some() {
-        found.push(Unsupported::RateLimits);
     }
     found
 }
@@ -149,7 +129,6 @@ mod tests {
                     pattern: "*.torproject.org".into(),
                 },
                 Unsupported::DnsPolicy,
-                Unsupported::RateLimits,
             ]
         );
     }
@@ -165,25 +144,27 @@ mod tests {
     }
 
     #[test]
-    fn default_allow_and_rule_rate_limit_are_refused() {
+    fn default_allow_is_refused_and_rate_limits_are_not() {
         let p = parse(
             "egress_policy:\n  default_action: allow\n  allowed_destinations:\n    - cidr: \
              192.0.2.0/24\n      ports: [80]\n      protocols: [http]\n      rate_limit: \
              {max_connections: 5, time_window: 10}\n",
         );
         let found = unsupported_features(&p);
-        assert_eq!(
-            found,
-            vec![
-                Unsupported::DefaultAllow,
-                Unsupported::RuleRateLimit {
-                    rule: "allowed_destinations[0]".into()
-                },
-            ]
-        );
+        assert_eq!(found, vec![Unsupported::DefaultAllow]);
         let text = found[0].to_string();
         assert!(text.contains("only enforces allowlists"), "{text}");
         assert!(text.contains("refused"), "{text}");
+    }
+
+    #[test]
+    fn the_seeds_rate_limits_section_is_enforced_not_refused() {
+        let p = parse(
+            "egress_policy:\n  default_action: DENY\n  rate_limits:\n    per_destination:\n      \
+             max_connections: 100\n      time_window: 60\n    global:\n      \
+             max_new_connections: 1000\n      time_window: 60\n",
+        );
+        assert_eq!(unsupported_features(&p), vec![]);
     }
 
     #[test]

@@ -52,15 +52,32 @@ enum Action {
     Tfo(Transport, Family, SocketAddr, Vec<u8>),
     Socket(SocketKind, Family),
     Sleep(Duration),
+    Flood(Family, SocketAddr, u64),
+    Hammer(usize, u64, Box<Op>),
+    Dns(DnsMode, Family, SocketAddr, String, u64),
     Whoami,
     Cgroup,
     Exit(u8),
 }
 
+#[derive(Clone, Debug)]
 struct Op {
     text: String,
     action: Action,
 }
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum DnsMode {
+    /// A new socket and connect() per query.
+    Connect,
+    /// One unconnected socket, sendto() per query.
+    Socket,
+}
+
+/// Bounds for `hammer` and `dns`, so a mistake cannot run away.
+const MAX_THREADS: usize = 64;
+const MAX_REPEAT: u64 = 100_000;
+const REPEAT_DEADLINE: Duration = Duration::from_secs(120);
 
 /// A syscall failure: errno plus, for non-errno failures, a description.
 #[derive(Debug)]
@@ -238,6 +255,77 @@ fn parse_op(text: &str) -> Result<Op, String> {
             let ms: u64 = fields[1].parse().map_err(|_| bad("MS must be a number"))?;
             Action::Sleep(Duration::from_millis(ms))
         }
+        "flood" => {
+            exact(5)?;
+            let (t, f, a) = dest()?;
+            if t != Transport::Tcp {
+                return Err(bad("flood connects tcp4|tcp6 sockets only"));
+            }
+            let n: u64 = fields[4].parse().map_err(|_| bad("N must be a number"))?;
+            Action::Flood(f, a, n)
+        }
+        "hammer" => {
+            let threads: usize = fields
+                .get(1)
+                .and_then(|f| f.parse().ok())
+                .filter(|n| (1..=MAX_THREADS).contains(n))
+                .ok_or_else(|| bad("THREADS must be 1..=64"))?;
+            let n: u64 = fields
+                .get(2)
+                .and_then(|f| f.parse().ok())
+                .filter(|n| (1..=MAX_REPEAT).contains(n))
+                .ok_or_else(|| bad("N must be 1..=100000"))?;
+            let mut rest = text.trim_start();
+            for _ in 0..3 {
+                let end = rest
+                    .find(char::is_whitespace)
+                    .ok_or_else(|| bad("missing OP"))?;
+                rest = rest[end..].trim_start();
+            }
+            let inner = parse_op(rest)?;
+            if !matches!(
+                inner.action,
+                Action::Connect(..)
+                    | Action::Send(..)
+                    | Action::SendTo(..)
+                    | Action::UdpConnectSend(..)
+                    | Action::Tfo(..)
+            ) {
+                return Err(bad(
+                    "OP must be connect, send, sendto, udpconnect-send or tfo",
+                ));
+            }
+            Action::Hammer(threads, n, Box::new(inner))
+        }
+        "dns" => {
+            exact(7)?;
+            let mode = match fields[1] {
+                "connect" => DnsMode::Connect,
+                "socket" => DnsMode::Socket,
+                _ => return Err(bad("MODE must be connect or socket")),
+            };
+            let (_, family) = parse_proto(fields[2])
+                .filter(|(t, _)| *t == Transport::Udp)
+                .ok_or_else(|| bad("dns takes udp4|udp6"))?;
+            let ip = parse_ip(family, fields[3])
+                .ok_or_else(|| bad("ADDR is not an IP literal of that family"))?;
+            let port: u16 = fields[4]
+                .parse()
+                .map_err(|_| bad("PORT must be 0..=65535"))?;
+            let name = fields[5];
+            if name.is_empty()
+                || name.len() > 253
+                || name.split('.').any(|l| l.is_empty() || l.len() > 63)
+            {
+                return Err(bad("NAME must be a DNS name"));
+            }
+            let n: u64 = fields[6]
+                .parse()
+                .ok()
+                .filter(|n| (1..=MAX_REPEAT).contains(n))
+                .ok_or_else(|| bad("N must be 1..=100000"))?;
+            Action::Dns(mode, family, SocketAddr::new(ip, port), name.to_owned(), n)
+        }
         "whoami" => {
             exact(1)?;
             Action::Whoami
@@ -315,6 +403,9 @@ fn run(op: &Op) -> ProbeResult {
             Ok(())
         }
         Action::Whoami => return whoami(text),
+        Action::Flood(f, a, n) => return flood(text, *f, *a, *n),
+        Action::Hammer(threads, n, inner) => return hammer(text, *threads, *n, inner),
+        Action::Dns(mode, f, addr, name, n) => return dns(text, *mode, *f, *addr, name, *n),
         Action::Cgroup => return cgroup(text),
         Action::Exit(_) => Ok(()),
     };
@@ -345,6 +436,7 @@ fn whoami(text: &str) -> ProbeResult {
                 .map(|v| v.trim().to_owned())
         });
     ProbeResult {
+        pid: Some(std::process::id()),
         uid: Some(uid),
         euid: Some(euid),
         gid: Some(gid),
@@ -732,5 +824,213 @@ mod tests {
         ] {
             assert!(parse_op(bad).is_err(), "{bad:?} should be rejected");
         }
+    }
+}
+
+/// N blocking TCP connects as fast as possible; the time bound keeps a mistake from hanging.
+fn flood(text: &str, family: Family, addr: SocketAddr, n: u64) -> ProbeResult {
+    let deadline = std::time::Instant::now() + Duration::from_secs(300);
+    let sa = sock_addr(family, addr);
+    let domain = match family {
+        Family::V4 => libc::AF_INET,
+        Family::V6 => libc::AF_INET6,
+    };
+    let (mut attempts, mut eperm) = (0u64, 0u64);
+    while attempts < n && (attempts % 4096 != 0 || std::time::Instant::now() < deadline) {
+        // SAFETY: plain socket/connect/close on a descriptor this loop owns.
+        let errno = unsafe {
+            let fd = libc::socket(domain, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+            if fd < 0 {
+                *libc::__errno_location()
+            } else {
+                let r = libc::connect(fd, sa.ptr(), sa.len);
+                let e = if r == 0 { 0 } else { *libc::__errno_location() };
+                libc::close(fd);
+                e
+            }
+        };
+        attempts += 1;
+        if errno == libc::EPERM {
+            eperm += 1;
+        }
+    }
+    ProbeResult {
+        attempts: Some(attempts),
+        eperm: Some(eperm),
+        ..ProbeResult::ok(text)
+    }
+}
+
+/// What one `hammer` thread saw.
+#[derive(Default)]
+struct Tally {
+    attempts: u64,
+    eperm: u64,
+    ok: u64,
+    /// The first failure other than EPERM.
+    other: Option<String>,
+}
+
+/// `threads` threads, released together, each running `op` `n` times (bounded in time).
+fn hammer(text: &str, threads: usize, n: u64, op: &Op) -> ProbeResult {
+    let deadline = Instant::now() + REPEAT_DEADLINE;
+    let start = std::sync::Barrier::new(threads);
+    let tallies: Vec<Tally> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|_| {
+                s.spawn(|| {
+                    start.wait();
+                    let mut t = Tally::default();
+                    while t.attempts < n && Instant::now() < deadline {
+                        let r = run(op);
+                        t.attempts += 1;
+                        if r.ok {
+                            t.ok += 1;
+                        } else if r.errno == Some(libc::EPERM) {
+                            t.eperm += 1;
+                        } else if t.other.is_none() {
+                            t.other = r.error;
+                        }
+                    }
+                    t
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join().unwrap_or_else(|_| Tally {
+                    other: Some("thread panicked".to_owned()),
+                    ..Tally::default()
+                })
+            })
+            .collect()
+    });
+    ProbeResult {
+        attempts: Some(tallies.iter().map(|t| t.attempts).sum()),
+        eperm: Some(tallies.iter().map(|t| t.eperm).sum()),
+        count: Some(tallies.iter().map(|t| t.ok).sum()),
+        error: tallies.iter().find_map(|t| t.other.clone()),
+        ..ProbeResult::ok(text)
+    }
+}
+
+/// A DNS query for `name`, type A, class IN, recursion desired.
+fn dns_query(id: u16, name: &str) -> Vec<u8> {
+    let mut q = Vec::with_capacity(18 + name.len());
+    q.extend_from_slice(&id.to_be_bytes());
+    q.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
+    for label in name.split('.') {
+        q.push(label.len() as u8);
+        q.extend_from_slice(label.as_bytes());
+    }
+    q.extend_from_slice(&[0, 0, 1, 0, 1]);
+    q
+}
+
+/// An answer to query `id`: a response, NOERROR, at least one answer record.
+fn dns_answered(id: u16, reply: &[u8]) -> bool {
+    reply.len() >= 12
+        && reply[..2] == id.to_be_bytes()
+        && reply[2] & 0x80 != 0
+        && reply[3] & 0x0f == 0
+        && u16::from_be_bytes([reply[6], reply[7]]) > 0
+}
+
+fn recv_reply(fd: RawFd) -> Result<Vec<u8>, Failure> {
+    let mut buf = vec![0u8; 1500];
+    // SAFETY: buf is valid for writes of its length.
+    let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
+    if n < 0 {
+        let f = Failure::last();
+        // SO_RCVTIMEO expiry reads as EAGAIN.
+        if f.errno == Some(libc::EAGAIN) {
+            return Err(Failure::errno(libc::ETIMEDOUT));
+        }
+        return Err(f);
+    }
+    buf.truncate(n.unsigned_abs());
+    Ok(buf)
+}
+
+fn dns_once(
+    mode: DnsMode,
+    shared: Option<RawFd>,
+    f: Family,
+    addr: SocketAddr,
+    id: u16,
+    name: &str,
+) -> OpResult {
+    let query = dns_query(id, name);
+    let to = sock_addr(f, addr);
+    let owned;
+    let fd = match (mode, shared) {
+        (DnsMode::Socket, Some(fd)) => {
+            send_datagram(fd, &query, Some(&to))?;
+            fd
+        }
+        _ => {
+            owned = transport_socket(Transport::Udp, f)?;
+            let fd = owned.as_raw_fd();
+            set_timeout(fd, libc::SO_RCVTIMEO, IO_TIMEOUT)?;
+            connect_fd(fd, Transport::Udp, &to)?;
+            send_datagram(fd, &query, None)?;
+            fd
+        }
+    };
+    let reply = recv_reply(fd)?;
+    if dns_answered(id, &reply) {
+        Ok(())
+    } else {
+        Err(Failure::other(format!(
+            "query {id}: not an answer ({} bytes)",
+            reply.len()
+        )))
+    }
+}
+
+/// `n` queries, one after the other; stops at the first failure.
+fn dns(text: &str, mode: DnsMode, f: Family, addr: SocketAddr, name: &str, n: u64) -> ProbeResult {
+    let deadline = Instant::now() + REPEAT_DEADLINE;
+    let shared = match mode {
+        DnsMode::Socket => match transport_socket(Transport::Udp, f) {
+            Ok(s) => match set_timeout(s.as_raw_fd(), libc::SO_RCVTIMEO, IO_TIMEOUT) {
+                Ok(()) => Some(s),
+                Err(e) => return ProbeResult::failed(text, e.errno, e.error),
+            },
+            Err(e) => return ProbeResult::failed(text, e.errno, e.error),
+        },
+        DnsMode::Connect => None,
+    };
+    let mut answered = 0;
+    let mut failure = None;
+    for i in 0..n {
+        if Instant::now() > deadline {
+            failure = Some(Failure::errno(libc::ETIMEDOUT));
+            break;
+        }
+        let id = (i % 65536) as u16;
+        match dns_once(
+            mode,
+            shared.as_ref().map(AsRawFd::as_raw_fd),
+            f,
+            addr,
+            id,
+            name,
+        ) {
+            Ok(()) => answered += 1,
+            Err(e) => {
+                failure = Some(e);
+                break;
+            }
+        }
+    }
+    let result = match failure {
+        None => ProbeResult::ok(text),
+        Some(e) => ProbeResult::failed(text, e.errno, e.error),
+    };
+    ProbeResult {
+        count: Some(answered),
+        ..result
     }
 }

@@ -1,0 +1,56 @@
+//! Reading the kernel's verdict counters and the lost-events count. Shared (read-only) by
+//! the supervisor and the metrics endpoint.
+
+use aya::maps::{MapData, MapError, PerCpuArray};
+use egress_common::{Proto, Reason, counters::counter_index};
+
+pub struct Counters {
+    verdicts: PerCpuArray<MapData, u64>,
+    lost: PerCpuArray<MapData, u64>,
+}
+
+impl std::fmt::Debug for Counters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Counters")
+    }
+}
+
+pub const PROTOS: [Proto; 3] = [Proto::Tcp, Proto::Udp, Proto::Other];
+
+impl Counters {
+    pub fn new(verdicts: PerCpuArray<MapData, u64>, lost: PerCpuArray<MapData, u64>) -> Self {
+        Counters { verdicts, lost }
+    }
+
+    /// The sum over CPUs of one counter.
+    pub fn get(&self, slot: u32, reason: Reason, proto: Proto) -> Result<u64, MapError> {
+        let values = self.verdicts.get(&counter_index(slot, reason, proto), 0)?;
+        Ok(values.iter().copied().fold(0u64, u64::wrapping_add))
+    }
+
+    /// Every counter of `slot`, summed over CPUs, zeros included.
+    pub fn all(&self, slot: u32) -> Result<Vec<(Reason, Proto, u64)>, MapError> {
+        let mut out = Vec::with_capacity(Reason::ALL.len() * PROTOS.len());
+        for reason in Reason::ALL {
+            for proto in PROTOS {
+                out.push((reason, proto, self.get(slot, reason, proto)?));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Events the kernel could not put in the ring buffer.
+    pub fn events_lost(&self) -> Result<u64, MapError> {
+        let values = self.lost.get(&0, 0)?;
+        Ok(values.iter().copied().fold(0u64, u64::wrapping_add))
+    }
+}
+
+/// Label value for a protocol.
+pub fn proto_name(p: Proto) -> &'static str {
+    match p {
+        Proto::Tcp => "tcp",
+        Proto::Udp => "udp",
+        Proto::Other => "other",
+    }
+}

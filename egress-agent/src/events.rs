@@ -1,0 +1,457 @@
+//! Denied attempts from the kernel's ring buffer, enriched and written as log lines.
+//!
+//! Every event is logged, but a flood of identical attempts (same process, destination,
+//! hook and reason) within one window becomes one line at once plus one "repeated N times"
+//! line when the window closes, so logs stay bounded while the kernel's counters stay exact.
+//! The log schema is documented in docs/events.md.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::time::{Duration, Instant};
+
+use aya::maps::{MapData, RingBuf};
+use egress_common::{Event, Hook, Proto, Reason, verdict::NO_RULE};
+use tokio::io::unix::AsyncFd;
+
+use crate::compile::Resolved;
+use crate::counters::proto_name;
+use crate::policy::Policy;
+
+/// Distinct (process, destination, reason) keys remembered per window; past this, further
+/// distinct attempts in the window are summarised in one overflow line.
+const MAX_KEYS_PER_WINDOW: usize = 4096;
+
+/// A decoded event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Blocked {
+    pub event: Event,
+}
+
+impl Blocked {
+    /// Decodes one ring-buffer record; `None` for a record of the wrong size.
+    pub fn decode(bytes: &[u8]) -> Option<Self> {
+        if bytes.len() < std::mem::size_of::<Event>() {
+            return None;
+        }
+        // SAFETY: the length is checked; Event is plain old data, read unaligned.
+        let event = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<Event>()) };
+        Some(Blocked { event })
+    }
+
+    pub fn tgid(&self) -> u32 {
+        (self.event.pid_tgid >> 32) as u32
+    }
+
+    pub fn tid(&self) -> u32 {
+        self.event.pid_tgid as u32
+    }
+
+    pub fn uid(&self) -> u32 {
+        self.event.uid_gid as u32
+    }
+
+    pub fn gid(&self) -> u32 {
+        (self.event.uid_gid >> 32) as u32
+    }
+
+    pub fn comm(&self) -> String {
+        let end = self
+            .event
+            .comm
+            .iter()
+            .position(|&b| b == 0)
+            .unwrap_or(self.event.comm.len());
+        String::from_utf8_lossy(&self.event.comm[..end]).into_owned()
+    }
+
+    /// The destination address; `None` for socket-creation events.
+    pub fn dst(&self) -> Option<IpAddr> {
+        let a = self.event.addr;
+        match self.event.family {
+            4 => Some(Ipv4Addr::new(a[0], a[1], a[2], a[3]).into()),
+            6 if self.hook() != Some(Hook::SockCreate) => Some(Ipv6Addr::from(a).into()),
+            _ => None,
+        }
+    }
+
+    pub fn reason(&self) -> Option<Reason> {
+        Reason::ALL
+            .iter()
+            .copied()
+            .find(|r| *r as u32 == self.event.reason)
+    }
+
+    pub fn hook(&self) -> Option<Hook> {
+        [
+            Hook::Connect4,
+            Hook::Connect6,
+            Hook::Sendmsg4,
+            Hook::Sendmsg6,
+            Hook::SockCreate,
+        ]
+        .into_iter()
+        .find(|h| *h as u8 == self.event.hook)
+    }
+
+    pub fn proto(&self) -> Proto {
+        match self.event.proto {
+            6 => Proto::Tcp,
+            17 => Proto::Udp,
+            _ => Proto::Other,
+        }
+    }
+}
+
+pub fn hook_name(h: Option<Hook>) -> &'static str {
+    match h {
+        Some(Hook::Connect4) => "connect4",
+        Some(Hook::Connect6) => "connect6",
+        Some(Hook::Sendmsg4) => "sendmsg4",
+        Some(Hook::Sendmsg6) => "sendmsg6",
+        Some(Hook::SockCreate) => "sock_create",
+        None => "unknown",
+    }
+}
+
+/// The ring buffer, readable from the async loop.
+pub struct EventStream {
+    fd: AsyncFd<RingBuf<MapData>>,
+}
+
+impl EventStream {
+    pub fn new(ring: RingBuf<MapData>) -> std::io::Result<Self> {
+        // SAFETY: the ring buffer owns its map descriptor for its whole life and always
+        // reports the same one; the AsyncFd owns the ring buffer.
+        let fd = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
+            .map_err(|e| e.into_parts().1)?;
+        Ok(EventStream { fd })
+    }
+
+    /// Waits until records are available, then hands each decoded one to `f`. Returns how
+    /// many were read (undecodable records are counted in `bad`).
+    pub async fn drain(
+        &mut self,
+        mut f: impl FnMut(Blocked),
+        bad: &mut u64,
+    ) -> std::io::Result<usize> {
+        let mut guard = self.fd.readable_mut().await?;
+        let ring = guard.get_inner_mut();
+        let mut n = 0;
+        while let Some(item) = ring.next() {
+            match Blocked::decode(&item) {
+                Some(b) => f(b),
+                None => *bad += 1,
+            }
+            n += 1;
+        }
+        guard.clear_ready();
+        Ok(n)
+    }
+}
+
+impl EventStream {
+    /// Reads whatever is in the ring buffer now, without waiting.
+    pub fn drain_now(&mut self, mut f: impl FnMut(Blocked), bad: &mut u64) -> usize {
+        let ring = self.fd.get_mut();
+        let mut n = 0;
+        while let Some(item) = ring.next() {
+            match Blocked::decode(&item) {
+                Some(b) => f(b),
+                None => *bad += 1,
+            }
+            n += 1;
+        }
+        n
+    }
+}
+
+/// What the log line says about the policy behind a decision.
+pub struct Context<'a> {
+    pub policy: &'a Policy,
+    pub resolved: &'a Resolved,
+}
+
+impl Context<'_> {
+    /// The host names the policy resolved to this address.
+    fn hosts_of(&self, ip: IpAddr) -> Vec<&str> {
+        self.resolved
+            .iter()
+            .filter(|(_, addrs)| addrs.iter().any(|a| a.to_canonical() == ip))
+            .map(|(h, _)| h.as_str())
+            .collect()
+    }
+
+    /// The rule a decision names: its target and purpose.
+    fn rule(&self, reason: Option<Reason>, id: u32) -> (Option<String>, Option<String>) {
+        if id == NO_RULE {
+            return (None, None);
+        }
+        let idx = id as usize;
+        match reason {
+            Some(Reason::DenyRule) => (
+                self.policy
+                    .denied
+                    .get(idx)
+                    .map(|d| format!("denied_destinations[{idx}] {}", d.target)),
+                None,
+            ),
+            Some(_) => match self.policy.allowed.get(idx) {
+                Some(a) => (
+                    Some(format!("allowed_destinations[{idx}] {}", a.target)),
+                    a.purpose.clone(),
+                ),
+                None => (None, None),
+            },
+            None => (None, None),
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+struct Key {
+    tgid: u32,
+    slot: u32,
+    reason: u32,
+    hook: u8,
+    family: u8,
+    proto: u8,
+    addr: [u8; 16],
+    port: u16,
+    sock: (u32, u32),
+}
+
+impl Key {
+    fn of(b: &Blocked) -> Self {
+        let e = &b.event;
+        Key {
+            tgid: b.tgid(),
+            slot: e.slot,
+            reason: e.reason,
+            hook: e.hook,
+            family: e.family,
+            proto: e.proto,
+            addr: e.addr,
+            port: e.port,
+            sock: (e.sock_type, e.sock_protocol),
+        }
+    }
+}
+
+struct Pending {
+    first: Blocked,
+    repeats: u64,
+}
+
+/// Writes events as log lines, collapsing repeats within a window.
+pub struct EventLog {
+    window: Duration,
+    started: Instant,
+    pending: HashMap<Key, Pending>,
+    overflow: u64,
+    cmdlines: HashMap<u32, Option<String>>,
+    /// Lines written and lines saved by collapsing, for metrics.
+    pub lines: u64,
+    pub collapsed: u64,
+}
+
+impl EventLog {
+    pub fn new(window: Duration) -> Self {
+        EventLog {
+            window,
+            started: Instant::now(),
+            pending: HashMap::new(),
+            overflow: 0,
+            cmdlines: HashMap::new(),
+            lines: 0,
+            collapsed: 0,
+        }
+    }
+
+    /// When the current window closes.
+    pub fn window_end(&self) -> Instant {
+        self.started + self.window
+    }
+
+    pub fn record(&mut self, b: Blocked, ctx: &Context<'_>) {
+        let key = Key::of(&b);
+        if let Some(p) = self.pending.get_mut(&key) {
+            p.repeats += 1;
+            self.collapsed += 1;
+            return;
+        }
+        if self.pending.len() >= MAX_KEYS_PER_WINDOW {
+            self.overflow += 1;
+            self.collapsed += 1;
+            return;
+        }
+        let cmdline = self.cmdline(b.tgid());
+        self.write(&b, ctx, cmdline.as_deref(), 0);
+        self.pending.insert(
+            key,
+            Pending {
+                first: b,
+                repeats: 0,
+            },
+        );
+    }
+
+    /// Closes the window: one line per collapsed flood, then a fresh window.
+    pub fn flush(&mut self, ctx: &Context<'_>) {
+        let pending = std::mem::take(&mut self.pending);
+        for p in pending.into_values().filter(|p| p.repeats > 0) {
+            let cmdline = self.cmdlines.get(&p.first.tgid()).cloned().flatten();
+            self.write(&p.first, ctx, cmdline.as_deref(), p.repeats);
+        }
+        if self.overflow > 0 {
+            tracing::warn!(
+                event = "egress_blocked_overflow",
+                policy = %ctx.policy.name,
+                count = self.overflow,
+                window_secs = self.window.as_secs_f64(),
+                "more distinct blocked attempts than one window logs individually; counted in metrics"
+            );
+            self.lines += 1;
+            self.overflow = 0;
+        }
+        self.cmdlines.clear();
+        self.started = Instant::now();
+    }
+
+    fn cmdline(&mut self, tgid: u32) -> Option<String> {
+        self.cmdlines
+            .entry(tgid)
+            .or_insert_with(|| {
+                let raw = std::fs::read(format!("/proc/{tgid}/cmdline")).ok()?;
+                let raw = &raw[..raw.len().min(512)];
+                let s: String = String::from_utf8_lossy(raw)
+                    .split('\0')
+                    .filter(|s| !s.is_empty())
+                    .collect::<Vec<_>>()
+                    .join(" ");
+                // A process that already exited reads as empty: say nothing rather than "".
+                (!s.is_empty()).then_some(s)
+            })
+            .clone()
+    }
+
+    fn write(&mut self, b: &Blocked, ctx: &Context<'_>, cmdline: Option<&str>, repeats: u64) {
+        self.lines += 1;
+        let reason = b.reason();
+        let (rule_target, rule_purpose) = ctx.rule(reason, b.event.rule_id);
+        let dst = b.dst();
+        let hosts = dst
+            .map(|ip| ctx.hosts_of(ip).join(","))
+            .filter(|h| !h.is_empty());
+        let rule_id = (b.event.rule_id != NO_RULE).then_some(b.event.rule_id);
+        let socket_type = (b.hook() == Some(Hook::SockCreate)).then_some(b.event.sock_type);
+        let socket_protocol = (b.hook() == Some(Hook::SockCreate)).then_some(b.event.sock_protocol);
+        let repeated = (repeats > 0).then_some(repeats);
+        tracing::warn!(
+            event = "egress_blocked",
+            policy = %ctx.policy.name,
+            verdict = "deny",
+            reason = reason.map_or("unknown", Reason::as_str),
+            hook = hook_name(b.hook()),
+            protocol = proto_name(b.proto()),
+            family = if b.event.family == 6 { "ipv6" } else { "ipv4" },
+            dst.ip = dst.map(|ip| ip.to_string()),
+            dst.port = dst.map(|_| b.event.port),
+            dst.host = hosts,
+            rule.id = rule_id,
+            rule.target = rule_target,
+            rule.purpose = rule_purpose,
+            socket.type = socket_type,
+            socket.protocol = socket_protocol,
+            pid = b.tgid(),
+            tid = b.tid(),
+            uid = b.uid(),
+            gid = b.gid(),
+            comm = %b.comm(),
+            cmdline = cmdline,
+            cgroup.id = b.event.cgroup_id,
+            slot = b.event.slot,
+            repeated,
+            window_secs = repeated.map(|_| self.window.as_secs_f64()),
+            "{}",
+            if repeats > 0 { "egress blocked (repeated)" } else { "egress blocked" }
+        );
+    }
+}
+
+#[cfg(test)]
+#[expect(clippy::expect_used, reason = "test code: a failure is a test failure")]
+mod tests {
+    use super::*;
+
+    fn event(port: u16, tgid: u32) -> Blocked {
+        let mut addr = [0u8; 16];
+        addr[..4].copy_from_slice(&[198, 18, 0, 66]);
+        Blocked {
+            event: Event {
+                boot_ns: 1,
+                cgroup_id: 7,
+                pid_tgid: (u64::from(tgid) << 32) | 9,
+                uid_gid: (65534u64 << 32) | 65534,
+                comm: *b"probe\0\0\0\0\0\0\0\0\0\0\0",
+                addr,
+                port,
+                family: 4,
+                proto: 6,
+                hook: Hook::Connect4 as u8,
+                _pad: [0; 3],
+                reason: Reason::DenyNoRule as u32,
+                rule_id: NO_RULE,
+                slot: 0,
+                sock_type: 0,
+                sock_protocol: 0,
+                _reserved: 0,
+            },
+        }
+    }
+
+    #[test]
+    fn decode_roundtrip_and_fields() {
+        let b = event(443, 1234);
+        // SAFETY: viewing a POD struct as bytes.
+        let bytes = unsafe {
+            std::slice::from_raw_parts(
+                (&b.event as *const Event).cast::<u8>(),
+                std::mem::size_of::<Event>(),
+            )
+        };
+        let d = Blocked::decode(bytes).expect("decodes");
+        assert_eq!(d, b);
+        assert_eq!(d.tgid(), 1234);
+        assert_eq!(d.tid(), 9);
+        assert_eq!(d.uid(), 65534);
+        assert_eq!(d.comm(), "probe");
+        assert_eq!(d.dst(), Some(IpAddr::from([198, 18, 0, 66])));
+        assert_eq!(d.reason(), Some(Reason::DenyNoRule));
+        assert!(Blocked::decode(&bytes[..10]).is_none());
+    }
+
+    #[test]
+    fn floods_collapse_but_distinct_attempts_do_not() {
+        let policy = crate::policy::parse_str(
+            "egress_policy:\n  default_action: DENY\n",
+            std::path::Path::new("t.yaml"),
+        )
+        .expect("parses");
+        let resolved = Resolved::new();
+        let ctx = Context {
+            policy: &policy,
+            resolved: &resolved,
+        };
+        let mut log = EventLog::new(Duration::from_secs(60));
+        for _ in 0..10_000 {
+            log.record(event(443, 1), &ctx);
+        }
+        log.record(event(80, 1), &ctx);
+        log.record(event(443, 2), &ctx);
+        assert_eq!(log.lines, 3);
+        log.flush(&ctx);
+        // One "repeated 9999 times" line for the flood; the single attempts need none.
+        assert_eq!(log.lines, 4);
+        assert_eq!(log.collapsed, 9_999);
+    }
+}

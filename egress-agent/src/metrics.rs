@@ -1,0 +1,261 @@
+//! Prometheus metrics (text exposition at `/metrics`). Kernel counters are read at scrape
+//! time, so they are exact; labels take bounded values only (policy, verdict, reason,
+//! protocol, result) — never an address or a host name. docs/metrics.md lists every metric.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric as _},
+    metrics::{
+        MetricType, counter::ConstCounter, counter::Counter, family::Family, gauge::ConstGauge,
+        info::Info,
+    },
+    registry::Registry,
+};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+use crate::counters::{Counters, proto_name};
+
+/// What the collector knows about each slot it reports.
+#[derive(Clone, Debug, Default)]
+pub struct SlotInfo {
+    pub policy: String,
+    pub allowlist_entries: u64,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DecisionLabels {
+    policy: String,
+    verdict: &'static str,
+    reason: &'static str,
+    protocol: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PolicyLabels {
+    pub policy: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PolicyResultLabels {
+    pub policy: String,
+    pub result: &'static str,
+}
+
+/// Reads the kernel's counters on each scrape.
+#[derive(Debug)]
+struct KernelCollector {
+    counters: Arc<Counters>,
+    slots: Arc<RwLock<BTreeMap<u32, SlotInfo>>>,
+}
+
+impl Collector for KernelCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let slots = match self.slots.read() {
+            Ok(s) => s.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        };
+        {
+            let mut family = encoder.encode_descriptor(
+                "egress_connections",
+                "Connection and send attempts judged by the kernel, by verdict and reason (exact; every attempt is counted whether or not its event was delivered)",
+                None,
+                MetricType::Counter,
+            )?;
+            for (slot, info) in &slots {
+                let Ok(all) = self.counters.all(*slot) else {
+                    continue;
+                };
+                for (reason, proto, n) in all {
+                    let labels = DecisionLabels {
+                        policy: info.policy.clone(),
+                        verdict: if reason.allows() { "allow" } else { "deny" },
+                        reason: reason.as_str(),
+                        protocol: proto_name(proto),
+                    };
+                    ConstCounter::new(n).encode(family.encode_family(&labels)?)?;
+                }
+            }
+        }
+        {
+            let lost = self.counters.events_lost().unwrap_or(0);
+            let m = encoder.encode_descriptor(
+                "egress_events_lost",
+                "Denied attempts whose event did not fit in the kernel ring buffer (their verdict and counter are unaffected)",
+                None,
+                MetricType::Counter,
+            )?;
+            ConstCounter::new(lost).encode(m)?;
+        }
+        {
+            let mut family = encoder.encode_descriptor(
+                "egress_allowlist_entries",
+                "Prefix entries the policy currently has in the kernel",
+                None,
+                MetricType::Gauge,
+            )?;
+            for info in slots.values() {
+                let labels = PolicyLabels {
+                    policy: info.policy.clone(),
+                };
+                ConstGauge::new(i64::try_from(info.allowlist_entries).unwrap_or(i64::MAX))
+                    .encode(family.encode_family(&labels)?)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Metrics the agent updates itself.
+#[derive(Clone, Debug)]
+pub struct Metrics {
+    pub policy_loads: Family<ResultLabels, Counter>,
+    pub dns_refreshes: Family<PolicyResultLabels, Counter>,
+    pub log_lines: Family<PolicyLabels, Counter>,
+    pub events_collapsed: Family<PolicyLabels, Counter>,
+    pub events_undecodable: Counter,
+    slots: Arc<RwLock<BTreeMap<u32, SlotInfo>>>,
+}
+
+impl Metrics {
+    /// A registry with every egress metric, reading kernel counters from `counters`.
+    pub fn new(counters: Arc<Counters>) -> (Self, Registry) {
+        let mut registry = Registry::default();
+        let slots = Arc::new(RwLock::new(BTreeMap::new()));
+        registry.register_collector(Box::new(KernelCollector {
+            counters,
+            slots: Arc::clone(&slots),
+        }));
+        let m = Metrics {
+            policy_loads: Family::default(),
+            dns_refreshes: Family::default(),
+            log_lines: Family::default(),
+            events_collapsed: Family::default(),
+            events_undecodable: Counter::default(),
+            slots,
+        };
+        registry.register(
+            "egress_policy_loads",
+            "Policy loads and reloads, by result",
+            m.policy_loads.clone(),
+        );
+        registry.register(
+            "egress_dns_refreshes",
+            "Lookups of the policy's host names by the agent, by result (failure keeps the last answer)",
+            m.dns_refreshes.clone(),
+        );
+        registry.register(
+            "egress_log_lines",
+            "Blocked-attempt log lines written",
+            m.log_lines.clone(),
+        );
+        registry.register(
+            "egress_events_collapsed",
+            "Blocked-attempt events folded into a 'repeated N times' line instead of a line each",
+            m.events_collapsed.clone(),
+        );
+        registry.register(
+            "egress_events_undecodable",
+            "Ring-buffer records of an unexpected size (a layout mismatch)",
+            m.events_undecodable.clone(),
+        );
+        registry.register(
+            "egress_build",
+            "Build information",
+            Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
+        );
+        (m, registry)
+    }
+
+    /// Registers (or updates) what a slot reports.
+    pub fn set_slot(&self, slot: u32, info: SlotInfo) {
+        match self.slots.write() {
+            Ok(mut s) => s.insert(slot, info),
+            Err(poisoned) => poisoned.into_inner().insert(slot, info),
+        };
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("listening for metrics on {addr}: {source}")]
+pub struct ServeError {
+    addr: SocketAddr,
+    #[source]
+    source: std::io::Error,
+}
+
+/// Serves `GET /metrics` on `addr` until the task is dropped. Requests are read with a size
+/// and time bound; anything else gets 404 or 400.
+pub async fn serve(
+    addr: SocketAddr,
+    registry: Arc<Registry>,
+) -> Result<tokio::task::JoinHandle<()>, ServeError> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServeError { addr, source })?;
+    let local = listener.local_addr().unwrap_or(addr);
+    tracing::info!(addr = %local, "serving metrics at /metrics");
+    Ok(tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let registry = Arc::clone(&registry);
+            tokio::spawn(async move {
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(5), answer(stream, &registry)).await;
+            });
+        }
+    }))
+}
+
+async fn answer(mut stream: tokio::net::TcpStream, registry: &Registry) -> std::io::Result<()> {
+    let mut buf = vec![0u8; 8192];
+    let mut len = 0;
+    while !buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
+        if len == buf.len() {
+            return respond(&mut stream, "431 Request Header Fields Too Large", "").await;
+        }
+        let n = stream.read(&mut buf[len..]).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        len += n;
+    }
+    let request = String::from_utf8_lossy(&buf[..len]);
+    let mut parts = request.lines().next().unwrap_or("").split_whitespace();
+    match (parts.next(), parts.next()) {
+        (Some("GET"), Some("/metrics")) => {
+            let mut body = String::new();
+            if prometheus_client::encoding::text::encode(&mut body, registry).is_err() {
+                return respond(&mut stream, "500 Internal Server Error", "").await;
+            }
+            respond(&mut stream, "200 OK", &body).await
+        }
+        (Some(_), Some(_)) => respond(&mut stream, "404 Not Found", "").await,
+        _ => respond(&mut stream, "400 Bad Request", "").await,
+    }
+}
+
+async fn respond(
+    stream: &mut tokio::net::TcpStream,
+    status: &str,
+    body: &str,
+) -> std::io::Result<()> {
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: application/openmetrics-text; version=1.0.0; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(body.as_bytes()).await?;
+    stream.shutdown().await
+}

@@ -1,0 +1,89 @@
+//! Reporting denied attempts to the agent. Separate from the decision: a full ring buffer
+//! changes nothing but the lost-events count.
+
+use aya_ebpf::{
+    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid},
+    macros::map,
+    maps::{PerCpuArray, RingBuf},
+};
+use egress_common::{Dest, Event, Hook, Proto, Reason, events::EVENTS_RING_BYTES};
+
+#[map(name = "EGRESS_EVENTS")]
+static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_RING_BYTES, 0);
+
+#[map(name = "EGRESS_EVENTS_LOST")]
+static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// What the event says beyond who made the attempt.
+pub struct Attempt {
+    pub hook: Hook,
+    pub reason: Reason,
+    pub rule_id: u32,
+    pub proto: Proto,
+    pub family: u8,
+    pub addr: [u8; 16],
+    pub port: u16,
+    pub sock_type: u32,
+    pub sock_protocol: u32,
+}
+
+impl Attempt {
+    #[inline(always)]
+    pub fn to(hook: Hook, dst: &Dest, reason: Reason, rule_id: u32) -> Self {
+        Attempt {
+            hook,
+            reason,
+            rule_id,
+            proto: dst.proto,
+            family: dst.family as u8,
+            addr: dst.addr,
+            port: dst.port,
+            sock_type: 0,
+            sock_protocol: 0,
+        }
+    }
+}
+
+#[inline(always)]
+pub fn emit(slot: u32, a: &Attempt) {
+    let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
+        lost();
+        return;
+    };
+    // SAFETY: these helpers are available to cgroup sock and sock_addr programs and only
+    // read the current task.
+    let (cgroup_id, boot_ns) = unsafe {
+        (
+            aya_ebpf::helpers::generated::bpf_get_current_cgroup_id(),
+            aya_ebpf::helpers::generated::bpf_ktime_get_boot_ns(),
+        )
+    };
+    entry.write(Event {
+        boot_ns,
+        cgroup_id,
+        pid_tgid: bpf_get_current_pid_tgid(),
+        uid_gid: bpf_get_current_uid_gid(),
+        comm: bpf_get_current_comm().unwrap_or([0; 16]),
+        addr: a.addr,
+        port: a.port,
+        family: a.family,
+        proto: a.proto as u8,
+        hook: a.hook as u8,
+        _pad: [0; 3],
+        reason: a.reason as u32,
+        rule_id: a.rule_id,
+        slot,
+        sock_type: a.sock_type,
+        sock_protocol: a.sock_protocol,
+        _reserved: 0,
+    });
+    entry.submit(0);
+}
+
+#[inline(always)]
+fn lost() {
+    if let Some(p) = LOST.get_ptr_mut(0) {
+        // SAFETY: this CPU's slot of a per-CPU array.
+        unsafe { *p += 1 };
+    }
+}

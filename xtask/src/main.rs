@@ -1,0 +1,229 @@
+//! `cargo xtask <command>`: the one entry point for building and testing egress, used by
+//! developers and by CI (`.ci/run` is `cargo xtask test`).
+
+mod host;
+mod plan;
+
+use std::{
+    path::Path,
+    process::{Command, ExitCode},
+};
+
+use anyhow::bail;
+use clap::{Parser, Subcommand};
+
+use crate::plan::Step;
+
+/// Exit code for a command line that could not be parsed (sysexits EX_USAGE).
+const EXIT_USAGE: u8 = 64;
+
+#[derive(Parser)]
+#[command(
+    name = "cargo xtask",
+    bin_name = "cargo xtask",
+    about = "Build, test and demo egress. Each command runs scripts/bootstrap.sh first.",
+    arg_required_else_help = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install the eBPF toolchain (nightly rust-src, LLVM, bpf-linker) if missing.
+    Bootstrap,
+    /// Build the release agent: target/release/egress-agent.
+    Build,
+    /// Everything CI checks: fmt, clippy, unit tests, then the privileged integration tests.
+    ///
+    /// The integration tests need root. Outside CI a non-root run skips them with a loud
+    /// notice; with CI=true a non-root run fails before building anything.
+    Test,
+    /// Run the MCP-NET-02 demo in local network namespaces (needs root).
+    Demo,
+    /// Clippy on the eBPF crate (nightly, bpfel-unknown-none, build-std=core).
+    ClippyEbpf,
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) => {
+            // --help and --version go to stdout and succeed; everything else is a usage error.
+            let code = if err.use_stderr() { EXIT_USAGE } else { 0 };
+            let _ = err.print();
+            return ExitCode::from(code);
+        }
+    };
+    match run(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("xtask: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(command: Cmd) -> anyhow::Result<()> {
+    let root = host::repo_root()?;
+    let agent_bin = host::target_dir(&root).join("release/egress-agent");
+    match command {
+        Cmd::Bootstrap => plan::execute("bootstrap", vec![bootstrap(&root)]),
+        Cmd::Build => {
+            plan::execute("build", vec![bootstrap(&root), build_agent(&root)])?;
+            eprintln!("xtask: agent at {}", agent_bin.display());
+            Ok(())
+        }
+        Cmd::Test => test(&root, &agent_bin),
+        Cmd::Demo => demo(&root, &agent_bin),
+        Cmd::ClippyEbpf => {
+            let mut clippy = Command::new("cargo");
+            clippy.current_dir(&root).args([
+                "+nightly",
+                "clippy",
+                "--package",
+                "egress-ebpf",
+                "--target",
+                "bpfel-unknown-none",
+                "-Z",
+                "build-std=core",
+                "--",
+                "-D",
+                "warnings",
+            ]);
+            plan::execute(
+                "clippy-ebpf",
+                vec![bootstrap(&root), Step::run("clippy-ebpf", clippy)],
+            )
+        }
+    }
+}
+
+fn test(root: &Path, agent_bin: &Path) -> anyhow::Result<()> {
+    let privileged = if host::is_root()? {
+        let mut tests = cargo(
+            root,
+            &[
+                "test",
+                "--package",
+                "egress-tests",
+                "--release",
+                "--",
+                "--test-threads=2",
+            ],
+        );
+        tests.env("EGRESS_AGENT_BIN", agent_bin);
+        Step::run("privileged-tests", tests)
+    } else if host::in_ci() {
+        // Fail before a long build: the run could not end in a pass.
+        bail!(
+            "the privileged integration tests need root (network namespaces, cgroups, eBPF \
+             programs) and CI=true forbids skipping them; run `cargo xtask test` as root"
+        );
+    } else {
+        Step::skip(
+            "privileged-tests",
+            "not root, so the privileged integration tests (egress-tests) did NOT run; \
+             run `cargo xtask test` as root to include them (with CI=true this is a failure)",
+        )
+    };
+
+    plan::execute(
+        "test",
+        vec![
+            bootstrap(root),
+            Step::run("fmt", cargo(root, &["fmt", "--all", "--", "--check"])),
+            Step::run(
+                "clippy",
+                cargo(
+                    root,
+                    &[
+                        "clippy",
+                        "--workspace",
+                        "--exclude",
+                        "egress-ebpf",
+                        "--all-targets",
+                        "--",
+                        "-D",
+                        "warnings",
+                    ],
+                ),
+            ),
+            Step::run(
+                "unit-tests",
+                cargo(
+                    root,
+                    &[
+                        "test",
+                        "--workspace",
+                        "--exclude",
+                        "egress-ebpf",
+                        "--exclude",
+                        "egress-tests",
+                    ],
+                ),
+            ),
+            build_agent(root),
+            privileged,
+        ],
+    )
+}
+
+fn demo(root: &Path, agent_bin: &Path) -> anyhow::Result<()> {
+    if !host::is_root()? {
+        bail!(
+            "the demo needs root: it creates network namespaces, veth links and a cgroup and \
+             loads the eBPF programs; run `cargo xtask demo` as root"
+        );
+    }
+    let mut demo = cargo(
+        root,
+        &[
+            "run",
+            "--release",
+            "--package",
+            "egress-tests",
+            "--bin",
+            "egress-demo",
+        ],
+    );
+    demo.env("EGRESS_AGENT_BIN", agent_bin);
+    plan::execute(
+        "demo",
+        vec![
+            bootstrap(root),
+            build_agent(root),
+            // `cargo run --bin egress-demo` builds only the demo; it runs the probe too.
+            Step::run(
+                "build-demo",
+                cargo(
+                    root,
+                    &["build", "--release", "--package", "egress-tests", "--bins"],
+                ),
+            ),
+            Step::run("demo", demo),
+        ],
+    )
+}
+
+fn bootstrap(root: &Path) -> Step {
+    let mut command = Command::new("bash");
+    command
+        .current_dir(root)
+        .arg(root.join("scripts/bootstrap.sh"));
+    Step::run("bootstrap", command)
+}
+
+fn build_agent(root: &Path) -> Step {
+    Step::run(
+        "build-agent",
+        cargo(root, &["build", "--release", "--package", "egress-agent"]),
+    )
+}
+
+fn cargo(root: &Path, args: &[&str]) -> Command {
+    let mut command = Command::new("cargo");
+    command.current_dir(root).args(args);
+    command
+}
