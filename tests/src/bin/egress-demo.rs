@@ -2,9 +2,11 @@
 //!
 //! It builds a small world in network namespaces (the workload's namespace and a "remote"
 //! one holding stand-ins for api.company.com, evil.com, pastebin.com, database.internal and
-//! a rogue DNS resolver), runs the `egress-probe` workload as uid nobody under
-//! `egress-agent exec --policy policies/demo.yaml`, and reports for each case what the
-//! workload's syscalls returned and what reached the listeners. A control run of the same
+//! a rogue DNS resolver, plus a DNS server, dnsmasq, that answers those names), runs the
+//! `egress-probe` workload as uid nobody under `egress-agent exec --policy policies/demo.yaml`
+//! (the agent resolves the policy's host names through the demo's DNS server, never through
+//! the machine's), and reports for each case what the workload's syscalls returned, what
+//! reached the listeners and what the agent logged. A control run of the same
 //! attempts without the agent first shows that every destination is reachable, so a block
 //! is the agent's doing and not a broken network. Case 4 (rate limits) runs only when the
 //! agent accepts a policy with `rate_limits`; otherwise it is reported as NOT YET ENFORCED.
@@ -30,6 +32,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
 use egress_tests::agent::{AgentRun, agent_bin, workspace_root};
+use egress_tests::dnsmasq::Dnsmasq;
 use egress_tests::probe::{ProbeResult, errno_name};
 use egress_tests::process::RunOutput;
 use egress_tests::server::{Listener, contains};
@@ -65,8 +68,19 @@ const DATABASE: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 20);
 const EVIL: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 66);
 const PASTEBIN: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 67);
 const ROGUE_RESOLVER: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 99);
+/// The demo's own DNS server (dnsmasq in the remote namespace), which the agent asks.
+const DNS_SERVER: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 53);
 /// A host inside the policy's denied range 198.18.1.0/24.
 const DENIED_RANGE_HOST: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 5);
+
+/// What the demo's DNS server answers, and nothing else.
+const DNS_RECORDS: [(&str, IpAddr); 5] = [
+    ("api.company.com", IpAddr::V4(API_V4)),
+    ("api.company.com", IpAddr::V6(API_V6)),
+    ("database.internal", IpAddr::V4(DATABASE)),
+    ("evil.com", IpAddr::V4(EVIL)),
+    ("pastebin.com", IpAddr::V4(PASTEBIN)),
+];
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Proto {
@@ -76,6 +90,7 @@ enum Proto {
 
 /// A listener in the remote namespace, standing in for a service.
 struct Service {
+    /// A host name the demo's DNS server answers with this address, or a description.
     name: &'static str,
     addr: SocketAddr,
     proto: Proto,
@@ -86,6 +101,19 @@ const fn service(name: &'static str, ip: IpAddr, port: u16, proto: Proto) -> Ser
         name,
         addr: SocketAddr::new(ip, port),
         proto,
+    }
+}
+
+impl Service {
+    /// `api.company.com (198.18.0.10):443` for a name the DNS server answers with this
+    /// address, else `rogue resolver 198.18.0.99:53`.
+    fn dest(&self) -> String {
+        let (ip, port) = (self.addr.ip(), self.addr.port());
+        if DNS_RECORDS.contains(&(self.name, ip)) {
+            format!("{} ({ip}):{port}", self.name)
+        } else {
+            format!("{} {}", self.name, self.addr)
+        }
     }
 }
 
@@ -102,7 +130,7 @@ const SERVICES: [Service; 10] = [
         443,
         Proto::Tcp,
     ),
-    service("DNS resolver", IpAddr::V4(ROGUE_RESOLVER), 53, Proto::Udp),
+    service("rogue resolver", IpAddr::V4(ROGUE_RESOLVER), 53, Proto::Udp),
     service("pastebin.com", IpAddr::V4(PASTEBIN), 443, Proto::Tcp),
     service("pastebin.com", IpAddr::V4(PASTEBIN), 80, Proto::Tcp),
 ];
@@ -301,6 +329,9 @@ fn demo() -> Result<bool> {
     println!("{}", "=".repeat(78));
     let tb = Testbed::new(&probe).context("building the demo world")?;
     let listeners = build_world(&tb)?;
+    // Declared after `tb`, so dropped before the namespace it runs in is deleted.
+    let dns = start_dns(&tb)?;
+    let resolv_conf = write_resolv_conf()?;
     print_world(&tb);
     println!("\nPolicy {POLICY} (comments left out):");
     for line in policy_text
@@ -318,11 +349,15 @@ fn demo() -> Result<bool> {
     // Bytes from here on belong to the agent run.
     let before: Vec<usize> = listeners.iter().map(|l| l.received().len()).collect();
     println!(
-        "\nThe same attempts under the agent:\n  {} exec --policy {POLICY} --user nobody -- egress-probe OPS...",
+        "\nThe same attempts under the agent:\n  {} exec --policy {POLICY} --user nobody \
+         --resolv-conf FILE -- egress-probe OPS...\n  (FILE: `nameserver {DNS_SERVER}`, the demo's \
+         DNS server)",
         agent.display()
     );
     let ops: Vec<String> = ATTEMPTS.iter().map(|a| op(a, "demo")).collect();
     let agent_run = AgentRun::new(&policy, &tb.cgroups, tb.probe.path())?
+        .agent_arg("--resolv-conf")
+        .agent_arg(resolv_conf.path())
         .agent_arg("--log-format")
         .agent_arg("json")
         .agent_arg("--metrics-addr")
@@ -339,7 +374,8 @@ fn demo() -> Result<bool> {
     for &(case, title) in &CASES {
         println!("\nCase {case}. {title}");
         if case == 4 {
-            rate_limits_enforced = rate_limit_case(&agent, &tb, &policy_text, &listeners[0])?;
+            rate_limits_enforced =
+                rate_limit_case(&agent, &tb, &policy_text, resolv_conf.path(), &listeners[0])?;
             all_passed &= rate_limits_enforced.unwrap_or(true);
             continue;
         }
@@ -356,11 +392,15 @@ fn demo() -> Result<bool> {
                 )
                 .split_off(before[attempt.service]);
             let passed = report_attempt(attempt, run.result(op), &new, &payload(attempt, "demo"));
+            if attempt.expect == Expect::Blocked {
+                print_logged_event(&run, attempt);
+            }
             all_passed &= passed;
         }
     }
 
     print_agent_output(&run);
+    print_dns_queries(&dns);
     print_counters(&run);
     print_metrics(metrics.as_deref());
     print_blocked_in_log(&run);
@@ -424,18 +464,52 @@ fn build_world(tb: &Testbed) -> Result<Vec<Listener>> {
         .collect()
 }
 
+/// Starts the demo's DNS server on an address of its own in the remote namespace.
+fn start_dns(tb: &Testbed) -> Result<Dnsmasq> {
+    let ip = IpAddr::V4(DNS_SERVER);
+    tb.topo
+        .add_remote_addr(ip)
+        .with_context(|| format!("adding {ip} to the remote namespace"))?;
+    Dnsmasq::start(tb.remote(), ip, &DNS_RECORDS)
+        .with_context(|| format!("starting the demo's DNS server on {ip}"))
+}
+
+/// The resolv.conf the agent reads: the demo's DNS server only.
+fn write_resolv_conf() -> Result<tempfile::NamedTempFile> {
+    let mut file = tempfile::Builder::new()
+        .prefix("egress-demo-resolv-")
+        .suffix(".conf")
+        .tempfile()
+        .context("creating the demo's resolv.conf")?;
+    writeln!(file, "nameserver {DNS_SERVER}").context("writing the demo's resolv.conf")?;
+    Ok(file)
+}
+
 fn print_world(tb: &Testbed) {
     println!(
         "\nWorld: workload namespace {} --veth-- remote namespace {}",
         tb.client().name(),
         tb.remote().name()
     );
+    println!(
+        "Names are served by a local DNS server, dnsmasq at {DNS_SERVER}:53 in the remote \
+         namespace, which answers only:"
+    );
+    for (name, ip) in &DNS_RECORDS {
+        let kind = if ip.is_ipv4() { "A" } else { "AAAA" };
+        println!("  {name:<18} {kind:<4} {ip}");
+    }
+    println!(
+        "The agent resolves the policy's host names through it (--resolv-conf); the workload \
+         connects by address."
+    );
+    println!("Services (listeners in the remote namespace):");
     for s in &SERVICES {
         let proto = match s.proto {
             Proto::Tcp => "tcp",
             Proto::Udp => "udp",
         };
-        println!("  {:<18} {proto} {}", s.name, s.addr);
+        println!("  {proto} {}", s.dest());
     }
     println!("Workload: egress-probe as uid nobody (65534), standing in for an MCP server");
 }
@@ -525,13 +599,56 @@ fn report_attempt(
     } else {
         format!("{} unexpected bytes arrived", new_bytes.len())
     };
-    let dest = format!("{} {}", s.name, s.addr);
     println!(
-        "  {}  {dest:<36} {:<22} expect {expected:<15} syscall: {syscall:<7} listener: {bytes}",
+        "  {}  {:<38} {:<22} expect {expected:<15} syscall: {syscall:<7} listener: {bytes}",
         if passed { "PASS" } else { "FAIL" },
+        s.dest(),
         attempt.how,
     );
     passed
+}
+
+/// The agent hook that judges a probe op (`send tcp6`, `sendto udp4`, ...).
+fn hook_of(how: &str) -> &'static str {
+    match (how.starts_with("sendto "), how.ends_with('6')) {
+        (false, false) => "connect4",
+        (false, true) => "connect6",
+        (true, false) => "sendmsg4",
+        (true, true) => "sendmsg6",
+    }
+}
+
+/// Under a blocked attempt: the agent's `egress_blocked` line for it (same destination,
+/// port and hook), with `dst.host` when the address came from a policy host name.
+/// Informational, like [`print_blocked_in_log`].
+fn print_logged_event(run: &RunOutput, attempt: &Attempt) {
+    let addr = SERVICES[attempt.service].addr;
+    let (ip, port, hook) = (
+        addr.ip().to_string(),
+        addr.port().to_string(),
+        hook_of(attempt.how),
+    );
+    let field = |f: &LogObject, key: &str| f.get(key).map(json_text);
+    let event = log_objects(run).find(|f| {
+        field(f, "event").as_deref() == Some("egress_blocked")
+            && field(f, "dst.ip").as_deref() == Some(ip.as_str())
+            && field(f, "dst.port").as_deref() == Some(port.as_str())
+            && field(f, "hook").as_deref() == Some(hook)
+    });
+    let Some(event) = event else {
+        println!("        logged: no egress_blocked line for {addr} ({hook})");
+        return;
+    };
+    let mut line = String::from("        logged:");
+    for key in ["reason", "hook", "dst.host", "rule.target"] {
+        if let Some(value) = field(&event, key) {
+            let _ = write!(line, " {key}={value}");
+        }
+    }
+    if !event.contains_key("dst.host") {
+        line.push_str(" (no dst.host: not an address of a policy host)");
+    }
+    println!("{line}");
 }
 
 /// Case 4. The demo policy plus MCP-NET-02's `rate_limits` goes to `egress-agent check`
@@ -543,6 +660,7 @@ fn rate_limit_case(
     agent: &Path,
     tb: &Testbed,
     policy_text: &str,
+    resolv_conf: &Path,
     listener: &Listener,
 ) -> Result<Option<bool>> {
     let with_limits = format!("{}\n{RATE_LIMITS}", policy_text.trim_end());
@@ -577,6 +695,8 @@ fn rate_limit_case(
     let op = format!("connect tcp4 {} {}", target.ip(), target.port());
     let accepted_before = listener.connections();
     let run = AgentRun::new(&path, &tb.cgroups, tb.probe.path())?
+        .agent_arg("--resolv-conf")
+        .agent_arg(resolv_conf)
         .agent_arg("--log-format")
         .agent_arg("json")
         .args(std::iter::repeat_n(&op, BURST))
@@ -603,8 +723,9 @@ fn rate_limit_case(
         && accepted == BURST - 1
         && run.exit_code() == Some(0);
     println!(
-        "  {}  api.company.com {target:<19} {BURST} x `connect tcp4` in one burst ({:.1?} for the whole agent run)",
+        "  {}  {:<38} {BURST} x `connect tcp4` in one burst ({:.1?} for the whole agent run)",
         if passed { "PASS" } else { "FAIL" },
+        SERVICES[0].dest(),
         run.elapsed
     );
     println!(
@@ -649,6 +770,28 @@ fn print_agent_output(run: &RunOutput) {
     }
     for line in &run.other_stdout {
         println!("  workload stdout: {line}");
+    }
+}
+
+/// What the demo's DNS server was asked, in both agent runs: the agent's lookups (the
+/// workload is allowed no DNS), each distinct query once with its count.
+fn print_dns_queries(dns: &Dnsmasq) {
+    let queries = dns.queries();
+    let mut distinct: Vec<(&str, usize)> = Vec::new();
+    for q in &queries {
+        // Without dnsmasq's `Mon dd hh:mm:ss dnsmasq[pid]: ` prefix.
+        let text = q.split_once("]: ").map_or(q.as_str(), |(_, rest)| rest);
+        match distinct.iter_mut().find(|(t, _)| *t == text) {
+            Some((_, n)) => *n += 1,
+            None => distinct.push((text, 1)),
+        }
+    }
+    println!(
+        "DNS queries the demo's DNS server received during the agent runs ({} in dnsmasq's log):",
+        queries.len()
+    );
+    for (text, n) in distinct {
+        println!("  {n:>3} x {text}");
     }
 }
 
