@@ -35,7 +35,11 @@ pub enum BpffsError {
 }
 
 fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> BpffsError + 'a {
-    move |source| BpffsError::Io { op, path: path.to_path_buf(), source }
+    move |source| BpffsError::Io {
+        op,
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// Where bpffs is mounted, from mountinfo (the first `bpf` entry).
@@ -58,8 +62,17 @@ pub fn ensure_mounted() -> Result<PathBuf, BpffsError> {
     }
     let path = PathBuf::from("/sys/fs/bpf");
     fs::create_dir_all(&path).map_err(io("creating", &path))?;
-    nix::mount::mount(Some("bpf"), &path, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
-        .map_err(|source| BpffsError::Mount { path: path.clone(), source })?;
+    nix::mount::mount(
+        Some("bpf"),
+        &path,
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .map_err(|source| BpffsError::Mount {
+        path: path.clone(),
+        source,
+    })?;
     tracing::info!(path = %path.display(), "mounted bpffs");
     Ok(path)
 }
@@ -68,8 +81,13 @@ pub fn ensure_mounted() -> Result<PathBuf, BpffsError> {
 pub fn base_dir(bpffs: &Path) -> Result<PathBuf, BpffsError> {
     let top = bpffs.join("egress");
     let base = top.join(format!("v{LAYOUT_VERSION}"));
-    fs::DirBuilder::new().recursive(true).mode(0o700).create(&base).map_err(io("creating", &base))?;
-    fs::set_permissions(&top, fs::Permissions::from_mode(0o700)).map_err(io("restricting", &top))?;
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&base)
+        .map_err(io("creating", &base))?;
+    fs::set_permissions(&top, fs::Permissions::from_mode(0o700))
+        .map_err(io("restricting", &top))?;
     Ok(base)
 }
 
@@ -78,7 +96,9 @@ pub fn base_dir(bpffs: &Path) -> Result<PathBuf, BpffsError> {
 pub fn foreign_layouts(bpffs: &Path) -> Vec<PathBuf> {
     let top = bpffs.join("egress");
     let ours = format!("v{LAYOUT_VERSION}");
-    let Ok(entries) = fs::read_dir(&top) else { return Vec::new() };
+    let Ok(entries) = fs::read_dir(&top) else {
+        return Vec::new();
+    };
     entries
         .filter_map(Result::ok)
         .filter(|e| e.file_name().to_string_lossy() != ours)
@@ -128,8 +148,13 @@ pub fn link_pin(dir: &Path, program: &str) -> PathBuf {
 pub fn state_dir() -> Result<PathBuf, BpffsError> {
     let top = PathBuf::from("/run/egress");
     let dir = top.join(format!("v{LAYOUT_VERSION}"));
-    fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir).map_err(io("creating", &dir))?;
-    fs::set_permissions(&top, fs::Permissions::from_mode(0o700)).map_err(io("restricting", &top))?;
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)
+        .map_err(io("creating", &dir))?;
+    fs::set_permissions(&top, fs::Permissions::from_mode(0o700))
+        .map_err(io("restricting", &top))?;
     Ok(dir)
 }
 
@@ -145,12 +170,17 @@ pub fn read_instance(path: &Path) -> Result<Option<Instance>, BpffsError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(io("reading", &path)(e)),
     };
-    let inst: Instance = serde_json::from_str(&text)
-        .map_err(|e| BpffsError::Instance { path: path.clone(), message: e.to_string() })?;
+    let inst: Instance = serde_json::from_str(&text).map_err(|e| BpffsError::Instance {
+        path: path.clone(),
+        message: e.to_string(),
+    })?;
     if inst.layout != LAYOUT_VERSION {
         return Err(BpffsError::Instance {
             path,
-            message: format!("layout {} where this agent uses {LAYOUT_VERSION}", inst.layout),
+            message: format!(
+                "layout {} where this agent uses {LAYOUT_VERSION}",
+                inst.layout
+            ),
         });
     }
     Ok(Some(inst))
@@ -158,8 +188,10 @@ pub fn read_instance(path: &Path) -> Result<Option<Instance>, BpffsError> {
 
 /// Writes the instance record atomically.
 pub fn write_instance(path: &Path, inst: &Instance) -> Result<(), BpffsError> {
-    let text = serde_json::to_string_pretty(inst)
-        .map_err(|e| BpffsError::Instance { path: path.to_path_buf(), message: e.to_string() })?;
+    let text = serde_json::to_string_pretty(inst).map_err(|e| BpffsError::Instance {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
     let tmp = path.with_extension("json.tmp");
     fs::write(&tmp, text).map_err(io("writing", &tmp))?;
     fs::rename(&tmp, path).map_err(io("renaming", &tmp))
@@ -174,7 +206,10 @@ mod tests {
         let info = "41 31 0:38 / /sys/fs/cgroup/unified rw - cgroup2 cgroup2 rw\n\
                     50 25 0:45 / /sys/fs/bpf rw,nosuid - bpf bpf rw,mode=700\n";
         assert_eq!(find_mount(info), Some(PathBuf::from("/sys/fs/bpf")));
-        assert_eq!(find_mount("41 31 0:38 / /x rw - cgroup2 cgroup2 rw\n"), None);
+        assert_eq!(
+            find_mount("41 31 0:38 / /x rw - cgroup2 cgroup2 rw\n"),
+            None
+        );
     }
 
     #[test]
@@ -192,8 +227,16 @@ mod tests {
         let path = instance_file(dir.path(), 42);
         write_instance(&path, &inst).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(read_instance(&path).ok().flatten(), Some(inst.clone()));
-        assert_eq!(read_instance(&dir.path().join("missing.json")).ok().flatten(), None);
-        let other = Instance { layout: LAYOUT_VERSION + 1, ..inst };
+        assert_eq!(
+            read_instance(&dir.path().join("missing.json"))
+                .ok()
+                .flatten(),
+            None
+        );
+        let other = Instance {
+            layout: LAYOUT_VERSION + 1,
+            ..inst
+        };
         let text = serde_json::to_string(&other).unwrap_or_default();
         std::fs::write(&path, text).unwrap_or_else(|e| panic!("{e}"));
         assert!(read_instance(&path).is_err());

@@ -131,6 +131,20 @@ impl WorkloadCgroup {
     /// Kills whatever still runs in the cgroup (processes the workload left behind must not
     /// outlive its enforcement), waits for it to empty, and removes it.
     pub fn remove(self, wait: Duration) -> Result<(), CgroupError> {
+        remove_path(&self.path, wait)
+    }
+}
+
+/// Kills everything in the cgroup at `path`, waits (bounded) for it to empty, removes it.
+pub fn remove_path(path: &Path, wait: Duration) -> Result<(), CgroupError> {
+    let this = WorkloadCgroup {
+        path: path.to_path_buf(),
+    };
+    this.kill_and_rmdir(wait)
+}
+
+impl WorkloadCgroup {
+    fn kill_and_rmdir(&self, wait: Duration) -> Result<(), CgroupError> {
         if populated(&self.path)? {
             let kill = self.path.join("cgroup.kill");
             let mut f = fs::OpenOptions::new()

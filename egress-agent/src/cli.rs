@@ -36,9 +36,11 @@ pub enum Command {
     Run(RunArgs),
     /// Validate a policy and print what it allows (exit 0), or the error (exit 78).
     Check(CheckArgs),
+    /// Remove egress enforcement (pinned programs and maps) from a cgroup.
+    Detach(DetachArgs),
 }
 
-#[derive(Debug, Args)]
+#[derive(Clone, Debug, Args)]
 pub struct DnsArgs {
     /// resolv.conf to read name servers from when the policy names no resolvers.
     #[arg(long, default_value = "/etc/resolv.conf")]
@@ -70,6 +72,8 @@ pub struct ExecArgs {
     pub dns: DnsArgs,
     #[command(flatten)]
     pub telemetry: TelemetryArgs,
+    #[command(flatten)]
+    pub reload: ReloadArgs,
     /// The command to run, after `--`.
     #[arg(last = true, required = true, num_args = 1..)]
     pub command: Vec<OsString>,
@@ -87,6 +91,8 @@ pub struct RunArgs {
     pub dns: DnsArgs,
     #[command(flatten)]
     pub telemetry: TelemetryArgs,
+    #[command(flatten)]
+    pub reload: ReloadArgs,
 }
 
 #[derive(Debug, Args)]
@@ -105,4 +111,19 @@ pub struct TelemetryArgs {
     /// log line.
     #[arg(long, default_value_t = 5)]
     pub log_window: u64,
+}
+
+/// Policy reload options: SIGHUP reloads at once; the file is also watched.
+#[derive(Debug, Clone, Args)]
+pub struct ReloadArgs {
+    /// Seconds between checks of the policy file for changes (a change reloads it).
+    #[arg(long, default_value_t = 2)]
+    pub watch_interval: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct DetachArgs {
+    /// The protected cgroup v2 directory.
+    #[arg(long)]
+    pub cgroup: PathBuf,
 }

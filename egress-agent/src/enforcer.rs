@@ -27,8 +27,13 @@ pub enum EnforcerError {
     RateLimits(#[from] RateMapsError),
 }
 
-/// The id the first policy of a slot gets. Ids are per slot for now (one policy each).
+/// The id the first policy of a slot gets; every reload takes the next one.
 const FIRST_POLICY_ID: u32 = 1;
+
+/// The id after `id`, skipping 0 (which means "no policy").
+fn next_policy_id(id: u32) -> u32 {
+    id.wrapping_add(1).max(FIRST_POLICY_ID)
+}
 
 pub struct Enforcer {
     programs: Programs,
@@ -46,9 +51,32 @@ pub struct Enforcer {
 
 impl Enforcer {
     /// Loads the programs for `slot`, writes the compiled policy and puts it in force for the
-    /// slot. Nothing is attached yet.
+    /// slot. Nothing is attached yet, and nothing is pinned.
     pub fn start(policy: Policy, resolved: Resolved, slot: u32) -> Result<Self, EnforcerError> {
+        Self::start_with(policy, resolved, slot, None)
+    }
+
+    /// As [`Enforcer::start`], with every map pinned in `dir`; attaching pins the links there
+    /// too, so enforcement outlives this process.
+    pub fn start_pinned(
+        policy: Policy,
+        resolved: Resolved,
+        slot: u32,
+        dir: &Path,
+    ) -> Result<Self, EnforcerError> {
+        Self::start_with(policy, resolved, slot, Some(dir))
+    }
+
+    fn start_with(
+        policy: Policy,
+        resolved: Resolved,
+        slot: u32,
+        pins: Option<&Path>,
+    ) -> Result<Self, EnforcerError> {
         let mut programs = Programs::load(slot)?;
+        if let Some(dir) = pins {
+            programs.pin_maps(dir)?;
+        }
         let mut maps = MapSet::take(&mut programs)?;
         let mut sets = SetIds::default();
         let compiled = compile(&policy, FIRST_POLICY_ID, &resolved, &mut sets);
@@ -83,6 +111,110 @@ impl Enforcer {
             limits,
             due,
         })
+    }
+
+    /// Takes over the instance an earlier agent pinned in `dir` for `slot`, without detaching
+    /// anything: its programs keep enforcing the old policy until `policy` (compiled under the
+    /// next policy id and written in full) replaces it in one slot update. Entries of any other
+    /// policy id are removed afterwards.
+    pub fn adopt(
+        policy: Policy,
+        resolved: Resolved,
+        slot: u32,
+        dir: &Path,
+    ) -> Result<(Self, u32), EnforcerError> {
+        let mut programs = Programs::adopt(dir, slot)?;
+        let mut maps = MapSet::take(&mut programs)?;
+        let mut rate = RateMaps::take(&mut programs)?;
+        let old = maps.slot_config(slot)?;
+        let policy_id = next_policy_id(old.policy_id);
+        let mut sets = SetIds::default();
+        let compiled = compile(&policy, policy_id, &resolved, &mut sets);
+        maps.apply(&Compiled::default(), &compiled)?;
+        let limits = compile_limits(&policy, policy_id);
+        rate.apply(&CompiledLimits::default(), &limits)?;
+        maps.set_slot(
+            slot,
+            SlotConfig {
+                policy_id,
+                flags: compiled.slot_flags,
+                ..old
+            },
+        )?;
+        maps.retain_policy(policy_id)?;
+        rate.retain_policy(policy_id)?;
+        if !limits.limits.is_empty() {
+            rate.start_collector(slot, COLLECT_PERIOD)?;
+        }
+        let now = Instant::now();
+        let due = policy_hosts(&policy)
+            .into_iter()
+            .map(|h| (h, now))
+            .collect();
+        let e = Enforcer {
+            programs,
+            maps,
+            policy,
+            sets,
+            resolved,
+            current: compiled,
+            rate,
+            limits,
+            due,
+        };
+        Ok((e, old.policy_id))
+    }
+
+    /// Puts `policy` in force in place of the current one. `resolved` must hold the
+    /// addresses of the new policy's host names (looked up by the caller before this call).
+    ///
+    /// The new policy is compiled under a fresh policy id and written in full next to the
+    /// old one; one write of the slot switches every decision from the old to the new; then
+    /// the old entries go. So a destination allowed by both is never denied during the
+    /// switch, and one denied by both is never allowed.
+    pub fn reload(
+        &mut self,
+        policy: Policy,
+        resolved: Resolved,
+    ) -> Result<ApplyStats, EnforcerError> {
+        let slot = self.slot();
+        let old_cfg = self.maps.slot_config(slot)?;
+        let policy_id = next_policy_id(self.current.policy_id);
+        let mut sets = SetIds::default();
+        let compiled = compile(&policy, policy_id, &resolved, &mut sets);
+        let mut stats = self.maps.apply(&Compiled::default(), &compiled)?;
+        let limits = compile_limits(&policy, policy_id);
+        self.rate.apply(&CompiledLimits::default(), &limits)?;
+        self.maps.set_slot(
+            slot,
+            SlotConfig {
+                policy_id,
+                flags: compiled.slot_flags,
+                ..old_cfg
+            },
+        )?;
+        let removed = self.maps.apply(&self.current, &Compiled::default())?;
+        stats.rules_removed = removed.rules_removed;
+        stats.ports_removed = removed.ports_removed;
+        self.rate.apply(&self.limits, &CompiledLimits::default())?;
+        if !limits.limits.is_empty() {
+            self.rate.start_collector(slot, COLLECT_PERIOD)?;
+        }
+        let now = Instant::now();
+        let due: BTreeMap<String, Instant> = policy_hosts(&policy)
+            .into_iter()
+            .map(|h| {
+                let t = self.due.get(&h).copied().unwrap_or(now);
+                (h, t)
+            })
+            .collect();
+        self.policy = policy;
+        self.sets = sets;
+        self.resolved = resolved;
+        self.current = compiled;
+        self.limits = limits;
+        self.due = due;
+        Ok(stats)
     }
 
     pub fn attach(&mut self, cgroup: &Path) -> Result<(), EnforcerError> {

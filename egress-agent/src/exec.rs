@@ -5,10 +5,13 @@ use std::time::Duration;
 
 use tokio::signal::unix::{SignalKind, signal};
 
+use crate::bpffs::Kind;
 use crate::cgroup::{self, CgroupError, WorkloadCgroup};
 use crate::cli::ExecArgs;
 use crate::exit;
-use crate::session::{self, SessionError, Supervisor};
+use crate::instance::{self, InstanceError, Location};
+use crate::reload::Watcher;
+use crate::session::{self, Placement, SessionError, Supervisor};
 use crate::workload::{self, Credentials, Probes, WorkloadError};
 
 /// The slot `exec` uses: one agent process, one workload.
@@ -22,6 +25,8 @@ pub enum ExecError {
     Cgroup(#[from] CgroupError),
     #[error(transparent)]
     Workload(#[from] WorkloadError),
+    #[error(transparent)]
+    Instance(#[from] InstanceError),
     #[error("user {0:?} does not exist")]
     NoSuchUser(String),
     #[error("looking up user {name:?}: {source}")]
@@ -60,31 +65,63 @@ pub async fn run(args: ExecArgs) -> Result<u8, ExecError> {
         .cgroup_parent
         .clone()
         .unwrap_or_else(|| mount.join("egress"));
-
-    let mut sup = Supervisor::start(policy, &args.dns, &args.telemetry, EXEC_SLOT).await?;
-    let probes = Probes::choose(sup.enforcer.compiled())?;
-    sup.expect_probes(probes.v4, probes.v6)?;
+    // Survivors of an exec agent that died are still enforced by its pins; end them now.
+    instance::collect_dead_exec();
 
     let name = format!("exec-{}", std::process::id());
     let cg = WorkloadCgroup::create(&parent, &name, &mount)?;
-    let result = supervise(&mut sup, &cg, &args, creds, probes).await;
-    // Anything the workload left behind dies with the cgroup, before enforcement is removed.
-    if let Err(error) = cg.remove(Duration::from_secs(5)) {
-        tracing::error!(%error, "removing the workload cgroup failed");
+    let loc = match Location::of(cg.path()) {
+        Ok(loc) => loc,
+        Err(e) => {
+            let _ = cg.remove(Duration::from_secs(5));
+            return Err(e.into());
+        }
+    };
+    let placement = Placement::Fresh {
+        pins: Some(loc.pins.clone()),
+    };
+
+    match Supervisor::start(policy, &args.dns, &args.telemetry, EXEC_SLOT, &placement).await {
+        Ok(mut sup) => {
+            let result = supervise(&mut sup, &cg, &loc, &args, creds).await;
+            // Anything the workload left behind dies with the cgroup, before enforcement is
+            // removed; if it cannot be emptied, enforcement stays pinned.
+            let emptied = cg.remove(Duration::from_secs(5));
+            sup.finish();
+            match emptied {
+                Ok(()) => {
+                    if let Err(error) = loc.remove() {
+                        tracing::error!(%error, "removing the pinned enforcement failed");
+                    }
+                }
+                Err(error) => tracing::error!(%error, pins = %loc.pins.display(),
+                    "the workload cgroup could not be emptied; its enforcement stays pinned"),
+            }
+            result
+        }
+        Err(e) => {
+            let _ = cg.remove(Duration::from_secs(5));
+            let _ = loc.remove();
+            Err(e.into())
+        }
     }
-    sup.finish();
-    drop(sup);
-    result
 }
 
 async fn supervise(
     sup: &mut Supervisor,
     cg: &WorkloadCgroup,
+    loc: &Location,
     args: &ExecArgs,
     creds: Credentials,
-    probes: Probes,
 ) -> Result<u8, ExecError> {
+    let probes = Probes::choose(sup.enforcer.compiled())?;
+    sup.expect_probes(probes.v4, probes.v6)?;
     sup.enforcer.attach(cg.path()).map_err(SessionError::from)?;
+    loc.write(Kind::Exec, EXEC_SLOT, sup.enforcer.compiled().policy_id)?;
+    let mut watcher = Watcher::new(
+        &args.policy,
+        Duration::from_secs(args.reload.watch_interval.max(1)),
+    );
     let cgroup_path: PathBuf = cg.path().into();
     let mut child = workload::spawn(&args.command, cg.open_procs()?, creds, probes)?;
     let pid = child.id().unwrap_or(0);
@@ -109,8 +146,14 @@ async fn supervise(
             status = child.wait() => break status.map_err(ExecError::Wait)?,
             _ = sigint.recv() => forward(libc::SIGINT),
             _ = sigterm.recv() => forward(libc::SIGTERM),
-            _ = sighup.recv() => forward(libc::SIGHUP),
             _ = sigquit.recv() => forward(libc::SIGQUIT),
+            _ = sighup.recv() => {
+                watcher.mark_seen();
+                reload(sup, loc, &args.policy, Kind::Exec, EXEC_SLOT).await;
+            }
+            changed = watcher.changed() => if changed {
+                reload(sup, loc, &args.policy, Kind::Exec, EXEC_SLOT).await;
+            },
             _ = sup.tick() => {}
         }
     };
@@ -157,4 +200,19 @@ fn credentials(user: Option<&str>) -> Result<Credentials, ExecError> {
         uid: user.uid.as_raw(),
         gid: user.gid.as_raw(),
     })
+}
+
+/// Reloads the policy and records the new policy id with the instance.
+pub async fn reload(
+    sup: &mut Supervisor,
+    loc: &Location,
+    path: &std::path::Path,
+    kind: Kind,
+    slot: u32,
+) {
+    if let Some(id) = sup.reload(path).await
+        && let Err(error) = loc.write(kind, slot, id)
+    {
+        tracing::error!(%error, "recording the reloaded policy id failed");
+    }
 }

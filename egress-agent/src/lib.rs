@@ -5,15 +5,19 @@
 //! `loader`, `maps`, `enforcer` load, fill and keep the kernel side; `workload`, `cgroup`,
 //! `exec` and `run` supervise the protected process.
 
+pub mod bpf_sys;
+pub mod bpffs;
 pub mod cgroup;
 pub mod check;
 pub mod cli;
 pub mod compile;
 pub mod counters;
+pub mod detach;
 pub mod enforcer;
 pub mod events;
 pub mod exec;
 pub mod exit;
+pub mod instance;
 pub mod loader;
 pub mod logging;
 pub mod maps;
@@ -21,6 +25,7 @@ pub mod metrics;
 pub mod policy;
 pub mod ratelimit;
 pub mod reference;
+pub mod reload;
 pub mod resolve;
 pub mod run;
 pub mod session;

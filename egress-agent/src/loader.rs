@@ -6,10 +6,17 @@
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
+use std::os::unix::fs::DirBuilderExt as _;
+
 use aya::{
     Ebpf, EbpfLoader,
-    programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr, ProgramError},
+    programs::{
+        CgroupAttachMode, CgroupSock, CgroupSockAddr, ProgramError,
+        links::{FdLink, LinkError},
+    },
 };
+
+use crate::{bpf_sys, bpffs};
 use egress_common::maps::GLOBAL_SLOT;
 
 /// The object aya-build produced from `egress-ebpf`.
@@ -57,6 +64,21 @@ pub enum LoadError {
         #[source]
         source: std::io::Error,
     },
+    #[error("{what} {path}: {message}")]
+    Pin {
+        what: &'static str,
+        path: PathBuf,
+        message: String,
+    },
+    #[error(
+        "attaching {name} to cgroup {path} was refused ({source}): another program is attached to this cgroup in a way that excludes ours (an exclusive or override attachment); egress will not run unenforced next to it"
+    )]
+    Foreign {
+        name: &'static str,
+        path: PathBuf,
+        #[source]
+        source: Box<ProgramError>,
+    },
     #[error("attaching {name} to cgroup {path}: {source}")]
     Attach {
         name: &'static str,
@@ -66,10 +88,15 @@ pub enum LoadError {
     },
 }
 
-/// The loaded programs of one slot, and (once attached) their links.
+/// The programs of one slot: loaded by this agent (and, once attached, their links), or
+/// adopted from the pins a previous agent left.
 pub struct Programs {
-    ebpf: Ebpf,
+    /// `None` for an adopted instance: its programs and links live on in the kernel, held by
+    /// their pins, and only its maps are opened.
+    ebpf: Option<Ebpf>,
     slot: u32,
+    /// Where maps and links are pinned, once they are.
+    pins: Option<PathBuf>,
 }
 
 impl Programs {
@@ -91,16 +118,91 @@ impl Programs {
             name: SOCK_CREATE_PROGRAM,
             source: Box::new(e),
         })?;
-        Ok(Programs { ebpf, slot })
+        Ok(Programs {
+            ebpf: Some(ebpf),
+            slot,
+            pins: None,
+        })
+    }
+
+    /// Opens the instance pinned in `dir` by an earlier agent. Its links must all be there:
+    /// a partial instance is refused rather than patched.
+    pub fn adopt(dir: &Path, slot: u32) -> Result<Self, LoadError> {
+        for name in SOCK_ADDR_PROGRAMS.into_iter().chain([SOCK_CREATE_PROGRAM]) {
+            let path = bpffs::link_pin(dir, name);
+            aya::programs::links::PinnedLink::from_pin(&path).map_err(|e| LoadError::Pin {
+                what: "opening the pinned link",
+                path,
+                message: e.to_string(),
+            })?;
+        }
+        Ok(Programs {
+            ebpf: None,
+            slot,
+            pins: Some(dir.to_path_buf()),
+        })
     }
 
     pub fn slot(&self) -> u32 {
         self.slot
     }
 
-    /// Takes a map out of the object, for [`crate::maps::MapSet`].
+    /// Whether this instance was adopted from pins rather than loaded now.
+    pub fn adopted(&self) -> bool {
+        self.ebpf.is_none()
+    }
+
+    /// Pins every map of the object into `dir` (created root-only); links are pinned there
+    /// when attached.
+    pub fn pin_maps(&mut self, dir: &Path) -> Result<(), LoadError> {
+        let Some(ebpf) = &self.ebpf else {
+            return Ok(());
+        };
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| LoadError::Pin {
+                what: "creating the pin directory",
+                path: dir.into(),
+                message: e.to_string(),
+            })?;
+        for (name, map) in ebpf.maps() {
+            // `.rodata` holds the load-time globals (the slot); the programs keep it, nothing
+            // reads it back, and bpffs does not accept dots in names.
+            if name.starts_with('.') {
+                continue;
+            }
+            let path = bpffs::map_pin(dir, name);
+            map.pin(&path).map_err(|e| LoadError::Pin {
+                what: "pinning map",
+                path,
+                message: e.to_string(),
+            })?;
+        }
+        self.pins = Some(dir.to_path_buf());
+        Ok(())
+    }
+
+    /// Takes a map out of the object, or opens its pin for an adopted instance.
     pub fn take_map(&mut self, name: &'static str) -> Result<aya::maps::Map, LoadError> {
-        self.ebpf.take_map(name).ok_or(LoadError::MissingMap(name))
+        match (&mut self.ebpf, &self.pins) {
+            (Some(ebpf), _) => ebpf.take_map(name).ok_or(LoadError::MissingMap(name)),
+            (None, Some(dir)) => {
+                let path = bpffs::map_pin(dir, name);
+                let data = aya::maps::MapData::from_pin(&path).map_err(|e| LoadError::Pin {
+                    what: "opening the pinned map",
+                    path: path.clone(),
+                    message: e.to_string(),
+                })?;
+                aya::maps::Map::from_map_data(data).map_err(|e| LoadError::Pin {
+                    what: "reading the pinned map",
+                    path,
+                    message: e.to_string(),
+                })
+            }
+            (None, None) => Err(LoadError::MissingMap(name)),
+        }
     }
 
     /// Attaches every program to the cgroup directory `path`. On error the programs attached
@@ -119,25 +221,112 @@ impl Programs {
             path: path.into(),
             source,
         })?;
+        let pins = self.pins.clone();
+        // An adopted instance is attached already: its pinned links hold the programs on.
+        let Some(ebpf) = &mut self.ebpf else {
+            return Ok(());
+        };
         // Socket creation first: from then on no new socket of a refused type appears.
-        let prog: &mut CgroupSock = program(&mut self.ebpf, SOCK_CREATE_PROGRAM)?;
-        prog.attach(&cgroup, CgroupAttachMode::Single)
-            .map_err(|e| LoadError::Attach {
-                name: SOCK_CREATE_PROGRAM,
-                path: path.into(),
-                source: Box::new(e),
-            })?;
+        let prog: &mut CgroupSock = program(ebpf, SOCK_CREATE_PROGRAM)?;
+        let id = prog
+            .attach(&cgroup, CgroupAttachMode::Single)
+            .map_err(|e| attach_error(SOCK_CREATE_PROGRAM, path, e))?;
+        if let Some(dir) = &pins {
+            let link = prog
+                .take_link(id)
+                .map_err(|e| attach_error(SOCK_CREATE_PROGRAM, path, e))?;
+            pin_link(FdLink::try_from(link), dir, SOCK_CREATE_PROGRAM)?;
+        }
         for name in SOCK_ADDR_PROGRAMS {
-            let prog: &mut CgroupSockAddr = program(&mut self.ebpf, name)?;
-            prog.attach(&cgroup, CgroupAttachMode::Single)
-                .map_err(|e| LoadError::Attach {
-                    name,
-                    path: path.into(),
-                    source: Box::new(e),
-                })?;
+            let prog: &mut CgroupSockAddr = program(ebpf, name)?;
+            let id = prog
+                .attach(&cgroup, CgroupAttachMode::Single)
+                .map_err(|e| attach_error(name, path, e))?;
+            if let Some(dir) = &pins {
+                let link = prog
+                    .take_link(id)
+                    .map_err(|e| attach_error(name, path, e))?;
+                pin_link(FdLink::try_from(link), dir, name)?;
+            }
         }
         Ok(())
     }
+}
+
+/// Pins a link so that it outlives this process; the pin, not the descriptor, keeps it.
+fn pin_link(
+    link: Result<FdLink, LinkError>,
+    dir: &Path,
+    name: &'static str,
+) -> Result<(), LoadError> {
+    let path = bpffs::link_pin(dir, name);
+    let link = link.map_err(|e| LoadError::Pin {
+        what: "taking the link",
+        path: path.clone(),
+        message: e.to_string(),
+    })?;
+    link.pin(&path).map_err(|e| LoadError::Pin {
+        what: "pinning the link",
+        path,
+        message: e.to_string(),
+    })?;
+    Ok(())
+}
+
+fn attach_error(name: &'static str, path: &Path, e: ProgramError) -> LoadError {
+    let busy = matches!(&e, ProgramError::SyscallError(s) if matches!(s.io_error.raw_os_error(), Some(libc::EPERM) | Some(libc::EEXIST) | Some(libc::EBUSY)));
+    if busy {
+        return LoadError::Foreign {
+            name,
+            path: path.into(),
+            source: Box::new(e),
+        };
+    }
+    LoadError::Attach {
+        name,
+        path: path.into(),
+        source: Box::new(e),
+    }
+}
+
+/// Removes an instance's enforcement for good: every pinned link is detached in the kernel
+/// (BPF_LINK_DETACH, so it ends even while some process still holds the link open), then the
+/// link and map pins and the directory are removed. Only `detach` and the end of an `exec`
+/// workload call this.
+pub fn remove_instance(dir: &Path) -> Result<(), LoadError> {
+    let entries = std::fs::read_dir(dir).map_err(|e| LoadError::Pin {
+        what: "listing",
+        path: dir.into(),
+        message: e.to_string(),
+    })?;
+    let mut paths: Vec<PathBuf> = entries.filter_map(Result::ok).map(|e| e.path()).collect();
+    // Links first: enforcement ends with them, after which the maps no longer matter.
+    paths.sort_by_key(|p| {
+        !p.file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("link_"))
+    });
+    for path in paths {
+        let is_link = path
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("link_"));
+        if is_link {
+            bpf_sys::detach_pinned_link(&path).map_err(|e| LoadError::Pin {
+                what: "detaching the pinned link",
+                path: path.clone(),
+                message: e.to_string(),
+            })?;
+        }
+        std::fs::remove_file(&path).map_err(|e| LoadError::Pin {
+            what: "removing the pin",
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+    }
+    std::fs::remove_dir(dir).map_err(|e| LoadError::Pin {
+        what: "removing",
+        path: dir.into(),
+        message: e.to_string(),
+    })
 }
 
 fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, LoadError>

@@ -5,7 +5,7 @@ use std::io::Write as _;
 use std::process::ExitCode;
 
 use clap::Parser as _;
-use egress_agent::{check, cli, exec, exit, logging, run};
+use egress_agent::{check, cli, detach, exec, exit, logging, run};
 
 fn main() -> ExitCode {
     let cli = match cli::Cli::try_parse() {
@@ -42,6 +42,13 @@ fn main() -> ExitCode {
             cli::Command::Run(args) => run::run(args)
                 .await
                 .unwrap_or_else(|e| fail(&e, e.exit_code())),
+            cli::Command::Detach(args) => match detach::run(&args) {
+                Ok(text) => {
+                    let _ = std::io::stdout().write_all(text.as_bytes());
+                    exit::OK
+                }
+                Err(e) => fail(&e, e.exit_code()),
+            },
             cli::Command::Check(args) => match check::check(&args.file) {
                 Ok(text) => {
                     let _ = std::io::stdout().write_all(text.as_bytes());

@@ -110,6 +110,38 @@ impl MapSet {
         Ok(stats)
     }
 
+    /// What `slot` holds now.
+    pub fn slot_config(&self, slot: u32) -> Result<SlotConfig, MapsError> {
+        self.slots.get(&slot, 0).map_err(op_err(MAP_SLOTS, "get"))
+    }
+
+    /// Removes every rule and port entry whose policy id is not `keep` (state an earlier
+    /// agent left; the maps of one instance hold one policy at a time).
+    pub fn retain_policy(&mut self, keep: u32) -> Result<ApplyStats, MapsError> {
+        let mut stats = ApplyStats::default();
+        let stale_rules: Vec<Key<RuleKey>> = self
+            .rules
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| u32::from_be_bytes(k.data().policy_id) != keep)
+            .collect();
+        for k in &stale_rules {
+            remove_missing_ok(self.rules.remove(k), MAP_RULES)?;
+            stats.rules_removed += 1;
+        }
+        let stale_ports: Vec<PortKey> = self
+            .ports
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.policy_id != keep)
+            .collect();
+        for k in &stale_ports {
+            remove_missing_ok(self.ports.remove(k), MAP_PORTS)?;
+            stats.ports_removed += 1;
+        }
+        Ok(stats)
+    }
+
     /// Puts `config` in force for `slot`. With `policy_id` 0 the slot denies everything.
     pub fn set_slot(&mut self, slot: u32, config: SlotConfig) -> Result<(), MapsError> {
         self.slots

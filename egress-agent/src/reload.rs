@@ -37,12 +37,21 @@ impl Fingerprint {
 pub struct Watcher {
     path: PathBuf,
     last: Option<Fingerprint>,
-    interval: Duration,
+    /// A fixed schedule: waiting for the next tick is cancel-safe, so a busy event loop
+    /// that keeps re-entering `changed` does not push the check back forever.
+    interval: tokio::time::Interval,
 }
 
 impl Watcher {
-    pub fn new(path: &Path, interval: Duration) -> Self {
-        Watcher { path: path.to_path_buf(), last: Fingerprint::of(path), interval }
+    /// Must be called inside the runtime.
+    pub fn new(path: &Path, every: Duration) -> Self {
+        let mut interval = tokio::time::interval(every);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Watcher {
+            path: path.to_path_buf(),
+            last: Fingerprint::of(path),
+            interval,
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -52,7 +61,7 @@ impl Watcher {
     /// Waits one interval and says whether the file changed since the last look. A file that
     /// vanished is not a change: the loaded policy stays until a readable file appears.
     pub async fn changed(&mut self) -> bool {
-        tokio::time::sleep(self.interval).await;
+        self.interval.tick().await;
         self.poll()
     }
 
@@ -77,8 +86,8 @@ impl Watcher {
 mod tests {
     use super::*;
 
-    #[test]
-    fn notices_rewrite_and_replacement_but_not_removal() {
+    #[tokio::test]
+    async fn notices_rewrite_and_replacement_but_not_removal() {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
         let p = dir.path().join("policy.yaml");
         std::fs::write(&p, "a").unwrap_or_else(|e| panic!("{e}"));

@@ -5,7 +5,13 @@ use tokio::signal::unix::{SignalKind, signal};
 use crate::cgroup::{self, CgroupError};
 use crate::cli::RunArgs;
 use crate::exit;
-use crate::session::{self, SessionError, Supervisor};
+use std::time::Duration;
+
+use crate::bpffs::Kind;
+use crate::exec;
+use crate::instance::{InstanceError, Location};
+use crate::reload::Watcher;
+use crate::session::{self, Placement, SessionError, Supervisor};
 
 /// `run` serves a single cgroup in slot 0.
 const RUN_SLOT: u32 = 0;
@@ -16,6 +22,8 @@ pub enum RunError {
     Session(#[from] SessionError),
     #[error(transparent)]
     Cgroup(#[from] CgroupError),
+    #[error(transparent)]
+    Instance(#[from] InstanceError),
     #[error("installing signal handlers: {0}")]
     Signals(#[source] std::io::Error),
 }
@@ -36,24 +44,64 @@ pub async fn run(args: RunArgs) -> Result<u8, RunError> {
     let policy = session::load_policy(&args.policy)?;
     let mount = cgroup::cgroup2_mount()?;
     let path = cgroup::validate(&args.cgroup, &mount)?;
-    let mut sup = Supervisor::start(policy, &args.dns, &args.telemetry, RUN_SLOT).await?;
-    sup.enforcer.attach(&path).map_err(SessionError::from)?;
-    tracing::info!(cgroup = %path.display(), policy = %sup.enforcer.policy().name, "enforcing");
+    let loc = Location::of(&path)?;
+    let (placement, slot) = match loc.existing()? {
+        Some(inst) => (
+            Placement::Adopt {
+                dir: loc.pins.clone(),
+            },
+            inst.slot,
+        ),
+        None => (
+            Placement::Fresh {
+                pins: Some(loc.pins.clone()),
+            },
+            RUN_SLOT,
+        ),
+    };
+    let adopting = matches!(placement, Placement::Adopt { .. });
+    let mut sup =
+        match Supervisor::start(policy, &args.dns, &args.telemetry, slot, &placement).await {
+            Ok(sup) => sup,
+            Err(e) => {
+                if !adopting {
+                    let _ = loc.remove();
+                }
+                return Err(e.into());
+            }
+        };
+    if !adopting && let Err(e) = sup.enforcer.attach(&path) {
+        drop(sup);
+        let _ = loc.remove();
+        return Err(SessionError::from(e).into());
+    }
+    loc.write(Kind::Run, slot, sup.enforcer.compiled().policy_id)?;
+    tracing::info!(cgroup = %path.display(), policy = %sup.enforcer.policy().name, pins = %loc.pins.display(),
+        adopted = adopting, "enforcing");
 
     let mut sigint = signal(SignalKind::interrupt()).map_err(RunError::Signals)?;
     let mut sigterm = signal(SignalKind::terminate()).map_err(RunError::Signals)?;
     let mut sighup = signal(SignalKind::hangup()).map_err(RunError::Signals)?;
+    let mut watcher = Watcher::new(
+        &args.policy,
+        Duration::from_secs(args.reload.watch_interval.max(1)),
+    );
     loop {
         tokio::select! {
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
             _ = sighup.recv() => {
-                tracing::warn!("SIGHUP: policy reload is not supported by this version; the loaded policy stays in force");
+                watcher.mark_seen();
+                exec::reload(&mut sup, &loc, &args.policy, Kind::Run, slot).await;
             }
+            changed = watcher.changed() => if changed {
+                exec::reload(&mut sup, &loc, &args.policy, Kind::Run, slot).await;
+            },
             _ = sup.tick() => {}
         }
     }
     sup.finish();
-    tracing::warn!(cgroup = %path.display(), "stopping: enforcement on the cgroup ends with this process");
+    tracing::info!(cgroup = %path.display(), pins = %loc.pins.display(),
+        "stopping; enforcement stays pinned and in force (`egress-agent detach --cgroup` removes it)");
     Ok(exit::OK)
 }

@@ -1,5 +1,6 @@
 //! What `exec` and `run` share: read and gate the policy, resolve its names, start enforcing.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -86,10 +87,59 @@ pub fn resolver(policy: &Policy, dns: &DnsArgs) -> Result<Arc<Resolver>, Session
 
 /// Loads the programs for `slot` with the policy in force, resolving host names first (a
 /// name that does not resolve stays denied and is retried).
+/// Where the instance's kernel state comes from.
+#[derive(Clone, Debug)]
+pub enum Placement {
+    /// Load the programs now; pin maps (and, on attach, links) in the directory when given.
+    Fresh { pins: Option<std::path::PathBuf> },
+    /// Take over the instance an earlier agent pinned in `dir`, bound to `slot`.
+    Adopt { dir: std::path::PathBuf },
+}
+
+/// Looks up every host name of `policy` once. A name that does not resolve gets no
+/// addresses (its rules allow nothing yet) and is retried at the TTL floor.
+pub async fn resolve_all(
+    policy: &Policy,
+    resolver: Option<&Arc<Resolver>>,
+) -> (Resolved, BTreeMap<String, tokio::time::Instant>) {
+    let mut resolved = Resolved::new();
+    let mut due = BTreeMap::new();
+    let Some(resolver) = resolver else {
+        return (resolved, due);
+    };
+    let mut set = tokio::task::JoinSet::new();
+    for host in policy_hosts(policy) {
+        let r = Arc::clone(resolver);
+        set.spawn(async move {
+            let answer = r.lookup(&host).await;
+            (host, answer)
+        });
+    }
+    while let Some(joined) = set.join_next().await {
+        let Ok((host, answer)) = joined else { continue };
+        let now = tokio::time::Instant::now();
+        match answer {
+            Ok(a) => {
+                tracing::info!(host = %host, addresses = a.addrs.len(), ttl_secs = a.ttl.as_secs(), "host resolved");
+                due.insert(host.clone(), now + a.ttl);
+                resolved.insert(host, a.addrs);
+            }
+            Err(error) => {
+                tracing::warn!(host = %host, %error, "lookup failed; the host's rules allow nothing until it resolves");
+                due.insert(host, now + resolver.bounds().floor);
+            }
+        }
+    }
+    (resolved, due)
+}
+
+/// Loads (or adopts) the programs for `slot` with the policy in force, its host names
+/// resolved first.
 pub async fn start(
     policy: Policy,
     dns: &DnsArgs,
     slot: u32,
+    placement: &Placement,
 ) -> Result<(Enforcer, Option<Arc<Resolver>>), SessionError> {
     let hosts = policy_hosts(&policy);
     let resolver = if hosts.is_empty() {
@@ -97,13 +147,26 @@ pub async fn start(
     } else {
         Some(resolver(&policy, dns)?)
     };
-    let mut enforcer = Enforcer::start(policy, Resolved::new(), slot)?;
-    if let Some(r) = &resolver {
-        enforcer.refresh_due(r).await;
+    let (resolved, due) = resolve_all(&policy, resolver.as_ref()).await;
+    let mut enforcer = match placement {
+        Placement::Fresh { pins: None } => Enforcer::start(policy, resolved, slot)?,
+        Placement::Fresh { pins: Some(dir) } => {
+            Enforcer::start_pinned(policy, resolved, slot, dir)?
+        }
+        Placement::Adopt { dir } => {
+            let (e, old_policy_id) = Enforcer::adopt(policy, resolved, slot, dir)?;
+            tracing::info!(dir = %dir.display(), old_policy_id, policy_id = e.compiled().policy_id,
+                "adopted pinned enforcement; the new policy replaced the old in one step");
+            e
+        }
+    };
+    for (host, t) in due {
+        enforcer.postpone(&host, t);
     }
     tracing::info!(
         policy = %enforcer.policy().name,
         slot = enforcer.slot(),
+        policy_id = enforcer.compiled().policy_id,
         rules = enforcer.compiled().rules.len(),
         ports = enforcer.compiled().ports.len(),
         hosts = hosts.len(),
@@ -116,6 +179,7 @@ pub async fn start(
 pub struct Supervisor {
     pub enforcer: Enforcer,
     resolver: Option<Arc<Resolver>>,
+    dns: DnsArgs,
     events: Option<EventStream>,
     log: EventLog,
     metrics: Metrics,
@@ -136,9 +200,10 @@ impl Supervisor {
         dns: &DnsArgs,
         telemetry: &TelemetryArgs,
         slot: u32,
+        placement: &Placement,
     ) -> Result<Self, SessionError> {
         let name = policy.name.clone();
-        let (mut enforcer, resolver) = match start(policy, dns, slot).await {
+        let (mut enforcer, resolver) = match start(policy, dns, slot, placement).await {
             Ok(v) => v,
             Err(e) => {
                 tracing::error!(policy = %name, "policy load failed");
@@ -167,6 +232,7 @@ impl Supervisor {
         let s = Supervisor {
             enforcer,
             resolver,
+            dns: dns.clone(),
             events,
             log: EventLog::new(Duration::from_secs(telemetry.log_window.max(1))),
             metrics,
@@ -291,6 +357,66 @@ impl Supervisor {
             .events_collapsed
             .get_or_create(&labels)
             .inc_by(self.log.collapsed - collapsed_before);
+    }
+
+    /// Replaces the policy with the one in `path`, if it parses, validates and compiles. A bad
+    /// file is logged and counted, and the policy in force stays. Returns the new policy id.
+    pub async fn reload(&mut self, path: &Path) -> Option<u32> {
+        let policy = match load_policy(path) {
+            Ok(p) => p,
+            Err(error) => {
+                tracing::error!(file = %path.display(), error = %error, "policy reload refused; the policy in force stays");
+                self.metrics
+                    .policy_loads
+                    .get_or_create(&ResultLabels { result: "failure" })
+                    .inc();
+                return None;
+            }
+        };
+        let resolver = if policy_hosts(&policy).is_empty() {
+            None
+        } else {
+            match resolver(&policy, &self.dns) {
+                Ok(r) => Some(r),
+                Err(error) => {
+                    tracing::error!(file = %path.display(), error = %error, "policy reload refused; the policy in force stays");
+                    self.metrics
+                        .policy_loads
+                        .get_or_create(&ResultLabels { result: "failure" })
+                        .inc();
+                    return None;
+                }
+            }
+        };
+        let (resolved, due) = resolve_all(&policy, resolver.as_ref()).await;
+        let name = policy.name.clone();
+        match self.enforcer.reload(policy, resolved) {
+            Ok(stats) => {
+                for (host, t) in due {
+                    self.enforcer.postpone(&host, t);
+                }
+                self.resolver = resolver;
+                self.metrics
+                    .policy_loads
+                    .get_or_create(&ResultLabels { result: "success" })
+                    .inc();
+                self.publish_slot();
+                let id = self.enforcer.compiled().policy_id;
+                tracing::info!(file = %path.display(), policy = %name, policy_id = id,
+                    rules_written = stats.rules_written, rules_removed = stats.rules_removed, "policy reloaded");
+                Some(id)
+            }
+            Err(error) => {
+                // Entries of the new id may be partly written; the slot still names the old id,
+                // so they are inert. They are removed on the next successful load.
+                tracing::error!(file = %path.display(), error = %error, "applying the reloaded policy failed; the policy in force stays");
+                self.metrics
+                    .policy_loads
+                    .get_or_create(&ResultLabels { result: "failure" })
+                    .inc();
+                None
+            }
+        }
     }
 
     /// Reads what is left in the ring buffer, closes the log window and logs the counters.

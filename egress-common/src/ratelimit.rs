@@ -18,9 +18,10 @@
 //! limit), not from the policy id. A reload that leaves a budget as it was therefore keeps
 //! its bucket; a reload that changes it starts a fresh one.
 
-use crate::dest::{Dest, Family, Proto};
+use crate::dest::{Dest, Proto};
 
-/// `HashMap<LimitKey, Limit>`: which budget applies to an allow rule, and the global budget.
+/// `HashMap<LimitKey, RuleLimits>`: the budgets a connection allowed by a rule is charged to
+/// (its destination budget and the global one: one lookup per decision).
 pub const MAP_RATE_LIMITS: &str = "EGRESS_RATE_LIMITS";
 /// `HashMap<BucketKey, Bucket>` (plain hash, not LRU): the buckets.
 pub const MAP_BUCKETS: &str = "EGRESS_BUCKETS";
@@ -34,9 +35,6 @@ pub const MAX_RATE_LIMITS: u32 = 1 << 16;
 /// buckets that have refilled completely, which changes no decision.
 pub const MAX_BUCKETS: u32 = 1 << 16;
 pub const MAX_UDP_FLOWS: u32 = 1 << 14;
-
-/// `rule_id` of the [`LimitKey`] that holds the policy's global limit.
-pub const GLOBAL_LIMIT_RULE: u32 = u32::MAX;
 
 /// A UDP send (connected or not) to a destination address and port that this workload sent
 /// to less than this long ago is part of the same "connection" and is not charged again.
@@ -53,7 +51,7 @@ pub const CAS_ATTEMPTS: u32 = 4;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct LimitKey {
     pub policy_id: u32,
-    /// Index into `allowed_destinations`, or [`GLOBAL_LIMIT_RULE`].
+    /// Index into `allowed_destinations`: the rule that allowed the connection.
     pub rule_id: u32,
 }
 
@@ -62,15 +60,21 @@ impl LimitKey {
     pub const fn rule(policy_id: u32, rule_id: u32) -> Self {
         LimitKey { policy_id, rule_id }
     }
-
-    #[inline(always)]
-    pub const fn global(policy_id: u32) -> Self {
-        LimitKey {
-            policy_id,
-            rule_id: GLOBAL_LIMIT_RULE,
-        }
-    }
 }
+
+/// The budgets of one allow rule. A rule without an entry has none.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RuleLimits {
+    pub destination: Limit,
+    pub global: Limit,
+    /// [`HAS_DESTINATION`] and/or [`HAS_GLOBAL`]: which of the two are in force.
+    pub present: u32,
+    pub _pad: u32,
+}
+
+pub const HAS_DESTINATION: u32 = 1 << 0;
+pub const HAS_GLOBAL: u32 = 1 << 1;
 
 /// One budget: `burst` connections, one more every `interval_ns`.
 #[repr(C)]
@@ -287,6 +291,7 @@ pub fn refund<C: TatCell>(cell: &C, limit: &Limit) {
 
 const _: () = {
     assert!(core::mem::size_of::<LimitKey>() == 8);
+    assert!(core::mem::size_of::<RuleLimits>() == 72);
     assert!(core::mem::size_of::<Limit>() == 32);
     assert!(core::mem::align_of::<Limit>() == 8);
     assert!(core::mem::size_of::<BucketKey>() == 32);
@@ -296,22 +301,12 @@ const _: () = {
     assert!(core::mem::align_of::<FlowKey>() == 4);
 };
 
-impl Family {
-    /// The family of a non-zero [`BucketKey::family`] or [`FlowKey::family`].
-    pub const fn from_u8(v: u8) -> Option<Family> {
-        match v {
-            4 => Some(Family::V4),
-            6 => Some(Family::V6),
-            _ => None,
-        }
-    }
-}
-
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: #[repr(C)], integers and byte arrays only, no padding (sizes asserted above;
     // the explicit `_pad` fields fill every gap).
     unsafe impl aya::Pod for super::LimitKey {}
+    unsafe impl aya::Pod for super::RuleLimits {}
     unsafe impl aya::Pod for super::Limit {}
     unsafe impl aya::Pod for super::BucketKey {}
     unsafe impl aya::Pod for super::Bucket {}

@@ -17,13 +17,14 @@ use egress_common::{
     Decision, Dest, Proto, Reason, SlotConfig,
     maps::SLOT_RATE_LIMITED,
     ratelimit::{
-        Bucket, BucketKey, FlowKey, Limit, LimitKey, MAX_BUCKETS, MAX_RATE_LIMITS, MAX_UDP_FLOWS,
-        Take, TatCell, UDP_FLOW_REFRESH_NS, flow_is_live, fresh, refund, take,
+        Bucket, BucketKey, FlowKey, HAS_DESTINATION, HAS_GLOBAL, Limit, LimitKey, MAX_BUCKETS,
+        MAX_RATE_LIMITS, MAX_UDP_FLOWS, RuleLimits, Take, TatCell, UDP_FLOW_REFRESH_NS,
+        flow_is_live, fresh, refund, take,
     },
 };
 
 #[map(name = "EGRESS_RATE_LIMITS")]
-static LIMITS: HashMap<LimitKey, Limit> =
+static LIMITS: HashMap<LimitKey, RuleLimits> =
     HashMap::with_max_entries(MAX_RATE_LIMITS, BPF_F_NO_PREALLOC);
 
 /// Not preallocated: an element deleted by the agent's collector while a program still holds
@@ -143,16 +144,21 @@ pub fn limit(slot: u32, cfg: &SlotConfig, dst: &Dest, decision: Decision) -> Dec
         reason,
         rule_id: decision.rule_id,
     };
-    // SAFETY (both lookups): the value is copied out at once.
-    let destination = unsafe { LIMITS.get(LimitKey::rule(cfg.policy_id, decision.rule_id)) }
-        .copied()
-        .map(|limit| (BucketKey::destination(slot, &limit, dst), limit));
-    if let Some((key, limit)) = &destination
-        && let Err(reason) = charge(key, limit, now, Reason::RateLimitedDestination)
+    let Some(limits) = LIMITS.get_ptr(LimitKey::rule(cfg.policy_id, decision.rule_id)) else {
+        // The rule has no budget (and the policy no global one).
+        return decision;
+    };
+    // SAFETY: a valid map value (an update replaces the element, it never changes one a
+    // program may be reading).
+    let (present, destination, global) =
+        unsafe { ((*limits).present, (*limits).destination, (*limits).global) };
+    let dest_key = BucketKey::destination(slot, &destination, dst);
+    if present & HAS_DESTINATION != 0
+        && let Err(reason) = charge(&dest_key, &destination, now, Reason::RateLimitedDestination)
     {
         return denied(reason);
     }
-    if let Some(global) = unsafe { LIMITS.get(LimitKey::global(cfg.policy_id)) }.copied()
+    if present & HAS_GLOBAL != 0
         && let Err(reason) = charge(
             &BucketKey::global(slot, &global),
             &global,
@@ -161,8 +167,8 @@ pub fn limit(slot: u32, cfg: &SlotConfig, dst: &Dest, decision: Decision) -> Dec
         )
     {
         // The connection does not happen: it must not use the destination's budget.
-        if let Some((key, limit)) = &destination {
-            give_back(key, limit);
+        if present & HAS_DESTINATION != 0 {
+            give_back(&dest_key, &destination);
         }
         return denied(reason);
     }

@@ -3,10 +3,7 @@
 //! These drive the programs through the agent's library (no agent process): load, attach to a
 //! test cgroup, and run the probe in that cgroup with the slot left unconfigured or the
 //! programs bound to a slot outside the table.
-#![expect(
-    clippy::expect_used,
-    reason = "test code: a failure is a test failure"
-)]
+#![expect(clippy::expect_used, reason = "test code: a failure is a test failure")]
 
 use std::io::Write as _;
 use std::os::unix::process::CommandExt as _;

@@ -7,7 +7,9 @@
 
 use std::collections::BTreeMap;
 
-use egress_common::ratelimit::{LIMIT_PER_ADDRESS, Limit, LimitKey};
+use egress_common::ratelimit::{
+    HAS_DESTINATION, HAS_GLOBAL, LIMIT_PER_ADDRESS, Limit, LimitKey, RuleLimits,
+};
 
 use crate::compile::canonical_net;
 use crate::policy::{Policy, RateLimit, Target};
@@ -16,7 +18,7 @@ use crate::policy::{Policy, RateLimit, Target};
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct CompiledLimits {
     pub policy_id: u32,
-    pub limits: BTreeMap<LimitKey, Limit>,
+    pub limits: BTreeMap<LimitKey, RuleLimits>,
 }
 
 /// Whether the policy limits any connection rate.
@@ -77,28 +79,44 @@ fn limit(identity: &str, l: RateLimit, flags: u32) -> Limit {
     )
 }
 
-/// The limit entries of `policy` under `policy_id`: one per allow rule that has a budget,
-/// plus the global one.
+/// The limit entries of `policy` under `policy_id`: one per allow rule that charges any
+/// budget (its destination budget, the global one, or both).
 pub fn compile_limits(policy: &Policy, policy_id: u32) -> CompiledLimits {
+    let global = policy
+        .rate_limits
+        .as_ref()
+        .and_then(|r| r.global)
+        .map(|g| limit(&global_identity(g), g, 0));
     let mut limits = BTreeMap::new();
     for (i, rule) in policy.allowed.iter().enumerate() {
-        let (Some(l), Ok(rule_id)) = (destination_limit(policy, i), u32::try_from(i)) else {
+        let Ok(rule_id) = u32::try_from(i) else {
             continue;
         };
-        let flags = match rule.target {
-            Target::Cidr(_) => LIMIT_PER_ADDRESS,
-            Target::Host(_) => 0,
-        };
-        let identity = destination_identity(&rule.target, l);
+        let destination = destination_limit(policy, i).map(|l| {
+            let flags = match rule.target {
+                Target::Cidr(_) => LIMIT_PER_ADDRESS,
+                Target::Host(_) => 0,
+            };
+            limit(&destination_identity(&rule.target, l), l, flags)
+        });
+        if destination.is_none() && global.is_none() {
+            continue;
+        }
+        let mut present = 0;
+        if destination.is_some() {
+            present |= HAS_DESTINATION;
+        }
+        if global.is_some() {
+            present |= HAS_GLOBAL;
+        }
         limits.insert(
             LimitKey::rule(policy_id, rule_id),
-            limit(&identity, l, flags),
-        );
-    }
-    if let Some(g) = policy.rate_limits.as_ref().and_then(|r| r.global) {
-        limits.insert(
-            LimitKey::global(policy_id),
-            limit(&global_identity(g), g, 0),
+            RuleLimits {
+                destination: destination.unwrap_or_default(),
+                global: global.unwrap_or_default(),
+                present,
+                _pad: 0,
+            },
         );
     }
     CompiledLimits { policy_id, limits }
@@ -133,8 +151,11 @@ mod tests {
     fn every_rule_gets_its_budget_and_the_default_fills_in() {
         let p = parse(POLICY);
         let c = compile_limits(&p, 9);
-        assert_eq!(c.limits.len(), 4);
-        let host = c.limits[&LimitKey::rule(9, 0)];
+        assert_eq!(c.limits.len(), 3);
+        for l in c.limits.values() {
+            assert_eq!(l.present, HAS_DESTINATION | HAS_GLOBAL);
+        }
+        let host = c.limits[&LimitKey::rule(9, 0)].destination;
         assert_eq!(
             (host.burst, host.interval_ns, host.flags),
             (100, 600_000_000, 0)
@@ -143,15 +164,18 @@ mod tests {
             host.budget,
             budget_id("destination host api.company.test: 100 per 60 s")
         );
-        let cidr = c.limits[&LimitKey::rule(9, 1)];
+        let cidr = c.limits[&LimitKey::rule(9, 1)].destination;
         assert_eq!(
             (cidr.burst, cidr.interval_ns, cidr.flags),
             (5, 2_000_000_000, LIMIT_PER_ADDRESS)
         );
         assert_eq!(cidr.span_ns, 4 * 2_000_000_000);
         // An IP literal is a single-address CIDR: per address.
-        assert_eq!(c.limits[&LimitKey::rule(9, 2)].flags, LIMIT_PER_ADDRESS);
-        let global = c.limits[&LimitKey::global(9)];
+        assert_eq!(
+            c.limits[&LimitKey::rule(9, 2)].destination.flags,
+            LIMIT_PER_ADDRESS
+        );
+        let global = c.limits[&LimitKey::rule(9, 2)].global;
         assert_eq!((global.burst, global.interval_ns), (1000, 60_000_000));
         assert!(has_limits(&p));
     }
@@ -161,23 +185,44 @@ mod tests {
         let p = parse(POLICY);
         let a = compile_limits(&p, 1);
         let b = compile_limits(&p, 2);
-        let ids = |c: &CompiledLimits| c.limits.values().map(|l| l.budget).collect::<Vec<_>>();
+        let ids = |c: &CompiledLimits| {
+            c.limits
+                .values()
+                .flat_map(|l| [l.destination.budget, l.global.budget])
+                .collect::<Vec<_>>()
+        };
         assert_eq!(ids(&a), ids(&b));
         // Changing one number changes that budget only.
         let changed = parse(&POLICY.replace("max_connections: 5,", "max_connections: 6,"));
         let c = compile_limits(&changed, 2);
+        let (old, new) = (&b.limits, &c.limits);
+        let rule = |i| LimitKey::rule(2, i);
         assert_ne!(
-            c.limits[&LimitKey::rule(2, 1)].budget,
-            b.limits[&LimitKey::rule(2, 1)].budget
+            new[&rule(1)].destination.budget,
+            old[&rule(1)].destination.budget
         );
         assert_eq!(
-            c.limits[&LimitKey::rule(2, 0)].budget,
-            b.limits[&LimitKey::rule(2, 0)].budget
+            new[&rule(0)].destination.budget,
+            old[&rule(0)].destination.budget
         );
+        assert_eq!(new[&rule(1)].global.budget, old[&rule(1)].global.budget);
+    }
+
+    #[test]
+    fn a_global_limit_alone_covers_every_rule() {
+        let p = parse(
+            "egress_policy:\n  default_action: DENY\n  allowed_destinations:\n    - {cidr: \
+             10.0.0.0/8, ports: [1], protocols: [tcp]}\n    - {host: a.test, ports: [2], \
+             protocols: [tcp], rate_limit: {max_connections: 1, time_window: 1}}\n  \
+             rate_limits:\n    global: {max_new_connections: 7, time_window: 7}\n",
+        );
+        let c = compile_limits(&p, 1);
+        assert_eq!(c.limits[&LimitKey::rule(1, 0)].present, HAS_GLOBAL);
         assert_eq!(
-            c.limits[&LimitKey::global(2)].budget,
-            b.limits[&LimitKey::global(2)].budget
+            c.limits[&LimitKey::rule(1, 1)].present,
+            HAS_DESTINATION | HAS_GLOBAL
         );
+        assert_eq!(c.limits[&LimitKey::rule(1, 0)].global.burst, 7);
     }
 
     #[test]

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use aya::maps::{HashMap, MapData, MapError};
 use egress_common::ratelimit::{
-    Bucket, BucketKey, Limit, LimitKey, MAP_BUCKETS, MAP_RATE_LIMITS, is_full,
+    Bucket, BucketKey, LimitKey, MAP_BUCKETS, MAP_RATE_LIMITS, RuleLimits, is_full,
 };
 
 use super::CompiledLimits;
@@ -49,8 +49,11 @@ fn op_err(map: &'static str, op: &'static str) -> impl FnOnce(MapError) -> RateM
 type Buckets = HashMap<MapData, BucketKey, Bucket>;
 
 pub struct RateMaps {
-    limits: HashMap<MapData, LimitKey, Limit>,
+    limits: HashMap<MapData, LimitKey, RuleLimits>,
     buckets: Arc<Mutex<Buckets>>,
+    /// The kernel's id of the bucket map (for `bpftool map dump id N`, and to tell this
+    /// agent's programs from others': they use this map).
+    bucket_map_id: Option<u32>,
     collector: Option<Collector>,
 }
 
@@ -58,11 +61,16 @@ impl RateMaps {
     pub fn take(programs: &mut Programs) -> Result<Self, RateMapsError> {
         let limits = HashMap::try_from(programs.take_map(MAP_RATE_LIMITS)?)
             .map_err(op_err(MAP_RATE_LIMITS, "open"))?;
-        let buckets = HashMap::try_from(programs.take_map(MAP_BUCKETS)?)
-            .map_err(op_err(MAP_BUCKETS, "open"))?;
+        let buckets = programs.take_map(MAP_BUCKETS)?;
+        let bucket_map_id = match &buckets {
+            aya::maps::Map::HashMap(data) => data.info().ok().map(|i| i.id()),
+            _ => None,
+        };
+        let buckets = HashMap::try_from(buckets).map_err(op_err(MAP_BUCKETS, "open"))?;
         Ok(RateMaps {
             limits,
             buckets: Arc::new(Mutex::new(buckets)),
+            bucket_map_id,
             collector: None,
         })
     }
@@ -93,6 +101,10 @@ impl RateMaps {
             }
         }
         Ok(())
+    }
+
+    pub fn bucket_map_id(&self) -> Option<u32> {
+        self.bucket_map_id
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Buckets> {
@@ -207,4 +219,26 @@ pub fn monotonic_ns() -> u64 {
         .unwrap_or(0)
         .saturating_mul(1_000_000_000)
         .saturating_add(u64::try_from(ts.tv_nsec).unwrap_or(0))
+}
+
+impl RateMaps {
+    /// Removes every limit entry whose policy id is not `keep` (left by an earlier agent).
+    /// Buckets are keyed by slot and budget, not by policy id, and are left alone.
+    pub fn retain_policy(&mut self, keep: u32) -> Result<usize, RateMapsError> {
+        let stale: Vec<LimitKey> = self
+            .limits
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.policy_id != keep)
+            .collect();
+        for k in &stale {
+            match self.limits.remove(k) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(MapError::SyscallError(e))
+                    if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(e) => return Err(op_err(MAP_RATE_LIMITS, "remove")(e)),
+            }
+        }
+        Ok(stale.len())
+    }
 }

@@ -372,7 +372,7 @@ mod tests {
                 .limits
                 .values()
                 .next()
-                .copied()
+                .map(|l| l.destination)
                 .unwrap_or_default();
             let dst = tcp([198, 18, 0, 1], 1);
             let mut r = Reference::new();

@@ -1,0 +1,435 @@
+//! Enforcement that survives its agent: `kill -9` and a restart change nothing the workload
+//! observes, a policy reload under load never opens or closes what both policies agree on, a
+//! broken policy file changes nothing, and only `detach` removes enforcement.
+#![expect(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    reason = "test code: a failure is a test failure"
+)]
+
+use std::io::Write as _;
+use std::os::unix::fs::MetadataExt as _;
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use egress_tests::agent::agent_bin;
+use egress_tests::netns::{Netns, REMOTE_V4};
+use egress_tests::policy::PolicyYaml;
+use egress_tests::probe::{ProbeResult, parse_output};
+use egress_tests::server::{Listener, SETTLE};
+use egress_tests::testbed::Testbed;
+use egress_tests::{NOBODY_GID, NOBODY_UID};
+
+const PROBE: &str = env!("CARGO_BIN_EXE_egress-probe");
+const ALLOWED: &str = "198.18.0.2";
+const OTHER: &str = "198.18.0.3";
+
+/// A `run` agent started in the background, its stderr in a file.
+struct RunAgent {
+    child: Child,
+    log: PathBuf,
+}
+
+impl RunAgent {
+    fn start(ns: &Netns, policy: &Path, cgroup: &Path, dir: &Path, extra: &[&str]) -> Self {
+        let log = dir.join(format!(
+            "agent-{}.log",
+            Instant::now().elapsed().as_nanos() ^ u128::from(std::process::id())
+        ));
+        let log = if log.exists() {
+            dir.join(format!("agent-{}.log", rand_suffix()))
+        } else {
+            log
+        };
+        let file = std::fs::File::create(&log).unwrap();
+        let mut cmd = Command::new(agent_bin().unwrap());
+        cmd.args(["--log-format", "json", "run", "--policy"])
+            .arg(policy)
+            .arg("--cgroup")
+            .arg(cgroup)
+            .args(["--watch-interval", "1"])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(file);
+        ns.run_in(&mut cmd);
+        let child = cmd.spawn().unwrap();
+        RunAgent { child, log }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits (bounded) for a log line containing `needle`.
+    fn wait_for(&mut self, needle: &str) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while !self.log().contains(needle) {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "agent exited ({status}) before logging {needle:?}:\n{}",
+                    self.log()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "agent did not log {needle:?}:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn signal(&mut self, sig: nix::sys::signal::Signal) -> std::process::ExitStatus {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), sig).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "agent did not stop");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for RunAgent {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn rand_suffix() -> u64 {
+    use rand::Rng as _;
+    rand::rng().random()
+}
+
+/// The probe as nobody inside `cgroup` (joined before exec) in `ns`, in the background.
+fn workload(tb: &Testbed, cgroup: &Path, ns: &Netns, ops: &[String]) -> Child {
+    let procs = std::fs::OpenOptions::new()
+        .write(true)
+        .open(cgroup.join("cgroup.procs"))
+        .unwrap();
+    let mut cmd = Command::new(tb.probe.path());
+    cmd.args(ops)
+        .current_dir("/")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    // SAFETY: write(2) on a descriptor opened before fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            let mut f = &procs;
+            f.write_all(b"0")
+        });
+    }
+    ns.run_in_as(&mut cmd, NOBODY_UID, NOBODY_GID);
+    cmd.spawn().unwrap()
+}
+
+fn finish(child: Child) -> Vec<ProbeResult> {
+    let out = child.wait_with_output().unwrap();
+    parse_output(&String::from_utf8_lossy(&out.stdout)).0
+}
+
+fn detach(ns: &Netns, cgroup: &Path) -> (i32, String) {
+    let mut cmd = Command::new(agent_bin().unwrap());
+    cmd.args(["--log-format", "json", "detach", "--cgroup"])
+        .arg(cgroup);
+    ns.run_in(&mut cmd);
+    let out = cmd.output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+fn pins_of(cgroup: &Path) -> PathBuf {
+    let id = std::fs::metadata(cgroup).unwrap().ino();
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let bpffs = info
+        .lines()
+        .find_map(|l| {
+            let (pre, post) = l.split_once(" - ")?;
+            (post.split_whitespace().next()? == "bpf")
+                .then(|| pre.split_whitespace().nth(4).map(PathBuf::from))?
+        })
+        .expect("bpffs is mounted once an agent ran");
+    bpffs.join(format!("egress/v1/cg-{id}"))
+}
+
+fn setup(tb: &Testbed) -> (Listener, Listener) {
+    tb.topo.add_remote_addr(OTHER.parse().unwrap()).unwrap();
+    let allowed = tb
+        .listen_tcp(format!("{ALLOWED}:8443").parse().unwrap())
+        .unwrap();
+    let other = tb
+        .listen_tcp(format!("{OTHER}:8443").parse().unwrap())
+        .unwrap();
+    (allowed, other)
+}
+
+fn rounds(n: usize, extra: &[&str]) -> Vec<String> {
+    let mut ops = Vec::new();
+    for i in 0..n {
+        ops.push(format!("send tcp4 {ALLOWED} 8443 a{i}"));
+        ops.push(format!("connect tcp4 {OTHER} 8443"));
+        for e in extra {
+            ops.push((*e).to_owned());
+        }
+        ops.push("sleep 50".into());
+    }
+    ops
+}
+
+#[test]
+fn kill_9_and_restart_change_nothing_the_workload_sees_and_only_detach_ends_enforcement() {
+    let Some(tb) = Testbed::for_test(PROBE.as_ref()) else {
+        return;
+    };
+    let (allowed, other) = setup(&tb);
+    let cg = tb.cgroups.child("life").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let policy = tb
+        .write_policy(
+            &PolicyYaml::new()
+                .allow_cidr("198.18.0.2/32", &[8443], &["tcp"])
+                .render(),
+        )
+        .unwrap();
+
+    let mut first = RunAgent::start(tb.client(), &policy, &cg, dir.path(), &[]);
+    first.wait_for("\"enforcing\"");
+    assert!(
+        pins_of(&cg).join("link_egress_connect4").exists(),
+        "links are pinned"
+    );
+
+    const N: usize = 40;
+    let load = workload(&tb, &cg, tb.client(), &rounds(N, &[]));
+    std::thread::sleep(Duration::from_millis(400));
+    let status = first.signal(nix::sys::signal::Signal::SIGKILL);
+    assert!(!status.success());
+    std::thread::sleep(Duration::from_millis(500));
+    let mut second = RunAgent::start(tb.client(), &policy, &cg, dir.path(), &[]);
+    second.wait_for("\"enforcing\"");
+    assert!(
+        second.log().contains("adopted pinned enforcement"),
+        "{}",
+        second.log()
+    );
+    let results = finish(load);
+
+    assert_eq!(results.len(), 3 * N, "{results:?}");
+    for r in &results {
+        if r.op.starts_with("send") {
+            assert!(
+                r.ok,
+                "an allowed connection failed across the restart: {r:?}"
+            );
+        } else if r.op.starts_with("connect") {
+            assert_eq!(
+                r.errno,
+                Some(libc::EPERM),
+                "a denied connection was not refused: {r:?}"
+            );
+        }
+    }
+    std::thread::sleep(SETTLE);
+    assert_eq!(other.connections(), 0, "a denied destination was reached");
+    assert_eq!(allowed.connections(), N);
+
+    // SIGTERM stops the agent but not enforcement.
+    assert!(
+        second.signal(nix::sys::signal::Signal::SIGTERM).success(),
+        "{}",
+        second.log()
+    );
+    assert!(pins_of(&cg).exists());
+    let after = finish(workload(
+        &tb,
+        &cg,
+        tb.client(),
+        &[format!("connect tcp4 {OTHER} 8443")],
+    ));
+    assert_eq!(
+        after[0].errno,
+        Some(libc::EPERM),
+        "enforcement ended with the agent: {after:?}"
+    );
+
+    // detach removes it, and everything it pinned.
+    let (code, text) = detach(tb.client(), &cg);
+    assert_eq!(code, 0, "{text}");
+    assert!(!pins_of(&cg).exists(), "pins left after detach");
+    let free = finish(workload(
+        &tb,
+        &cg,
+        tb.client(),
+        &[format!("connect tcp4 {OTHER} 8443")],
+    ));
+    assert!(free[0].ok, "still enforced after detach: {free:?}");
+    let (code, text) = detach(tb.client(), &cg);
+    assert_eq!(code, 0, "detach twice: {text}");
+    assert!(text.contains("no egress enforcement"), "{text}");
+}
+
+#[test]
+fn reload_under_load_keeps_what_both_policies_agree_on_and_a_broken_file_changes_nothing() {
+    let Some(tb) = Testbed::for_test(PROBE.as_ref()) else {
+        return;
+    };
+    let (allowed, other) = setup(&tb);
+    tb.topo
+        .add_remote_addr("198.18.0.4".parse().unwrap())
+        .unwrap();
+    let newly = tb.listen_tcp("198.18.0.4:8443".parse().unwrap()).unwrap();
+    let cg = tb.cgroups.child("reload").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("policy.yaml");
+    let old = PolicyYaml::new()
+        .allow_cidr("198.18.0.2/32", &[8443], &["tcp"])
+        .deny_cidr("198.18.0.3/32");
+    let new = PolicyYaml::new()
+        .allow_cidr("198.18.0.2/32", &[8443], &["tcp"])
+        .allow_cidr("198.18.0.4/32", &[8443], &["tcp"])
+        .deny_cidr("198.18.0.3/32");
+    std::fs::write(&path, old.render()).unwrap();
+    let mut agent = RunAgent::start(tb.client(), &path, &cg, dir.path(), &[]);
+    agent.wait_for("\"enforcing\"");
+
+    const N: usize = 60;
+    let load = workload(
+        &tb,
+        &cg,
+        tb.client(),
+        &rounds(N, &["connect tcp4 198.18.0.4 8443"]),
+    );
+    std::thread::sleep(Duration::from_millis(600));
+    // Replace the file (picked up by the watcher), then SIGHUP too.
+    let tmp = dir.path().join("policy.yaml.new");
+    std::fs::write(&tmp, new.render()).unwrap();
+    std::fs::rename(&tmp, &path).unwrap();
+    agent.wait_for("\"policy reloaded\"");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(agent.child.id() as i32),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(600));
+    // A broken file: refused, and the loaded policy stays.
+    std::fs::write(&path, "egress_policy:\n  default_action: DENY\n  allowed_destinations:\n    - cidr: 198.18.0.4/33\n").unwrap();
+    agent.wait_for("policy reload refused");
+    let results = finish(load);
+
+    let mut newly_ok = Vec::new();
+    for r in &results {
+        if r.op.starts_with("send") {
+            assert!(r.ok, "allowed in both, refused during a reload: {r:?}");
+        } else if r.op.starts_with(&format!("connect tcp4 {OTHER}")) {
+            assert_eq!(
+                r.errno,
+                Some(libc::EPERM),
+                "denied in both, let through during a reload: {r:?}"
+            );
+        } else if r.op.starts_with("connect tcp4 198.18.0.4") {
+            newly_ok.push(r.ok);
+        }
+    }
+    // Refused under the old policy, allowed once the new one is in force, and never back.
+    let first_ok = newly_ok.iter().position(|ok| *ok).unwrap_or_else(|| {
+        panic!(
+            "the new rule never took effect: {results:?}\n{}",
+            agent.log()
+        )
+    });
+    assert!(first_ok > 0, "allowed before the reload");
+    assert!(
+        newly_ok[first_ok..].iter().all(|ok| *ok),
+        "flapped after the reload: {newly_ok:?}"
+    );
+    std::thread::sleep(SETTLE);
+    assert_eq!(other.connections(), 0);
+    assert_eq!(allowed.connections(), N);
+    assert_eq!(
+        newly.connections(),
+        newly_ok.iter().filter(|ok| **ok).count()
+    );
+
+    let log = agent.log();
+    assert!(
+        log.contains("198.18.0.4/33"),
+        "the error names the bad value: {log}"
+    );
+    // The broken file left the new policy in force.
+    let still = finish(workload(
+        &tb,
+        &cg,
+        tb.client(),
+        &["connect tcp4 198.18.0.4 8443".to_owned()],
+    ));
+    assert!(still[0].ok, "{still:?}");
+    assert!(agent.signal(nix::sys::signal::Signal::SIGTERM).success());
+    let (code, text) = detach(tb.client(), &cg);
+    assert_eq!(code, 0, "{text}");
+}
+
+#[test]
+fn state_of_another_layout_version_is_refused_not_ignored() {
+    let Some(tb) = Testbed::for_test(PROBE.as_ref()) else {
+        return;
+    };
+    let cg = tb.cgroups.child("layout").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let policy = tb
+        .write_policy(
+            &PolicyYaml::new()
+                .allow_cidr("198.18.0.2/32", &[8443], &["tcp"])
+                .render(),
+        )
+        .unwrap();
+    // An agent run first makes sure bpffs is mounted and shows where pins go.
+    let mut agent = RunAgent::start(tb.client(), &policy, &cg, dir.path(), &[]);
+    agent.wait_for("\"enforcing\"");
+    assert!(agent.signal(nix::sys::signal::Signal::SIGTERM).success());
+    assert_eq!(detach(tb.client(), &cg).0, 0);
+    let ours = pins_of(&cg);
+    let foreign = ours
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("v999")
+        .join(ours.file_name().unwrap());
+    std::fs::create_dir_all(&foreign).unwrap();
+    let mut agent = RunAgent::start(tb.client(), &policy, &cg, dir.path(), &[]);
+    let status = {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(s) = agent.child.try_wait().unwrap() {
+                break s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "agent ran beside foreign state: {}",
+                agent.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    std::fs::remove_dir(&foreign).unwrap();
+    let _ = std::fs::remove_dir(foreign.parent().unwrap());
+    assert!(!status.success());
+    assert!(
+        agent.log().contains("another layout version"),
+        "{}",
+        agent.log()
+    );
+    assert!(!ours.exists(), "nothing may be pinned when refusing");
+    let _: std::net::Ipv4Addr = REMOTE_V4;
+}
