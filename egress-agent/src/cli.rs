@@ -51,6 +51,11 @@ pub struct DnsArgs {
     /// Longest time an answer is kept before asking again, in seconds.
     #[arg(long, default_value_t = 300)]
     pub dns_max_ttl: u64,
+    /// Seconds an answer stays in force in the kernel past its TTL, for the agent's refresh.
+    /// With no agent running, resolved addresses stop working TTL + this many seconds after
+    /// they were learned.
+    #[arg(long, default_value_t = 10)]
+    pub dns_expiry_grace: u64,
     /// Seconds to wait for one DNS answer.
     #[arg(long, default_value_t = 2)]
     pub dns_timeout: u64,

@@ -70,28 +70,59 @@ impl SetIds {
 struct Node {
     allow: BTreeSet<u32>,
     deny: Option<u32>,
+    /// `Some(s)` while every contribution to this prefix is a DNS answer that lapses at
+    /// CLOCK_BOOTTIME second `s` (the earliest of them); `None` once any contribution is
+    /// static (a CIDR, or an answer with no deadline).
+    expires: Option<Option<u32>>,
 }
 
-/// Compiles `policy` under `policy_id`. Wildcard hosts are not compiled (the policy gate
-/// refuses them before this step); host names missing from `resolved` contribute nothing,
-/// which denies them.
+impl Node {
+    fn lifetime(&mut self, deadline: Option<u32>) {
+        self.expires = Some(match (self.expires, deadline) {
+            (None, d) => d,
+            (Some(Some(a)), Some(b)) => Some(a.min(b)),
+            _ => None,
+        });
+    }
+}
+
+/// When each host name's current answer lapses (CLOCK_BOOTTIME seconds).
+pub type Deadlines = BTreeMap<String, u32>;
+
+/// Compiles `policy` under `policy_id`, with entries that never expire. Wildcard hosts are
+/// not compiled (the policy gate refuses them before this step); host names missing from
+/// `resolved` contribute nothing, which denies them.
 pub fn compile(
     policy: &Policy,
     policy_id: u32,
     resolved: &Resolved,
     sets: &mut SetIds,
 ) -> Compiled {
+    compile_with_deadlines(policy, policy_id, resolved, &Deadlines::new(), sets)
+}
+
+/// As [`compile`]; the addresses of a host name with a deadline expire in the kernel at that
+/// deadline, also when no agent is running to remove them.
+pub fn compile_with_deadlines(
+    policy: &Policy,
+    policy_id: u32,
+    resolved: &Resolved,
+    deadlines: &Deadlines,
+    sets: &mut SetIds,
+) -> Compiled {
     let mut nodes: BTreeMap<(Family, [u8; 16], u8), Node> = BTreeMap::new();
 
     for (i, rule) in policy.allowed.iter().enumerate() {
-        for net in targets(&rule.target, resolved) {
+        for (net, deadline) in timed_targets(&rule.target, resolved, deadlines) {
             let node = nodes.entry(node_key(net)).or_default();
             node.allow.insert(index(i));
+            node.lifetime(deadline);
         }
     }
     for (j, rule) in policy.denied.iter().enumerate() {
-        for net in targets(&rule.target, resolved) {
+        for (net, deadline) in timed_targets(&rule.target, resolved, deadlines) {
             let node = nodes.entry(node_key(net)).or_default();
+            node.lifetime(deadline);
             // Several deny entries for one prefix: report the first.
             node.deny = Some(node.deny.map_or(index(j), |d| d.min(index(j))));
         }
@@ -141,9 +172,11 @@ pub fn compile(
                     key,
                     RuleValue {
                         action: ACTION_DENY,
+                        prefix: *len,
+                        _pad: [0; 2],
                         rule_id,
                         set_id: 0,
-                        _reserved: 0,
+                        expires_s: node.expires.flatten().unwrap_or(0),
                     },
                 );
             }
@@ -165,9 +198,11 @@ pub fn compile(
                 key,
                 RuleValue {
                     action: ACTION_ALLOW,
+                    prefix: *len,
+                    _pad: [0; 2],
                     rule_id: first,
                     set_id,
-                    _reserved: 0,
+                    expires_s: node.expires.flatten().unwrap_or(0),
                 },
             );
         }
@@ -207,6 +242,22 @@ fn proto(t: Transport) -> Proto {
         Transport::Tcp => Proto::Tcp,
         Transport::Udp => Proto::Udp,
     }
+}
+
+/// The networks a target stands for, with the deadline of the answer they came from.
+fn timed_targets(
+    target: &Target,
+    resolved: &Resolved,
+    deadlines: &Deadlines,
+) -> Vec<(IpNet, Option<u32>)> {
+    let deadline = match target {
+        Target::Host(HostPattern::Exact(name)) => deadlines.get(name).copied(),
+        _ => None,
+    };
+    targets(target, resolved)
+        .into_iter()
+        .map(|n| (n, deadline))
+        .collect()
 }
 
 /// The networks a target stands for, canonical (IPv4-mapped IPv6 as IPv4).
@@ -264,13 +315,32 @@ pub fn covers(net: &[u8; 16], len: u8, addr: &[u8; 16]) -> bool {
     (net[full] & mask) == (addr[full] & mask)
 }
 
+/// The compiled tables read at a given CLOCK_BOOTTIME second, as the kernel reads the maps.
+pub struct CompiledAt<'a> {
+    pub compiled: &'a Compiled,
+    pub now_s: u32,
+}
+
+impl egress_common::Tables for CompiledAt<'_> {
+    fn rule(&self, key: &RuleKey, prefix_len: u32) -> Option<RuleValue> {
+        self.compiled.rule(key, prefix_len)
+    }
+
+    fn port(&self, key: &PortKey) -> Option<u32> {
+        self.compiled.ports.get(key).copied()
+    }
+
+    fn now_s(&self) -> u32 {
+        self.now_s
+    }
+}
+
+/// Read with no clock (second 0): no entry has expired.
 impl egress_common::Tables for Compiled {
     /// The same longest-prefix match the kernel's LPM trie does, over the compiled entries.
-    fn rule(&self, key: &RuleKey, family: Family) -> Option<RuleValue> {
-        let bits: u8 = match family {
-            Family::V4 => 32,
-            Family::V6 => 128,
-        };
+    fn rule(&self, key: &RuleKey, prefix_len: u32) -> Option<RuleValue> {
+        let bits =
+            u8::try_from(prefix_len.saturating_sub(RULE_KEY_FIXED_BITS).min(128)).unwrap_or(128);
         for len in (0..=bits).rev() {
             let mut data = *key;
             mask_addr(&mut data.addr, len);
@@ -287,6 +357,10 @@ impl egress_common::Tables for Compiled {
 
     fn port(&self, key: &PortKey) -> Option<u32> {
         self.ports.get(key).copied()
+    }
+
+    fn now_s(&self) -> u32 {
+        0
     }
 }
 
@@ -550,6 +624,69 @@ mod tests {
         for (k, v) in &c1.ports {
             assert_eq!(c2.ports.get(k), Some(v), "port entry {k:?} changed meaning");
         }
+    }
+
+    #[test]
+    fn an_expired_answer_is_looked_past_to_the_covering_rules() {
+        let p = policy(
+            vec![
+                allow("api.test", &[443], &[Protocol::Https]),
+                allow("10.1.0.0/16", &[80], &[Protocol::Tcp]),
+            ],
+            vec![deny("bad.test")],
+        );
+        let mut r = Resolved::new();
+        r.insert("api.test".into(), vec![Ipv4Addr::new(10, 1, 2, 3).into()]);
+        r.insert("bad.test".into(), vec![Ipv4Addr::new(10, 1, 9, 9).into()]);
+        let deadlines: Deadlines =
+            [("api.test".to_owned(), 100), ("bad.test".to_owned(), 200)].into();
+        let c = compile_with_deadlines(&p, 7, &r, &deadlines, &mut SetIds::default());
+        let slot = SlotConfig {
+            policy_id: 7,
+            flags: c.slot_flags,
+            ..SlotConfig::default()
+        };
+        let at = |now_s| CompiledAt {
+            compiled: &c,
+            now_s,
+        };
+        let api443 = v4([10, 1, 2, 3], 443, Proto::Tcp);
+        let api80 = v4([10, 1, 2, 3], 80, Proto::Tcp);
+        let bad80 = v4([10, 1, 9, 9], 80, Proto::Tcp);
+        // Before the deadline the host's port and the covering CIDR's port both work.
+        assert_eq!(decide(&at(100), &slot, &api443).reason, Reason::AllowRule);
+        assert_eq!(decide(&at(100), &slot, &api80).reason, Reason::AllowRule);
+        assert_eq!(decide(&at(150), &slot, &bad80).reason, Reason::DenyRule);
+        // After it, the /32 no longer applies: the /16 decides.
+        assert_eq!(decide(&at(101), &slot, &api443).reason, Reason::DenyPort);
+        assert_eq!(decide(&at(101), &slot, &api80).reason, Reason::AllowRule);
+        // An expired deny is looked past too: the address is no longer the denied host's.
+        assert_eq!(decide(&at(201), &slot, &bad80).reason, Reason::AllowRule);
+    }
+
+    #[test]
+    fn a_static_contribution_never_expires() {
+        let p = policy(
+            vec![
+                allow("api.test", &[443], &[Protocol::Tcp]),
+                allow("10.1.2.3/32", &[22], &[Protocol::Tcp]),
+            ],
+            vec![],
+        );
+        let mut r = Resolved::new();
+        r.insert("api.test".into(), vec![Ipv4Addr::new(10, 1, 2, 3).into()]);
+        let deadlines: Deadlines = [("api.test".to_owned(), 100)].into();
+        let c = compile_with_deadlines(&p, 7, &r, &deadlines, &mut SetIds::default());
+        assert!(c.rules.values().all(|v| v.expires_s == 0), "{c:?}");
+        // Only host-derived entries carry the deadline.
+        let only_host = policy(vec![allow("api.test", &[443], &[Protocol::Tcp])], vec![]);
+        let c = compile_with_deadlines(&only_host, 7, &r, &deadlines, &mut SetIds::default());
+        assert!(
+            c.rules
+                .values()
+                .all(|v| v.expires_s == 100 && v.prefix == 32),
+            "{c:?}"
+        );
     }
 
     /// Random policies and destinations: the compiled tables, read the way the kernel reads

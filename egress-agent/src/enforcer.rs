@@ -10,7 +10,7 @@ use std::time::Duration;
 use egress_common::SlotConfig;
 use tokio::time::Instant;
 
-use crate::compile::{Compiled, Resolved, SetIds, compile};
+use crate::compile::{Compiled, Deadlines, Resolved, SetIds, compile_with_deadlines};
 use crate::loader::{LoadError, Programs};
 use crate::maps::{ApplyStats, MapSet, MapsError};
 use crate::policy::Policy;
@@ -41,6 +41,8 @@ pub struct Enforcer {
     policy: Policy,
     sets: SetIds,
     resolved: Resolved,
+    /// When each host's current answer lapses in the kernel.
+    deadlines: Deadlines,
     current: Compiled,
     /// Rate-limit entries and buckets (the budgets do not depend on resolved addresses).
     rate: RateMaps,
@@ -52,15 +54,20 @@ pub struct Enforcer {
 impl Enforcer {
     /// Loads the programs for `slot`, writes the compiled policy and puts it in force for the
     /// slot. Nothing is attached yet, and nothing is pinned.
-    pub fn start(policy: Policy, resolved: Resolved, slot: u32) -> Result<Self, EnforcerError> {
-        Self::start_with(policy, resolved, slot, None)
+    pub fn start(
+        policy: Policy,
+        resolved: impl Into<Resolution>,
+        slot: u32,
+    ) -> Result<Self, EnforcerError> {
+        let r = resolved.into();
+        Self::start_with(policy, (r.resolved, r.deadlines), slot, None)
     }
 
     /// As [`Enforcer::start`], with every map pinned in `dir`; attaching pins the links there
     /// too, so enforcement outlives this process.
     pub fn start_pinned(
         policy: Policy,
-        resolved: Resolved,
+        resolved: (Resolved, Deadlines),
         slot: u32,
         dir: &Path,
     ) -> Result<Self, EnforcerError> {
@@ -69,7 +76,7 @@ impl Enforcer {
 
     fn start_with(
         policy: Policy,
-        resolved: Resolved,
+        (resolved, deadlines): (Resolved, Deadlines),
         slot: u32,
         pins: Option<&Path>,
     ) -> Result<Self, EnforcerError> {
@@ -79,7 +86,8 @@ impl Enforcer {
         }
         let mut maps = MapSet::take(&mut programs)?;
         let mut sets = SetIds::default();
-        let compiled = compile(&policy, FIRST_POLICY_ID, &resolved, &mut sets);
+        let compiled =
+            compile_with_deadlines(&policy, FIRST_POLICY_ID, &resolved, &deadlines, &mut sets);
         maps.apply(&Compiled::default(), &compiled)?;
         let mut rate = RateMaps::take(&mut programs)?;
         let limits = compile_limits(&policy, compiled.policy_id);
@@ -106,6 +114,7 @@ impl Enforcer {
             policy,
             sets,
             resolved,
+            deadlines,
             current: compiled,
             rate,
             limits,
@@ -119,7 +128,7 @@ impl Enforcer {
     /// policy id are removed afterwards.
     pub fn adopt(
         policy: Policy,
-        resolved: Resolved,
+        (resolved, deadlines): (Resolved, Deadlines),
         slot: u32,
         dir: &Path,
     ) -> Result<(Self, u32), EnforcerError> {
@@ -129,7 +138,7 @@ impl Enforcer {
         let old = maps.slot_config(slot)?;
         let policy_id = next_policy_id(old.policy_id);
         let mut sets = SetIds::default();
-        let compiled = compile(&policy, policy_id, &resolved, &mut sets);
+        let compiled = compile_with_deadlines(&policy, policy_id, &resolved, &deadlines, &mut sets);
         maps.apply(&Compiled::default(), &compiled)?;
         let limits = compile_limits(&policy, policy_id);
         rate.apply(&CompiledLimits::default(), &limits)?;
@@ -157,6 +166,7 @@ impl Enforcer {
             policy,
             sets,
             resolved,
+            deadlines,
             current: compiled,
             rate,
             limits,
@@ -175,13 +185,13 @@ impl Enforcer {
     pub fn reload(
         &mut self,
         policy: Policy,
-        resolved: Resolved,
+        (resolved, deadlines): (Resolved, Deadlines),
     ) -> Result<ApplyStats, EnforcerError> {
         let slot = self.slot();
         let old_cfg = self.maps.slot_config(slot)?;
         let policy_id = next_policy_id(self.current.policy_id);
         let mut sets = SetIds::default();
-        let compiled = compile(&policy, policy_id, &resolved, &mut sets);
+        let compiled = compile_with_deadlines(&policy, policy_id, &resolved, &deadlines, &mut sets);
         let mut stats = self.maps.apply(&Compiled::default(), &compiled)?;
         let limits = compile_limits(&policy, policy_id);
         self.rate.apply(&CompiledLimits::default(), &limits)?;
@@ -211,6 +221,7 @@ impl Enforcer {
         self.policy = policy;
         self.sets = sets;
         self.resolved = resolved;
+        self.deadlines = deadlines;
         self.current = compiled;
         self.limits = limits;
         self.due = due;
@@ -251,22 +262,27 @@ impl Enforcer {
         self.due.values().min().copied()
     }
 
-    /// Sets a host's addresses (after a lookup) and brings the maps up to date.
+    /// Sets a host's addresses and their kernel deadline (after a lookup) and brings the maps
+    /// up to date. An unchanged answer still moves the deadline on.
     pub fn set_host(
         &mut self,
         host: &str,
         addrs: Vec<IpAddr>,
         next: Instant,
+        deadline_s: u32,
     ) -> Result<ApplyStats, EnforcerError> {
         self.due.insert(host.to_owned(), next);
-        if self.resolved.get(host) == Some(&addrs) {
+        if self.resolved.get(host) == Some(&addrs) && self.deadlines.get(host) == Some(&deadline_s)
+        {
             return Ok(ApplyStats::default());
         }
         self.resolved.insert(host.to_owned(), addrs);
-        let compiled = compile(
+        self.deadlines.insert(host.to_owned(), deadline_s);
+        let compiled = compile_with_deadlines(
             &self.policy,
             self.current.policy_id,
             &self.resolved,
+            &self.deadlines,
             &mut self.sets,
         );
         let stats = self.maps.apply(&self.current, &compiled)?;
@@ -320,7 +336,12 @@ impl Enforcer {
                 Ok(answer) => {
                     stats.ok += 1;
                     let n = answer.addrs.len();
-                    match self.set_host(&host, answer.addrs, now + answer.ttl) {
+                    match self.set_host(
+                        &host,
+                        answer.addrs,
+                        now + answer.ttl,
+                        crate::resolve::deadline_s(answer.ttl, &resolver.bounds()),
+                    ) {
                         Ok(stats) => tracing::info!(
                             host = %host, addresses = n, ttl_secs = answer.ttl.as_secs(),
                             rules_written = stats.rules_written, rules_removed = stats.rules_removed,
@@ -414,5 +435,31 @@ impl Enforcer {
         let slot = self.slot();
         self.maps.set_slot(slot, cfg)?;
         Ok(())
+    }
+}
+
+/// Addresses of the policy's host names, with the kernel deadline of each answer (hosts
+/// without a deadline never expire).
+#[derive(Clone, Debug, Default)]
+pub struct Resolution {
+    pub resolved: Resolved,
+    pub deadlines: Deadlines,
+}
+
+impl From<Resolved> for Resolution {
+    fn from(resolved: Resolved) -> Self {
+        Resolution {
+            resolved,
+            deadlines: Deadlines::new(),
+        }
+    }
+}
+
+impl From<(Resolved, Deadlines)> for Resolution {
+    fn from((resolved, deadlines): (Resolved, Deadlines)) -> Self {
+        Resolution {
+            resolved,
+            deadlines,
+        }
     }
 }

@@ -43,6 +43,26 @@ pub enum ResolveError {
 pub struct TtlBounds {
     pub floor: Duration,
     pub ceiling: Duration,
+    /// How long past its (clamped) TTL an answer stays in force in the kernel: time for the
+    /// agent's own refresh. Without an agent, the addresses expire at TTL + grace.
+    pub grace: Duration,
+}
+
+/// CLOCK_BOOTTIME now, in whole seconds (the clock the kernel programs read).
+pub fn boot_time_s() -> u32 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec we pass.
+    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+    u32::try_from(ts.tv_sec).unwrap_or(u32::MAX)
+}
+
+/// The kernel deadline for an answer with (clamped) `ttl`, received now.
+pub fn deadline_s(ttl: Duration, bounds: &TtlBounds) -> u32 {
+    let secs = (ttl + bounds.grace).as_secs().max(1);
+    boot_time_s().saturating_add(u32::try_from(secs).unwrap_or(u32::MAX))
 }
 
 impl TtlBounds {
@@ -56,6 +76,7 @@ impl Default for TtlBounds {
         TtlBounds {
             floor: Duration::from_secs(5),
             ceiling: Duration::from_secs(300),
+            grace: Duration::from_secs(10),
         }
     }
 }
@@ -175,6 +196,7 @@ mod tests {
         let b = TtlBounds {
             floor: Duration::from_secs(5),
             ceiling: Duration::from_secs(60),
+            grace: Duration::ZERO,
         };
         assert_eq!(b.clamp(Duration::from_secs(0)), Duration::from_secs(5));
         assert_eq!(b.clamp(Duration::from_secs(30)), Duration::from_secs(30));
@@ -186,6 +208,7 @@ mod tests {
         let odd = TtlBounds {
             floor: Duration::from_secs(10),
             ceiling: Duration::from_secs(1),
+            grace: Duration::ZERO,
         };
         assert_eq!(odd.clamp(Duration::from_secs(0)), Duration::from_secs(10));
     }

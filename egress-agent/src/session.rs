@@ -6,13 +6,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::cli::{DnsArgs, TelemetryArgs};
-use crate::compile::Resolved;
+use crate::compile::{Deadlines, Resolved};
 use crate::enforcer::{Enforcer, EnforcerError};
 use crate::events::{Blocked, Context, EventLog, EventStream};
 use crate::exit;
 use crate::metrics::{Metrics, PolicyLabels, PolicyResultLabels, ResultLabels, SlotInfo};
 use crate::policy::{self, Policy, PolicyError, Unsupported};
-use crate::resolve::{ResolveError, Resolver, TtlBounds, policy_hosts};
+use crate::resolve::{ResolveError, Resolver, TtlBounds, deadline_s, policy_hosts};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
@@ -76,6 +76,7 @@ pub fn resolver(policy: &Policy, dns: &DnsArgs) -> Result<Arc<Resolver>, Session
     let bounds = TtlBounds {
         floor: Duration::from_secs(dns.dns_min_ttl.max(1)),
         ceiling: Duration::from_secs(dns.dns_max_ttl.max(1)),
+        grace: Duration::from_secs(dns.dns_expiry_grace),
     };
     Ok(Arc::new(Resolver::new(
         &servers,
@@ -101,11 +102,12 @@ pub enum Placement {
 pub async fn resolve_all(
     policy: &Policy,
     resolver: Option<&Arc<Resolver>>,
-) -> (Resolved, BTreeMap<String, tokio::time::Instant>) {
+) -> (Resolved, BTreeMap<String, tokio::time::Instant>, Deadlines) {
     let mut resolved = Resolved::new();
     let mut due = BTreeMap::new();
+    let mut deadlines = Deadlines::new();
     let Some(resolver) = resolver else {
-        return (resolved, due);
+        return (resolved, due, deadlines);
     };
     let mut set = tokio::task::JoinSet::new();
     for host in policy_hosts(policy) {
@@ -122,6 +124,7 @@ pub async fn resolve_all(
             Ok(a) => {
                 tracing::info!(host = %host, addresses = a.addrs.len(), ttl_secs = a.ttl.as_secs(), "host resolved");
                 due.insert(host.clone(), now + a.ttl);
+                deadlines.insert(host.clone(), deadline_s(a.ttl, &resolver.bounds()));
                 resolved.insert(host, a.addrs);
             }
             Err(error) => {
@@ -130,7 +133,7 @@ pub async fn resolve_all(
             }
         }
     }
-    (resolved, due)
+    (resolved, due, deadlines)
 }
 
 /// Loads (or adopts) the programs for `slot` with the policy in force, its host names
@@ -147,14 +150,14 @@ pub async fn start(
     } else {
         Some(resolver(&policy, dns)?)
     };
-    let (resolved, due) = resolve_all(&policy, resolver.as_ref()).await;
+    let (resolved, due, deadlines) = resolve_all(&policy, resolver.as_ref()).await;
     let mut enforcer = match placement {
-        Placement::Fresh { pins: None } => Enforcer::start(policy, resolved, slot)?,
+        Placement::Fresh { pins: None } => Enforcer::start(policy, (resolved, deadlines), slot)?,
         Placement::Fresh { pins: Some(dir) } => {
-            Enforcer::start_pinned(policy, resolved, slot, dir)?
+            Enforcer::start_pinned(policy, (resolved, deadlines), slot, dir)?
         }
         Placement::Adopt { dir } => {
-            let (e, old_policy_id) = Enforcer::adopt(policy, resolved, slot, dir)?;
+            let (e, old_policy_id) = Enforcer::adopt(policy, (resolved, deadlines), slot, dir)?;
             tracing::info!(dir = %dir.display(), old_policy_id, policy_id = e.compiled().policy_id,
                 "adopted pinned enforcement; the new policy replaced the old in one step");
             e
@@ -388,9 +391,9 @@ impl Supervisor {
                 }
             }
         };
-        let (resolved, due) = resolve_all(&policy, resolver.as_ref()).await;
+        let (resolved, due, deadlines) = resolve_all(&policy, resolver.as_ref()).await;
         let name = policy.name.clone();
-        match self.enforcer.reload(policy, resolved) {
+        match self.enforcer.reload(policy, (resolved, deadlines)) {
             Ok(stats) => {
                 for (host, t) in due {
                     self.enforcer.postpone(&host, t);

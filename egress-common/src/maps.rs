@@ -117,22 +117,38 @@ pub const fn address_bits(family: Family) -> u32 {
     }
 }
 
-pub const ACTION_ALLOW: u32 = 1;
-pub const ACTION_DENY: u32 = 2;
+pub const ACTION_ALLOW: u8 = 1;
+pub const ACTION_DENY: u8 = 2;
 
 /// What the longest matching prefix says.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct RuleValue {
     /// [`ACTION_ALLOW`] or [`ACTION_DENY`]; anything else is treated as deny.
-    pub action: u32,
+    pub action: u8,
+    /// Address bits of this entry's own prefix (0..=128): an expired entry is looked past by
+    /// asking the trie again with a shorter prefix.
+    pub prefix: u8,
+    pub _pad: [u8; 2],
     /// For deny: index of the denying entry in `denied_destinations`. For allow: the first
     /// allow rule covering the prefix (reported when the port is not allowed).
     pub rule_id: u32,
     /// For allow: the port set that holds every (protocol, port) the covering rules allow.
     pub set_id: u32,
-    pub _reserved: u32,
+    /// CLOCK_BOOTTIME second after which the entry no longer applies (an address learned from
+    /// DNS whose lifetime ran out); 0: it never expires.
+    pub expires_s: u32,
 }
+
+impl RuleValue {
+    #[inline(always)]
+    pub const fn expired(&self, now_s: u32) -> bool {
+        self.expires_s != 0 && now_s > self.expires_s
+    }
+}
+
+/// How many expired entries one lookup looks past before it gives up and denies.
+pub const MAX_EXPIRED_SKIPS: u32 = 4;
 
 /// Key of the port map.
 #[repr(C)]

@@ -227,12 +227,23 @@ pub enum Take {
     Exhausted,
 }
 
-/// The TAT a new bucket gets for the connection that creates it (always allowed).
+/// Whether `limit` admits any connection: a limit the agent never writes (`burst` or
+/// `interval_ns` zero) admits none.
 #[inline(always)]
-pub const fn fresh(now_ns: u64, limit: &Limit) -> Bucket {
-    Bucket {
-        tat_ns: now_ns.saturating_add(limit.interval_ns),
+pub const fn admits(limit: &Limit) -> bool {
+    limit.burst != 0 && limit.interval_ns != 0
+}
+
+/// The bucket a connection creates when its budget has none yet: full, minus that
+/// connection. `None` when the limit admits nothing (the connection is denied).
+#[inline(always)]
+pub const fn fresh(now_ns: u64, limit: &Limit) -> Option<Bucket> {
+    if !admits(limit) {
+        return None;
     }
+    Some(Bucket {
+        tat_ns: now_ns.saturating_add(limit.interval_ns),
+    })
 }
 
 /// A bucket is full (holds its whole burst) once its TAT is not in the future. Deleting a
@@ -255,7 +266,7 @@ pub const fn is_full(bucket: &Bucket, now_ns: u64) -> bool {
 /// A limit the agent never writes (`burst` or `interval_ns` zero) denies.
 #[inline(always)]
 pub fn take<C: TatCell>(cell: &C, now_ns: u64, limit: &Limit) -> Take {
-    if limit.burst == 0 || limit.interval_ns == 0 {
+    if !admits(limit) {
         return Take::Exhausted;
     }
     let interval = limit.interval_ns;
@@ -398,7 +409,7 @@ mod tests {
     fn a_full_bucket_allows_its_burst_then_refills_at_the_rate() {
         let l = limit(100, 60);
         let now = 1000 * SEC;
-        let cell = Cell(AtomicU64::new(fresh(now, &l).tat_ns));
+        let cell = Cell(AtomicU64::new(fresh(now, &l).map_or(0, |b| b.tat_ns)));
         let allowed = (1..200)
             .filter(|_| take(&cell, now, &l) == Take::Allowed)
             .count();
@@ -427,9 +438,12 @@ mod tests {
         let mut l = limit(5, 1);
         l.burst = 0;
         assert_eq!(take(&cell, SEC, &l), Take::Exhausted);
+        assert_eq!(fresh(SEC, &l), None);
         let mut l = limit(5, 1);
         l.interval_ns = 0;
         assert_eq!(take(&cell, SEC, &l), Take::Exhausted);
+        assert_eq!(fresh(SEC, &l), None);
+        assert!(fresh(SEC, &limit(1, 1)).is_some());
     }
 
     #[test]

@@ -2,15 +2,42 @@
 
 use crate::counters::Reason;
 use crate::dest::{Dest, Family, Proto};
-use crate::maps::{ACTION_ALLOW, PortKey, RuleKey, RuleValue, SLOT_ALLOW_LOOPBACK, SlotConfig};
+use crate::maps::{
+    ACTION_ALLOW, MAX_EXPIRED_SKIPS, PortKey, RULE_KEY_FIXED_BITS, RuleKey, RuleValue,
+    SLOT_ALLOW_LOOPBACK, SlotConfig, address_bits,
+};
 
 /// Lookups the decision needs. The kernel implements it over BPF maps, the agent over the
 /// tables it compiled.
 pub trait Tables {
-    /// Longest-prefix match of a full-length key.
-    fn rule(&self, key: &RuleKey, family: Family) -> Option<RuleValue>;
+    /// Longest-prefix match of `key`, considering only prefixes of at most `prefix_len`
+    /// bits (the LPM key's prefix length, [`RULE_KEY_FIXED_BITS`] included).
+    fn rule(&self, key: &RuleKey, prefix_len: u32) -> Option<RuleValue>;
     /// Exact lookup in the port map: the allowing rule id.
     fn port(&self, key: &PortKey) -> Option<u32>;
+    /// CLOCK_BOOTTIME in whole seconds, for entry lifetimes.
+    fn now_s(&self) -> u32;
+}
+
+/// The longest prefix covering `key` whose entry has not expired. Looks past at most
+/// [`MAX_EXPIRED_SKIPS`] expired entries; beyond that, nothing matches (deny).
+#[inline(always)]
+fn live_rule<T: Tables>(tables: &T, key: &RuleKey, family: Family) -> Option<RuleValue> {
+    let now = tables.now_s();
+    let mut bits = address_bits(family);
+    let mut i = 0;
+    while i < MAX_EXPIRED_SKIPS {
+        let value = tables.rule(key, RULE_KEY_FIXED_BITS + bits)?;
+        if !value.expired(now) {
+            return Some(value);
+        }
+        if value.prefix == 0 || u32::from(value.prefix) > bits {
+            return None;
+        }
+        bits = u32::from(value.prefix) - 1;
+        i += 1;
+    }
+    None
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -59,7 +86,7 @@ pub fn decide<T: Tables>(tables: &T, slot: &SlotConfig, dst: &Dest) -> Decision 
         lookup = loopback_spelling(dst);
     }
     let key = RuleKey::for_dest(policy_id, &lookup);
-    let Some(value) = tables.rule(&key, lookup.family) else {
+    let Some(value) = live_rule(tables, &key, lookup.family) else {
         return Decision::of(Reason::DenyNoRule, NO_RULE);
     };
     if value.action != ACTION_ALLOW {

@@ -89,7 +89,11 @@ impl TatCell for MapTat {
 fn charge(key: &BucketKey, limit: &Limit, now: u64, exhausted: Reason) -> Result<(), Reason> {
     let mut ptr = BUCKETS.get_ptr_mut(key);
     if ptr.is_none() {
-        match BUCKETS.insert(key, fresh(now, limit), BPF_NOEXIST as u64) {
+        // A limit that admits nothing: deny, and create no bucket for it.
+        let Some(bucket) = fresh(now, limit) else {
+            return Err(exhausted);
+        };
+        match BUCKETS.insert(key, bucket, BPF_NOEXIST as u64) {
             Ok(()) => return Ok(()),
             // Another CPU created it first: charge the one that exists.
             Err(e) if e == -EEXIST => ptr = BUCKETS.get_ptr_mut(key),

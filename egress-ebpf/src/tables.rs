@@ -6,12 +6,9 @@ use aya_ebpf::{
     programs::SockContext,
 };
 use egress_common::{
-    Decision, Dest, Family, PortKey, Proto, Reason, RuleKey, RuleValue, SlotConfig, Tables, decide,
+    Decision, Dest, PortKey, Proto, Reason, RuleKey, RuleValue, SlotConfig, Tables, decide,
     dest::{IPPROTO_MPTCP, IPPROTO_TCP, IPPROTO_UDP},
-    maps::{
-        MAX_PORTS, MAX_RULES, MAX_SLOTS, RULE_KEY_FIXED_BITS, SLOT_ALLOW_OTHER_SOCKETS,
-        address_bits,
-    },
+    maps::{MAX_PORTS, MAX_RULES, MAX_SLOTS, SLOT_ALLOW_OTHER_SOCKETS},
 };
 
 /// The slot this copy of the programs serves; set by the agent at load time.
@@ -39,9 +36,15 @@ struct Maps;
 
 impl Tables for Maps {
     #[inline(always)]
-    fn rule(&self, key: &RuleKey, family: Family) -> Option<RuleValue> {
-        let prefix = RULE_KEY_FIXED_BITS + address_bits(family);
-        RULES.get(Key::new(prefix, *key)).copied()
+    fn rule(&self, key: &RuleKey, prefix_len: u32) -> Option<RuleValue> {
+        RULES.get(Key::new(prefix_len, *key)).copied()
+    }
+
+    #[inline(always)]
+    fn now_s(&self) -> u32 {
+        // SAFETY: reads the clock; available to every program type.
+        let ns = unsafe { aya_ebpf::helpers::generated::bpf_ktime_get_boot_ns() };
+        (ns / 1_000_000_000) as u32
     }
 
     #[inline(always)]

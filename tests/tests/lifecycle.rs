@@ -433,3 +433,71 @@ fn state_of_another_layout_version_is_refused_not_ignored() {
     assert!(!ours.exists(), "nothing may be pinned when refusing");
     let _: std::net::Ipv4Addr = REMOTE_V4;
 }
+
+#[test]
+fn a_resolved_address_expires_in_the_kernel_with_no_agent_running() {
+    let Some(tb) = Testbed::for_test(PROBE.as_ref()) else {
+        return;
+    };
+    let remote: std::net::IpAddr = REMOTE_V4.into();
+    let api = tb
+        .listen_tcp(std::net::SocketAddr::new(remote, 8443))
+        .unwrap();
+    let dns =
+        egress_tests::dnsmasq::Dnsmasq::start(tb.remote(), remote, &[("api.company.test", remote)])
+            .unwrap();
+    let cg = tb.cgroups.child("expiry").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("resolv.conf");
+    std::fs::write(&conf, format!("nameserver {remote}\n")).unwrap();
+    let policy = tb
+        .write_policy(
+            &PolicyYaml::new()
+                .allow_host("api.company.test", &[8443], &["tcp"])
+                .render(),
+        )
+        .unwrap();
+    let conf_arg = conf.to_str().unwrap();
+    // TTL clamped to 2 s, plus 1 s of grace: the address lapses 3-4 s after it was resolved.
+    let mut agent = RunAgent::start(
+        tb.client(),
+        &policy,
+        &cg,
+        dir.path(),
+        &[
+            "--resolv-conf",
+            conf_arg,
+            "--dns-min-ttl",
+            "2",
+            "--dns-max-ttl",
+            "2",
+            "--dns-expiry-grace",
+            "1",
+        ],
+    );
+    agent.wait_for("\"enforcing\"");
+    assert!(agent.signal(nix::sys::signal::Signal::SIGTERM).success());
+    drop(dns);
+    let results = finish(workload(
+        &tb,
+        &cg,
+        tb.client(),
+        &[
+            "send tcp4 198.18.0.2 8443 fresh".to_owned(),
+            "sleep 5500".to_owned(),
+            "connect tcp4 198.18.0.2 8443".to_owned(),
+        ],
+    ));
+    assert!(
+        results[0].ok,
+        "the address works while its answer is fresh: {results:?}"
+    );
+    assert_eq!(
+        results[2].errno,
+        Some(libc::EPERM),
+        "the address outlived its deadline: {results:?}"
+    );
+    std::thread::sleep(SETTLE);
+    assert_eq!(api.connections(), 1);
+    assert_eq!(detach(tb.client(), &cg).0, 0);
+}

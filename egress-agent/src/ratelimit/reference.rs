@@ -387,7 +387,8 @@ mod tests {
                 };
                 let kernel = match &cell {
                     None => {
-                        cell = Some(Cell(AtomicU64::new(fresh(now, &limit).tat_ns)));
+                        let first = fresh(now, &limit).map_or(0, |b| b.tat_ns);
+                        cell = Some(Cell(AtomicU64::new(first)));
                         true
                     }
                     Some(c) => take(c, now, &limit) == Take::Allowed,
