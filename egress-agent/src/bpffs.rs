@@ -44,13 +44,7 @@ fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> Bp
 
 /// Where bpffs is mounted, from mountinfo (the first `bpf` entry).
 pub fn find_mount(mountinfo: &str) -> Option<PathBuf> {
-    mountinfo.lines().find_map(|line| {
-        let (pre, post) = line.split_once(" - ")?;
-        if post.split_whitespace().next()? != "bpf" {
-            return None;
-        }
-        pre.split_whitespace().nth(4).map(PathBuf::from)
-    })
+    crate::mountinfo::find(mountinfo, "bpf")
 }
 
 /// The bpffs mount, mounting one at /sys/fs/bpf when there is none. Pins are only visible

@@ -42,38 +42,9 @@ pub fn cgroup2_mount() -> Result<PathBuf, CgroupError> {
     parse_mountinfo(&info).ok_or(CgroupError::NoCgroup2)
 }
 
-/// The mount point of the first cgroup2 entry. Fields: id parent major:minor root mountpoint
-/// options [optional fields] - fstype source super-options.
+/// The mount point of the first cgroup2 entry of `/proc/self/mountinfo` text.
 pub fn parse_mountinfo(info: &str) -> Option<PathBuf> {
-    info.lines().find_map(|line| {
-        let (pre, post) = line.split_once(" - ")?;
-        let fstype = post.split_whitespace().next()?;
-        if fstype != "cgroup2" {
-            return None;
-        }
-        let mount = pre.split_whitespace().nth(4)?;
-        Some(PathBuf::from(unescape_octal(mount)))
-    })
-}
-
-/// mountinfo escapes space, tab, newline and backslash as \ooo.
-fn unescape_octal(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\' && i + 4 <= b.len() {
-            let digits = &s[i + 1..i + 4];
-            if let Ok(v) = u8::from_str_radix(digits, 8) {
-                out.push(v);
-                i += 4;
-                continue;
-            }
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    crate::mountinfo::find(info, "cgroup2")
 }
 
 /// Checks that `path` is a cgroup directory inside the v2 hierarchy and returns it absolute

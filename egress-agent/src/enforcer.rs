@@ -27,6 +27,16 @@ pub enum EnforcerError {
     RateLimits(#[from] RateMapsError),
 }
 
+/// What a start or an adoption has set up before the enforcer is assembled.
+struct Parts {
+    programs: Programs,
+    maps: MapSet,
+    rate: RateMaps,
+    limits: CompiledLimits,
+    sets: SetIds,
+    compiled: Compiled,
+}
+
 /// The id the first policy of a slot gets; every reload takes the next one.
 const FIRST_POLICY_ID: u32 = 1;
 
@@ -100,26 +110,15 @@ impl Enforcer {
                 ..SlotConfig::default()
             },
         )?;
-        if !limits.limits.is_empty() {
-            rate.start_collector(slot, COLLECT_PERIOD)?;
-        }
-        let now = Instant::now();
-        let due = policy_hosts(&policy)
-            .into_iter()
-            .map(|h| (h, now))
-            .collect();
-        Ok(Enforcer {
+        let parts = Parts {
             programs,
             maps,
-            policy,
-            sets,
-            resolved,
-            deadlines,
-            current: compiled,
             rate,
             limits,
-            due,
-        })
+            sets,
+            compiled,
+        };
+        Self::assemble(parts, policy, resolved, deadlines, slot)
     }
 
     /// Takes over the instance an earlier agent pinned in `dir` for `slot`, without detaching
@@ -152,6 +151,37 @@ impl Enforcer {
         )?;
         maps.retain_policy(policy_id)?;
         rate.retain_policy(policy_id)?;
+        let parts = Parts {
+            programs,
+            maps,
+            rate,
+            limits,
+            sets,
+            compiled,
+        };
+        Ok((
+            Self::assemble(parts, policy, resolved, deadlines, slot)?,
+            old.policy_id,
+        ))
+    }
+
+    /// Starts the bucket collector when the policy limits rates, and makes every host name
+    /// due for a lookup now.
+    fn assemble(
+        p: Parts,
+        policy: Policy,
+        resolved: Resolved,
+        deadlines: Deadlines,
+        slot: u32,
+    ) -> Result<Self, EnforcerError> {
+        let Parts {
+            programs,
+            maps,
+            mut rate,
+            limits,
+            sets,
+            compiled,
+        } = p;
         if !limits.limits.is_empty() {
             rate.start_collector(slot, COLLECT_PERIOD)?;
         }
@@ -160,7 +190,7 @@ impl Enforcer {
             .into_iter()
             .map(|h| (h, now))
             .collect();
-        let e = Enforcer {
+        Ok(Enforcer {
             programs,
             maps,
             policy,
@@ -171,8 +201,7 @@ impl Enforcer {
             rate,
             limits,
             due,
-        };
-        Ok((e, old.policy_id))
+        })
     }
 
     /// Puts `policy` in force in place of the current one. `resolved` must hold the

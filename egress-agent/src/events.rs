@@ -135,15 +135,7 @@ impl EventStream {
         bad: &mut u64,
     ) -> std::io::Result<usize> {
         let mut guard = self.fd.readable_mut().await?;
-        let ring = guard.get_inner_mut();
-        let mut n = 0;
-        while let Some(item) = ring.next() {
-            match Blocked::decode(&item) {
-                Some(b) => f(b),
-                None => *bad += 1,
-            }
-            n += 1;
-        }
+        let n = read_all(guard.get_inner_mut(), &mut f, bad);
         guard.clear_ready();
         Ok(n)
     }
@@ -152,17 +144,21 @@ impl EventStream {
 impl EventStream {
     /// Reads whatever is in the ring buffer now, without waiting.
     pub fn drain_now(&mut self, mut f: impl FnMut(Blocked), bad: &mut u64) -> usize {
-        let ring = self.fd.get_mut();
-        let mut n = 0;
-        while let Some(item) = ring.next() {
-            match Blocked::decode(&item) {
-                Some(b) => f(b),
-                None => *bad += 1,
-            }
-            n += 1;
-        }
-        n
+        read_all(self.fd.get_mut(), &mut f, bad)
     }
+}
+
+/// Hands every record in the ring to `f`; counts undecodable ones in `bad`.
+fn read_all(ring: &mut RingBuf<MapData>, f: &mut impl FnMut(Blocked), bad: &mut u64) -> usize {
+    let mut n = 0;
+    while let Some(item) = ring.next() {
+        match Blocked::decode(&item) {
+            Some(b) => f(b),
+            None => *bad += 1,
+        }
+        n += 1;
+    }
+    n
 }
 
 /// What the log line says about the policy behind a decision.

@@ -22,6 +22,7 @@ pub mod loader;
 pub mod logging;
 pub mod maps;
 pub mod metrics;
+pub mod mountinfo;
 pub mod policy;
 pub mod ratelimit;
 pub mod reference;
