@@ -131,7 +131,7 @@ pub fn limit(slot: u32, cfg: &SlotConfig, dst: &Dest, decision: Decision) -> Dec
     let now = unsafe { bpf_ktime_get_ns() };
     let flow = FlowKey::new(slot, dst);
     if let Proto::Udp = dst.proto
-        && let Some(last) = FLOWS.get_ptr_mut(&flow)
+        && let Some(last) = FLOWS.get_ptr_mut(flow)
     {
         // SAFETY: valid map value pointer; a torn read is impossible for an aligned u64 and a
         // lost refresh only shortens the flow.
@@ -178,7 +178,7 @@ pub fn limit(slot: u32, cfg: &SlotConfig, dst: &Dest, decision: Decision) -> Dec
     }
     if let Proto::Udp = dst.proto {
         // Best effort: without the record the flow's next datagram is charged again.
-        let _ = FLOWS.insert(&flow, now, 0);
+        let _ = FLOWS.insert(flow, now, 0);
     }
     decision
 }

@@ -21,7 +21,7 @@ const EXIT_USAGE: u8 = 64;
 #[command(
     name = "cargo xtask",
     bin_name = "cargo xtask",
-    about = "Build, test and demo egress. Each command runs scripts/bootstrap.sh first.",
+    about = "Build, test, demo and benchmark egress. Each command runs scripts/bootstrap.sh first.",
     arg_required_else_help = true
 )]
 struct Cli {
@@ -42,6 +42,17 @@ enum Cmd {
     Test,
     /// Run the MCP-NET-02 demo in local network namespaces (needs root).
     Demo,
+    /// Benchmark egress against no filter, iptables, nftables and a CONNECT proxy (needs root).
+    ///
+    /// Sets up and tears down its own network namespaces and cgroups; changes nothing outside
+    /// them. Prints the table, writes target/bench/latest.{md,json} and, unless --quick, the
+    /// results section of docs/benchmarks.md.
+    Bench {
+        /// A shorter run (fewer rounds, shorter batches, a smaller flood) that leaves
+        /// docs/benchmarks.md alone.
+        #[arg(long)]
+        quick: bool,
+    },
     /// Clippy on the eBPF crate (nightly, bpfel-unknown-none, build-std=core).
     ClippyEbpf,
 }
@@ -77,6 +88,7 @@ fn run(command: Cmd) -> anyhow::Result<()> {
         }
         Cmd::Test => test(&root, &agent_bin),
         Cmd::Demo => demo(&root, &agent_bin),
+        Cmd::Bench { quick } => bench(&root, &agent_bin, quick),
         Cmd::ClippyEbpf => {
             let mut clippy = Command::new("cargo");
             clippy.current_dir(&root).args([
@@ -203,6 +215,59 @@ fn demo(root: &Path, agent_bin: &Path) -> anyhow::Result<()> {
                 ),
             ),
             Step::run("demo", demo),
+        ],
+    )
+}
+
+fn bench(root: &Path, agent_bin: &Path, quick: bool) -> anyhow::Result<()> {
+    if !host::is_root()? {
+        bail!(
+            "the benchmark needs root: it creates network namespaces, veth links and cgroups, \
+             loads the eBPF programs and installs iptables/nftables rules inside its own \
+             namespaces; run `cargo xtask bench` as root"
+        );
+    }
+    let target = host::target_dir(root);
+    let shown = if quick {
+        "cargo xtask bench --quick"
+    } else {
+        "cargo xtask bench"
+    };
+    let mut bench = Command::new(target.join("release/egress-bench"));
+    bench
+        .current_dir(root)
+        .env("EGRESS_AGENT_BIN", agent_bin)
+        .arg("--command")
+        .arg(shown)
+        .arg("--out")
+        .arg(target.join("bench"));
+    if quick {
+        bench.arg("--quick");
+    } else {
+        bench.arg("--docs").arg(root.join("docs/benchmarks.md"));
+    }
+    plan::execute(
+        "bench",
+        vec![
+            bootstrap(root),
+            build_agent(root),
+            Step::run(
+                "build-bench",
+                cargo(
+                    root,
+                    &[
+                        "build",
+                        "--release",
+                        "--package",
+                        "egress-tests",
+                        "--bin",
+                        "egress-bench",
+                        "--bin",
+                        "egress-bench-load",
+                    ],
+                ),
+            ),
+            Step::run("bench", bench),
         ],
     )
 }

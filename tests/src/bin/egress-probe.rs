@@ -821,9 +821,58 @@ mod tests {
             "socket foo4",
             "exit 300",
             "whoami now",
+            "hammer 0 10 connect tcp4 1.2.3.4 80",
+            "hammer 65 10 connect tcp4 1.2.3.4 80",
+            "hammer 2 0 connect tcp4 1.2.3.4 80",
+            "hammer 2 10 sleep 5",
+            "hammer 2 10",
+            "dns connect tcp4 1.2.3.4 53 a.test 3",
+            "dns other udp4 1.2.3.4 53 a.test 3",
+            "dns socket udp4 1.2.3.4 53 bad..name 3",
+            "dns socket udp4 1.2.3.4 53 a.test 0",
         ] {
             assert!(parse_op(bad).is_err(), "{bad:?} should be rejected");
         }
+    }
+
+    #[test]
+    fn hammer_and_dns_parse() {
+        let op = parse_op("hammer 8 100 connect tcp4 198.18.0.2 8080").expect("valid op");
+        match op.action {
+            Action::Hammer(8, 100, inner) => {
+                assert_eq!(inner.text, "connect tcp4 198.18.0.2 8080");
+                assert!(matches!(inner.action, Action::Connect(Transport::Tcp, ..)));
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        let op =
+            parse_op("dns socket udp6 ::ffff:198.18.0.2 53 api.company.test 5").expect("valid op");
+        match op.action {
+            Action::Dns(DnsMode::Socket, Family::V6, addr, name, 5) => {
+                assert_eq!(addr, "[::ffff:198.18.0.2]:53".parse().expect("literal"));
+                assert_eq!(name, "api.company.test");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn dns_messages() {
+        let q = dns_query(0x1234, "a.test");
+        assert_eq!(
+            q,
+            [
+                0x12, 0x34, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 1, b'a', 4, b't', b'e', b's', b't', 0, 0,
+                1, 0, 1
+            ]
+        );
+        let mut reply = q.clone();
+        reply[2] |= 0x80;
+        reply[7] = 1;
+        assert!(dns_answered(0x1234, &reply));
+        assert!(!dns_answered(0x1235, &reply));
+        reply[3] = 3; // NXDOMAIN
+        assert!(!dns_answered(0x1234, &reply));
     }
 }
 
