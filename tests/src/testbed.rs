@@ -105,3 +105,32 @@ pub fn run_probe_as_nobody(ns: &Netns, probe: &Path, ops: &[&str]) -> Result<Run
     ns.run_in_as(&mut cmd, NOBODY_UID, NOBODY_GID);
     run_captured(&mut cmd, PROBE_TIMEOUT, || {})
 }
+
+/// Runs `probe ops...` as uid/gid nobody inside `ns` and inside `cgroup`, which the child
+/// joins before it executes the probe (for tests that load and attach the programs through
+/// the agent's library rather than run the agent). Bounded by `timeout`.
+pub fn run_probe_in_cgroup(
+    ns: &Netns,
+    cgroup: &Path,
+    probe: &Path,
+    ops: &[&str],
+    timeout: Duration,
+) -> Result<RunOutput> {
+    use std::io::Write as _;
+    use std::os::unix::process::CommandExt as _;
+    let procs = std::fs::OpenOptions::new()
+        .write(true)
+        .open(cgroup.join("cgroup.procs"))
+        .with_context(|| format!("opening {}/cgroup.procs", cgroup.display()))?;
+    let mut cmd = Command::new(probe);
+    cmd.args(ops).current_dir("/");
+    // SAFETY: the closure only calls write(2) on a descriptor opened before fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            let mut f = &procs;
+            f.write_all(b"0")
+        });
+    }
+    ns.run_in_as(&mut cmd, NOBODY_UID, NOBODY_GID);
+    run_captured(&mut cmd, timeout, || {})
+}
