@@ -36,8 +36,33 @@ pub struct LpmKey {
 pub struct Compiled {
     pub policy_id: u32,
     pub slot_flags: u32,
+    /// Prefixes shorter than a single address, for the trie.
     pub rules: BTreeMap<LpmKey, RuleValue>,
+    /// Single addresses, for the exact map.
+    pub exact: BTreeMap<RuleKey, RuleValue>,
     pub ports: BTreeMap<PortKey, u32>,
+}
+
+impl Compiled {
+    /// Routes an entry to the exact map (a single address) or the trie.
+    fn insert(&mut self, key: LpmKey, value: RuleValue) {
+        let bits = key.prefix_len - RULE_KEY_FIXED_BITS;
+        let family = if key.data.family == Family::V6 as u8 {
+            Family::V6
+        } else {
+            Family::V4
+        };
+        if bits == egress_common::maps::address_bits(family) {
+            self.exact.insert(key.data, value);
+        } else {
+            self.rules.insert(key, value);
+        }
+    }
+
+    /// Prefix and address entries together.
+    pub fn entries(&self) -> usize {
+        self.rules.len() + self.exact.len()
+    }
 }
 
 /// Hands out port-set ids and keeps them stable for the life of one policy id, so that a
@@ -168,7 +193,7 @@ pub fn compile_with_deadlines(
         let shadowed = node.deny.is_none() && parent.is_some_and(|p| p.deny.is_some());
         if let Some(rule_id) = deny {
             if !shadowed {
-                compiled.rules.insert(
+                compiled.insert(
                     key,
                     RuleValue {
                         action: ACTION_DENY,
@@ -194,7 +219,7 @@ pub fn compile_with_deadlines(
                     }
                 }
             }
-            compiled.rules.insert(
+            compiled.insert(
                 key,
                 RuleValue {
                     action: ACTION_ALLOW,
@@ -326,6 +351,10 @@ impl egress_common::Tables for CompiledAt<'_> {
         self.compiled.rule(key, prefix_len)
     }
 
+    fn exact(&self, key: &RuleKey) -> Option<RuleValue> {
+        self.compiled.exact.get(key).copied()
+    }
+
     fn port(&self, key: &PortKey) -> Option<u32> {
         self.compiled.ports.get(key).copied()
     }
@@ -353,6 +382,10 @@ impl egress_common::Tables for Compiled {
             }
         }
         None
+    }
+
+    fn exact(&self, key: &RuleKey) -> Option<RuleValue> {
+        self.exact.get(key).copied()
     }
 
     fn port(&self, key: &PortKey) -> Option<u32> {
@@ -677,12 +710,18 @@ mod tests {
         r.insert("api.test".into(), vec![Ipv4Addr::new(10, 1, 2, 3).into()]);
         let deadlines: Deadlines = [("api.test".to_owned(), 100)].into();
         let c = compile_with_deadlines(&p, 7, &r, &deadlines, &mut SetIds::default());
-        assert!(c.rules.values().all(|v| v.expires_s == 0), "{c:?}");
+        assert_eq!(
+            (c.rules.len(), c.exact.len()),
+            (0, 1),
+            "a single address goes to the exact map"
+        );
+        assert!(c.exact.values().all(|v| v.expires_s == 0), "{c:?}");
         // Only host-derived entries carry the deadline.
         let only_host = policy(vec![allow("api.test", &[443], &[Protocol::Tcp])], vec![]);
         let c = compile_with_deadlines(&only_host, 7, &r, &deadlines, &mut SetIds::default());
+        assert_eq!(c.exact.len(), 1, "{c:?}");
         assert!(
-            c.rules
+            c.exact
                 .values()
                 .all(|v| v.expires_s == 100 && v.prefix == 32),
             "{c:?}"

@@ -11,7 +11,7 @@ use aya::maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, RingBuf
 use egress_common::{
     PortKey, Proto, Reason, RuleKey, RuleValue, SlotConfig,
     events::{MAP_EVENTS, MAP_EVENTS_LOST},
-    maps::{MAP_COUNTERS, MAP_PORTS, MAP_RULES, MAP_SLOTS},
+    maps::{MAP_COUNTERS, MAP_EXACT, MAP_PORTS, MAP_RULES, MAP_SLOTS},
 };
 
 use crate::counters::Counters;
@@ -52,6 +52,7 @@ pub struct ApplyStats {
 pub struct MapSet {
     slots: Array<MapData, SlotConfig>,
     rules: LpmTrie<MapData, RuleKey, RuleValue>,
+    exact: HashMap<MapData, RuleKey, RuleValue>,
     ports: HashMap<MapData, PortKey, u32>,
     counters: Arc<Counters>,
     events: Option<RingBuf<MapData>>,
@@ -63,6 +64,7 @@ impl MapSet {
         Ok(MapSet {
             slots: Array::try_from(programs.take_map(MAP_SLOTS)?).map_err(conv(MAP_SLOTS))?,
             rules: LpmTrie::try_from(programs.take_map(MAP_RULES)?).map_err(conv(MAP_RULES))?,
+            exact: HashMap::try_from(programs.take_map(MAP_EXACT)?).map_err(conv(MAP_EXACT))?,
             ports: HashMap::try_from(programs.take_map(MAP_PORTS)?).map_err(conv(MAP_PORTS))?,
             counters: Arc::new(Counters::new(
                 PerCpuArray::try_from(programs.take_map(MAP_COUNTERS)?)
@@ -93,6 +95,20 @@ impl MapSet {
                     .insert(&lpm(k), v, 0)
                     .map_err(op_err(MAP_RULES, "insert"))?;
                 stats.rules_written += 1;
+            }
+        }
+        for (k, v) in &new.exact {
+            if old.exact.get(k) != Some(v) {
+                self.exact
+                    .insert(k, v, 0)
+                    .map_err(op_err(MAP_EXACT, "insert"))?;
+                stats.rules_written += 1;
+            }
+        }
+        for k in old.exact.keys() {
+            if !new.exact.contains_key(k) {
+                remove_missing_ok(self.exact.remove(k), MAP_EXACT)?;
+                stats.rules_removed += 1;
             }
         }
         for k in old.rules.keys() {
@@ -127,6 +143,16 @@ impl MapSet {
             .collect();
         for k in &stale_rules {
             remove_missing_ok(self.rules.remove(k), MAP_RULES)?;
+            stats.rules_removed += 1;
+        }
+        let stale_exact: Vec<RuleKey> = self
+            .exact
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| u32::from_be_bytes(k.policy_id) != keep)
+            .collect();
+        for k in &stale_exact {
+            remove_missing_ok(self.exact.remove(k), MAP_EXACT)?;
             stats.rules_removed += 1;
         }
         let stale_ports: Vec<PortKey> = self

@@ -170,7 +170,7 @@ pub async fn start(
         policy = %enforcer.policy().name,
         slot = enforcer.slot(),
         policy_id = enforcer.compiled().policy_id,
-        rules = enforcer.compiled().rules.len(),
+        entries = enforcer.compiled().entries(),
         ports = enforcer.compiled().ports.len(),
         hosts = hosts.len(),
         "policy compiled and loaded"
@@ -250,7 +250,7 @@ impl Supervisor {
             self.enforcer.slot(),
             SlotInfo {
                 policy: self.enforcer.policy().name.clone(),
-                allowlist_entries: self.enforcer.compiled().rules.len() as u64,
+                allowlist_entries: self.enforcer.compiled().entries() as u64,
             },
         );
     }

@@ -14,6 +14,10 @@ pub const GLOBAL_SLOT: &str = "EGRESS_SLOT";
 pub const MAP_SLOTS: &str = "EGRESS_SLOTS";
 /// `LpmTrie<RuleKey, RuleValue>`: addresses and prefixes of every policy.
 pub const MAP_RULES: &str = "EGRESS_RULES";
+/// `HashMap<RuleKey, RuleValue>`: single addresses (/32, /128), looked up before the trie. Their
+/// values are compiled exactly like trie entries (deny wins, union of covering allows), so a
+/// hit is the longest match; the trie holds only shorter prefixes.
+pub const MAP_EXACT: &str = "EGRESS_EXACT";
 /// `HashMap<PortKey, u32>`: which (protocol, port) pairs a port set allows, and by which rule.
 pub const MAP_PORTS: &str = "EGRESS_PORTS";
 /// `PerCpuArray<u64>`: verdict counters, see [`crate::counters`].
@@ -21,6 +25,7 @@ pub const MAP_COUNTERS: &str = "EGRESS_COUNTERS";
 
 pub const MAX_SLOTS: u32 = 64;
 pub const MAX_RULES: u32 = 1 << 20;
+pub const MAX_EXACT: u32 = 1 << 20;
 pub const MAX_PORTS: u32 = 1 << 18;
 
 /// Per-slot configuration. `policy_id == 0` means "no policy": every decision denies.

@@ -13,22 +13,34 @@ pub trait Tables {
     /// Longest-prefix match of `key`, considering only prefixes of at most `prefix_len`
     /// bits (the LPM key's prefix length, [`RULE_KEY_FIXED_BITS`] included).
     fn rule(&self, key: &RuleKey, prefix_len: u32) -> Option<RuleValue>;
+    /// Exact lookup of a single address (the map of /32 and /128 entries).
+    fn exact(&self, key: &RuleKey) -> Option<RuleValue>;
     /// Exact lookup in the port map: the allowing rule id.
     fn port(&self, key: &PortKey) -> Option<u32>;
     /// CLOCK_BOOTTIME in whole seconds, for entry lifetimes.
     fn now_s(&self) -> u32;
 }
 
+/// Whether an entry still applies. The clock is read only for entries with a deadline.
+#[inline(always)]
+fn live<T: Tables>(tables: &T, value: &RuleValue) -> bool {
+    value.expires_s == 0 || !value.expired(tables.now_s())
+}
+
 /// The longest prefix covering `key` whose entry has not expired. Looks past at most
 /// [`MAX_EXPIRED_SKIPS`] expired entries; beyond that, nothing matches (deny).
 #[inline(always)]
 fn live_rule<T: Tables>(tables: &T, key: &RuleKey, family: Family) -> Option<RuleValue> {
-    let now = tables.now_s();
     let mut bits = address_bits(family);
+    if let Some(value) = tables.exact(key) {
+        if live(tables, &value) {
+            return Some(value);
+        }
+    }
     let mut i = 0;
     while i < MAX_EXPIRED_SKIPS {
         let value = tables.rule(key, RULE_KEY_FIXED_BITS + bits)?;
-        if !value.expired(now) {
+        if live(tables, &value) {
             return Some(value);
         }
         if value.prefix == 0 || u32::from(value.prefix) > bits {

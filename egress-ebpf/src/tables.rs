@@ -8,7 +8,7 @@ use aya_ebpf::{
 use egress_common::{
     Decision, Dest, PortKey, Proto, Reason, RuleKey, RuleValue, SlotConfig, Tables, decide,
     dest::{IPPROTO_MPTCP, IPPROTO_TCP, IPPROTO_UDP},
-    maps::{MAX_PORTS, MAX_RULES, MAX_SLOTS, SLOT_ALLOW_OTHER_SOCKETS},
+    maps::{MAX_EXACT, MAX_PORTS, MAX_RULES, MAX_SLOTS, SLOT_ALLOW_OTHER_SOCKETS},
 };
 
 /// The slot this copy of the programs serves; set by the agent at load time.
@@ -20,6 +20,10 @@ static SLOTS: Array<SlotConfig> = Array::with_max_entries(MAX_SLOTS, 0);
 
 #[map(name = "EGRESS_RULES")]
 static RULES: LpmTrie<RuleKey, RuleValue> = LpmTrie::with_max_entries(MAX_RULES, 0);
+
+#[map(name = "EGRESS_EXACT")]
+static EXACT: HashMap<RuleKey, RuleValue> =
+    HashMap::with_max_entries(MAX_EXACT, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
 
 #[map(name = "EGRESS_PORTS")]
 static PORTS: HashMap<PortKey, u32> =
@@ -38,6 +42,12 @@ impl Tables for Maps {
     #[inline(always)]
     fn rule(&self, key: &RuleKey, prefix_len: u32) -> Option<RuleValue> {
         RULES.get(Key::new(prefix_len, *key)).copied()
+    }
+
+    #[inline(always)]
+    fn exact(&self, key: &RuleKey) -> Option<RuleValue> {
+        // SAFETY: the value is copied out at once.
+        unsafe { EXACT.get(key) }.copied()
     }
 
     #[inline(always)]

@@ -644,7 +644,7 @@ fn load_egress(
     enforcer.attach(cgroup)?;
     let load = LoadTimes {
         size: list.size,
-        kernel_entries: compiled.rules.len(),
+        kernel_entries: compiled.entries(),
         port_entries: compiled.ports.len(),
         parse_secs: parse.as_secs_f64(),
         compile_secs: compile_time.as_secs_f64(),
