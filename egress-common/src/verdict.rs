@@ -32,10 +32,10 @@ fn live<T: Tables>(tables: &T, value: &RuleValue) -> bool {
 #[inline(always)]
 fn live_rule<T: Tables>(tables: &T, key: &RuleKey, family: Family) -> Option<RuleValue> {
     let mut bits = address_bits(family);
-    if let Some(value) = tables.exact(key) {
-        if live(tables, &value) {
-            return Some(value);
-        }
+    if let Some(value) = tables.exact(key)
+        && live(tables, &value)
+    {
+        return Some(value);
     }
     let mut i = 0;
     while i < MAX_EXPIRED_SKIPS {
