@@ -2,6 +2,7 @@
 //!
 //! `policy` parses and validates; `compile` turns a policy and resolved addresses into map
 //! contents (pure); `reference` is the decision read straight off the policy, for tests;
+//! `ratelimit` does the same three jobs for the connection budgets;
 //! `loader`, `maps`, `enforcer` load, fill and keep the kernel side; `workload`, `cgroup`,
 //! `exec` and `run` supervise the protected process.
 
@@ -13,6 +14,7 @@ pub mod cli;
 pub mod compile;
 pub mod counters;
 pub mod detach;
+pub mod dns;
 pub mod enforcer;
 pub mod events;
 pub mod exec;

@@ -1,0 +1,25 @@
+//! DNS control, the pure parts: what the agent's DNS proxy reads, decides and answers.
+//!
+//! - `wire`: bounded reading of DNS wire format; name decoding that ends on any input.
+//! - `message`: the workload's query (strict parse), the proxy's own answers (NXDOMAIN,
+//!   REFUSED, SERVFAIL, FORMERR, NOTIMP, BADVERS) and TCP framing.
+//! - `answer`: an upstream answer reduced to the CNAME chain and the addresses it gives the
+//!   queried name, and the sanitised answer the workload receives.
+//! - `names`: the policy's allowed and denied hosts (exact and `*.suffix`; deny wins), and the
+//!   public-suffix check for wildcards.
+//! - `rebind`: which answer addresses may enter the allow map.
+//! - `doh`: the known DNS-over-HTTPS resolvers (`egress-agent/data/doh-providers.yaml`).
+//!
+//! The proxy itself (sockets, rate limits, the allow-map updates) is not here.
+
+pub mod answer;
+pub mod doh;
+pub mod message;
+pub mod names;
+pub mod rebind;
+pub mod wire;
+
+#[cfg(test)]
+mod robustness;
+#[cfg(test)]
+mod testutil;
