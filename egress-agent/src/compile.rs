@@ -13,8 +13,8 @@ use std::net::IpAddr;
 use egress_common::{
     Family, PortKey, Proto, RuleKey, RuleValue,
     maps::{
-        ACTION_ALLOW, ACTION_DENY, RULE_KEY_FIXED_BITS, SLOT_ALLOW_LOOPBACK,
-        SLOT_ALLOW_OTHER_SOCKETS,
+        ACTION_ALLOW, ACTION_DENY, InlinePort, MAX_INLINE_PORTS, RULE_KEY_FIXED_BITS,
+        SLOT_ALLOW_LOOPBACK, SLOT_ALLOW_OTHER_SOCKETS,
     },
 };
 use ipnet::IpNet;
@@ -198,36 +198,63 @@ pub fn compile_with_deadlines(
                     RuleValue {
                         action: ACTION_DENY,
                         prefix: *len,
-                        _pad: [0; 2],
-                        rule_id,
-                        set_id: 0,
                         expires_s: node.expires.flatten().unwrap_or(0),
+                        rule_id,
+                        ..RuleValue::default()
                     },
                 );
             }
         } else if let Some(&first) = allow.first() {
             let set_id = sets.id_for(&allow);
-            if used_sets.insert(set_id) {
-                for &rule_id in &allow {
-                    let Some(rule) = policy.allowed.get(rule_id as usize) else {
-                        continue;
-                    };
-                    for (transport, port) in rule.transport_ports() {
-                        let pk = PortKey::new(policy_id, set_id, port, proto(transport));
-                        // The lowest-numbered rule that allows a port is the one reported.
-                        compiled.ports.entry(pk).or_insert(rule_id);
-                    }
+            // Every (protocol, port) of the set with the lowest-numbered rule allowing it.
+            let mut pairs: BTreeMap<(u16, u8), u32> = BTreeMap::new();
+            for &rule_id in &allow {
+                let Some(rule) = policy.allowed.get(rule_id as usize) else {
+                    continue;
+                };
+                for (transport, port) in rule.transport_ports() {
+                    pairs
+                        .entry((port, proto(transport) as u8))
+                        .or_insert(rule_id);
                 }
             }
+            if used_sets.insert(set_id) {
+                for (&(port, p), &rule_id) in &pairs {
+                    let p = if p == Proto::Udp as u8 {
+                        Proto::Udp
+                    } else {
+                        Proto::Tcp
+                    };
+                    compiled
+                        .ports
+                        .insert(PortKey::new(policy_id, set_id, port, p), rule_id);
+                }
+            }
+            let mut inline = [InlinePort::default(); MAX_INLINE_PORTS as usize];
+            let n_inline = if pairs.len() <= inline.len() {
+                for (slot, (&(port, proto), &rule_id)) in inline.iter_mut().zip(&pairs) {
+                    *slot = InlinePort {
+                        port,
+                        proto,
+                        _pad: 0,
+                        rule_id,
+                    };
+                }
+                u8::try_from(pairs.len()).unwrap_or(0)
+            } else {
+                0
+            };
             compiled.insert(
                 key,
                 RuleValue {
                     action: ACTION_ALLOW,
                     prefix: *len,
-                    _pad: [0; 2],
+                    n_inline,
+                    _pad: 0,
                     rule_id: first,
                     set_id,
                     expires_s: node.expires.flatten().unwrap_or(0),
+                    inline,
                 },
             );
         }
@@ -656,6 +683,34 @@ mod tests {
         let c2 = compile(&p, 1, &r, &mut sets);
         for (k, v) in &c1.ports {
             assert_eq!(c2.ports.get(k), Some(v), "port entry {k:?} changed meaning");
+        }
+    }
+
+    #[test]
+    fn small_port_sets_ride_in_the_value_and_large_ones_use_the_port_map() {
+        let p = policy(
+            vec![
+                allow("10.0.0.1/32", &[443], &[Protocol::Https]),
+                allow("10.0.0.2/32", &[53], &[Protocol::Dns]),
+                allow("10.0.0.3/32", &[80, 443, 8080], &[Protocol::Tcp]),
+            ],
+            vec![],
+        );
+        let r = Resolved::new();
+        let c = compile(&p, 7, &r, &mut SetIds::default());
+        let inline: Vec<u8> = c.exact.values().map(|v| v.n_inline).collect();
+        assert_eq!(inline, vec![1, 2, 0], "{c:?}");
+        for (addr, port, proto, want) in [
+            ([10, 0, 0, 1], 443, Proto::Tcp, Reason::AllowRule),
+            ([10, 0, 0, 1], 443, Proto::Udp, Reason::DenyPort),
+            ([10, 0, 0, 2], 53, Proto::Udp, Reason::AllowRule),
+            ([10, 0, 0, 2], 53, Proto::Tcp, Reason::AllowRule),
+            ([10, 0, 0, 2], 54, Proto::Udp, Reason::DenyPort),
+            ([10, 0, 0, 3], 8080, Proto::Tcp, Reason::AllowRule),
+            ([10, 0, 0, 3], 8081, Proto::Tcp, Reason::DenyPort),
+        ] {
+            let (k, reference) = judge(&p, &r, &v4(addr, port, proto));
+            assert_eq!((k, reference), (want, want), "{addr:?}:{port} {proto:?}");
         }
     }
 

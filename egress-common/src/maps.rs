@@ -125,6 +125,22 @@ pub const fn address_bits(family: Family) -> u32 {
 pub const ACTION_ALLOW: u8 = 1;
 pub const ACTION_DENY: u8 = 2;
 
+/// One (protocol, port) pair a rule value carries itself, and the rule that allows it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct InlinePort {
+    /// Host byte order.
+    pub port: u16,
+    /// [`Proto`] as `u8`.
+    pub proto: u8,
+    pub _pad: u8,
+    pub rule_id: u32,
+}
+
+/// How many (protocol, port) pairs a value can carry; a larger set is looked up in the port
+/// map instead.
+pub const MAX_INLINE_PORTS: u8 = 2;
+
 /// What the longest matching prefix says.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -134,7 +150,10 @@ pub struct RuleValue {
     /// Address bits of this entry's own prefix (0..=128): an expired entry is looked past by
     /// asking the trie again with a shorter prefix.
     pub prefix: u8,
-    pub _pad: [u8; 2],
+    /// For allow: how many entries of `inline` hold the whole port set (1 or 2), so the port
+    /// map need not be asked; 0 when the set is in the port map only.
+    pub n_inline: u8,
+    pub _pad: u8,
     /// For deny: index of the denying entry in `denied_destinations`. For allow: the first
     /// allow rule covering the prefix (reported when the port is not allowed).
     pub rule_id: u32,
@@ -143,6 +162,7 @@ pub struct RuleValue {
     /// CLOCK_BOOTTIME second after which the entry no longer applies (an address learned from
     /// DNS whose lifetime ran out); 0: it never expires.
     pub expires_s: u32,
+    pub inline: [InlinePort; MAX_INLINE_PORTS as usize],
 }
 
 impl RuleValue {
@@ -185,7 +205,7 @@ const _: () = {
     assert!(core::mem::size_of::<SlotConfig>() == 32);
     assert!(core::mem::size_of::<RuleKey>() == 24);
     assert!(core::mem::align_of::<RuleKey>() == 1);
-    assert!(core::mem::size_of::<RuleValue>() == 16);
+    assert!(core::mem::size_of::<RuleValue>() == 32);
     assert!(core::mem::size_of::<PortKey>() == 12);
     assert!(core::mem::align_of::<PortKey>() == 4);
 };
@@ -197,5 +217,6 @@ mod pod {
     unsafe impl aya::Pod for super::SlotConfig {}
     unsafe impl aya::Pod for super::RuleKey {}
     unsafe impl aya::Pod for super::RuleValue {}
+    unsafe impl aya::Pod for super::InlinePort {}
     unsafe impl aya::Pod for super::PortKey {}
 }

@@ -105,6 +105,19 @@ pub fn decide<T: Tables>(tables: &T, slot: &SlotConfig, dst: &Dest) -> Decision 
         // ACTION_DENY, or a value we do not understand: deny either way.
         return Decision::of(Reason::DenyRule, value.rule_id);
     }
+    if value.n_inline != 0 {
+        // The whole set is in the value: no port-map lookup.
+        let want = lookup.proto as u8;
+        let a = value.inline[0];
+        if a.port == lookup.port && a.proto == want {
+            return Decision::of(Reason::AllowRule, a.rule_id);
+        }
+        let b = value.inline[1];
+        if value.n_inline > 1 && b.port == lookup.port && b.proto == want {
+            return Decision::of(Reason::AllowRule, b.rule_id);
+        }
+        return Decision::of(Reason::DenyPort, value.rule_id);
+    }
     let port_key = PortKey::new(policy_id, value.set_id, lookup.port, lookup.proto);
     match tables.port(&port_key) {
         Some(rule_id) => Decision::of(Reason::AllowRule, rule_id),
