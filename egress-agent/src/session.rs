@@ -362,33 +362,30 @@ impl Supervisor {
             .inc_by(self.log.collapsed - collapsed_before);
     }
 
+    fn count_failed_load(&self) {
+        self.metrics
+            .policy_loads
+            .get_or_create(&ResultLabels { result: "failure" })
+            .inc();
+    }
+
     /// Replaces the policy with the one in `path`, if it parses, validates and compiles. A bad
     /// file is logged and counted, and the policy in force stays. Returns the new policy id.
     pub async fn reload(&mut self, path: &Path) -> Option<u32> {
-        let policy = match load_policy(path) {
-            Ok(p) => p,
+        let prepared = load_policy(path).and_then(|policy| {
+            let resolver = if policy_hosts(&policy).is_empty() {
+                None
+            } else {
+                Some(resolver(&policy, &self.dns)?)
+            };
+            Ok((policy, resolver))
+        });
+        let (policy, resolver) = match prepared {
+            Ok(v) => v,
             Err(error) => {
                 tracing::error!(file = %path.display(), error = %error, "policy reload refused; the policy in force stays");
-                self.metrics
-                    .policy_loads
-                    .get_or_create(&ResultLabels { result: "failure" })
-                    .inc();
+                self.count_failed_load();
                 return None;
-            }
-        };
-        let resolver = if policy_hosts(&policy).is_empty() {
-            None
-        } else {
-            match resolver(&policy, &self.dns) {
-                Ok(r) => Some(r),
-                Err(error) => {
-                    tracing::error!(file = %path.display(), error = %error, "policy reload refused; the policy in force stays");
-                    self.metrics
-                        .policy_loads
-                        .get_or_create(&ResultLabels { result: "failure" })
-                        .inc();
-                    return None;
-                }
             }
         };
         let (resolved, due, deadlines) = resolve_all(&policy, resolver.as_ref()).await;
@@ -413,10 +410,7 @@ impl Supervisor {
                 // Entries of the new id may be partly written; the slot still names the old id,
                 // so they are inert. They are removed on the next successful load.
                 tracing::error!(file = %path.display(), error = %error, "applying the reloaded policy failed; the policy in force stays");
-                self.metrics
-                    .policy_loads
-                    .get_or_create(&ResultLabels { result: "failure" })
-                    .inc();
+                self.count_failed_load();
                 None
             }
         }
