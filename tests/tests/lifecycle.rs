@@ -300,7 +300,15 @@ fn reload_under_load_keeps_what_both_policies_agree_on_and_a_broken_file_changes
         .allow_cidr("198.18.0.4/32", &[8443], &["tcp"])
         .deny_cidr("198.18.0.3/32");
     std::fs::write(&path, old.render()).unwrap();
-    let mut agent = RunAgent::start(tb.client(), &path, &cg, dir.path(), &[]);
+    let metrics: std::net::SocketAddr = "127.0.0.1:19465".parse().unwrap();
+    let metrics_arg = metrics.to_string();
+    let mut agent = RunAgent::start(
+        tb.client(),
+        &path,
+        &cg,
+        dir.path(),
+        &["--metrics-addr", &metrics_arg],
+    );
     agent.wait_for("\"enforcing\"");
 
     const N: usize = 60;
@@ -365,6 +373,16 @@ fn reload_under_load_keeps_what_both_policies_agree_on_and_a_broken_file_changes
     assert!(
         log.contains("198.18.0.4/33"),
         "the error names the bad value: {log}"
+    );
+    // ... and is counted: one start, two good reloads (file change, SIGHUP), one refusal.
+    let exposition = scrape(tb.client(), metrics);
+    assert!(
+        exposition.contains("egress_policy_loads_total{result=\"failure\"} 1"),
+        "{exposition}"
+    );
+    assert!(
+        exposition.contains("egress_policy_loads_total{result=\"success\"} 3"),
+        "{exposition}"
     );
     // The broken file left the new policy in force.
     let still = finish(workload(
@@ -500,4 +518,21 @@ fn a_resolved_address_expires_in_the_kernel_with_no_agent_running() {
     std::thread::sleep(SETTLE);
     assert_eq!(api.connections(), 1);
     assert_eq!(detach(tb.client(), &cg).0, 0);
+}
+
+/// GET /metrics from inside `ns` (the agent listens on that namespace's loopback).
+fn scrape(ns: &Netns, addr: std::net::SocketAddr) -> String {
+    use std::io::Read as _;
+    let handle = ns.handle();
+    std::thread::spawn(move || {
+        handle.enter_current_thread().unwrap();
+        let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        write!(s, "GET /metrics HTTP/1.1\r\nHost: {addr}\r\n\r\n").unwrap();
+        let mut body = String::new();
+        let _ = s.read_to_string(&mut body);
+        body
+    })
+    .join()
+    .unwrap()
 }
