@@ -105,6 +105,16 @@ impl Drop for TestCgroupParent {
             eprintln!("egress-tests: cleaning {}: {e:#}", self.path.display());
         }
         for cg in self.descendants().into_iter().chain([self.path.clone()]) {
+            // A test that failed before `detach` leaves the agent's pins (links, maps) and
+            // record behind: remove them with the cgroup they were for.
+            if let Ok(loc) = egress_agent::instance::Location::of(&cg)
+                && let Err(e) = loc.remove()
+            {
+                eprintln!(
+                    "egress-tests: removing egress pins of {}: {e:#}",
+                    cg.display()
+                );
+            }
             if let Err(e) = rmdir_retrying(&cg) {
                 eprintln!("egress-tests: removing cgroup {}: {e:#}", cg.display());
             }
