@@ -116,8 +116,9 @@ async fn supervise(
 ) -> Result<u8, ExecError> {
     let probes = Probes::choose(sup.enforcer.compiled())?;
     sup.expect_probes(probes.v4, probes.v6)?;
-    sup.enforcer.attach(cg.path()).map_err(SessionError::from)?;
+    // The record first: if this agent dies from here on, the next exec finds its pins.
     loc.write(Kind::Exec, EXEC_SLOT, sup.enforcer.compiled().policy_id)?;
+    sup.enforcer.attach(cg.path()).map_err(SessionError::from)?;
     let mut watcher = Watcher::new(
         &args.policy,
         Duration::from_secs(args.reload.watch_interval.max(1)),
