@@ -536,3 +536,62 @@ fn scrape(ns: &Netns, addr: std::net::SocketAddr) -> String {
     .join()
     .unwrap()
 }
+
+#[test]
+fn a_killed_exec_agent_takes_its_workload_along_and_the_next_exec_cleans_up() {
+    let Some(tb) = Testbed::for_test(PROBE.as_ref()) else {
+        return;
+    };
+    let policy = PolicyYaml::new().allow_cidr("198.18.0.2/32", &[8443], &["tcp"]);
+    let run = tb.agent(&policy).unwrap().args(["whoami", "sleep 20000"]);
+    let mut cmd = run.command();
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    tb.client().run_in(&mut cmd);
+    let mut first = cmd.spawn().unwrap();
+    // The workload's cgroup appears under the test parent once the agent has set it up.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let workload_cg = loop {
+        let found = tb.cgroups.descendants().into_iter().find(|c| {
+            std::fs::read_to_string(c.join("cgroup.procs")).is_ok_and(|p| !p.trim().is_empty())
+        });
+        if let Some(c) = found {
+            break c;
+        }
+        assert!(Instant::now() < deadline, "the workload never started");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let pins = pins_of(&workload_cg);
+    let workload_pids = std::fs::read_to_string(workload_cg.join("cgroup.procs")).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(first.id() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    first.wait().unwrap();
+    // The workload dies with its agent (parent-death signal); its enforcement stays pinned.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !std::fs::read_to_string(workload_cg.join("cgroup.procs"))
+        .unwrap_or_default()
+        .trim()
+        .is_empty()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "workload {workload_pids} outlived its agent"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(pins.exists(), "pins were removed by a killed agent?");
+
+    // The next exec finds the dead agent's instance and removes it.
+    let out = tb.run_agent(&policy, &["whoami"]).unwrap();
+    assert_eq!(out.exit_code(), Some(0), "{}", out.describe());
+    // (Any exec may do the clean-up; what matters is that it is done.)
+    assert!(!pins.exists(), "the dead agent's pins are still there");
+    assert!(
+        !workload_cg.exists(),
+        "the dead agent's cgroup is still there"
+    );
+}
