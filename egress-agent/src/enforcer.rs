@@ -54,6 +54,8 @@ pub struct Enforcer {
     /// When each host's current answer lapses in the kernel.
     deadlines: Deadlines,
     current: Compiled,
+    /// The highest policy id ever written (including failed reloads).
+    last_id: u32,
     /// Rate-limit entries and buckets (the budgets do not depend on resolved addresses).
     rate: RateMaps,
     limits: CompiledLimits,
@@ -135,6 +137,10 @@ impl Enforcer {
         let mut maps = MapSet::take(&mut programs)?;
         let mut rate = RateMaps::take(&mut programs)?;
         let old = maps.slot_config(slot)?;
+        // Entries of any id but the one in force are inert leftovers (a reload that failed
+        // half-way, say) and could share the id chosen below: remove them first.
+        maps.retain_policy(old.policy_id)?;
+        rate.retain_policy(old.policy_id)?;
         let policy_id = next_policy_id(old.policy_id);
         let mut sets = SetIds::default();
         let compiled = compile_with_deadlines(&policy, policy_id, &resolved, &deadlines, &mut sets);
@@ -197,6 +203,7 @@ impl Enforcer {
             sets,
             resolved,
             deadlines,
+            last_id: compiled.policy_id,
             current: compiled,
             rate,
             limits,
@@ -218,27 +225,36 @@ impl Enforcer {
     ) -> Result<ApplyStats, EnforcerError> {
         let slot = self.slot();
         let old_cfg = self.maps.slot_config(slot)?;
-        let policy_id = next_policy_id(self.current.policy_id);
+        // A fresh id for every attempt: entries a failed attempt left behind can never share
+        // an id with a later policy, so they can never come into force.
+        let policy_id = next_policy_id(self.last_id.max(self.current.policy_id));
+        self.last_id = policy_id;
         let mut sets = SetIds::default();
         let compiled = compile_with_deadlines(&policy, policy_id, &resolved, &deadlines, &mut sets);
-        let mut stats = self.maps.apply(&Compiled::default(), &compiled)?;
         let limits = compile_limits(&policy, policy_id);
-        self.rate.apply(&CompiledLimits::default(), &limits)?;
-        self.maps.set_slot(
-            slot,
-            SlotConfig {
-                policy_id,
-                flags: compiled.slot_flags,
-                ..old_cfg
-            },
-        )?;
-        let removed = self.maps.apply(&self.current, &Compiled::default())?;
-        stats.rules_removed = removed.rules_removed;
-        stats.ports_removed = removed.ports_removed;
-        self.rate.apply(&self.limits, &CompiledLimits::default())?;
-        if !limits.limits.is_empty() {
-            self.rate.start_collector(slot, COLLECT_PERIOD)?;
-        }
+        let written = self
+            .maps
+            .apply(&Compiled::default(), &compiled)
+            .map_err(EnforcerError::from)
+            .and_then(|stats| {
+                self.rate.apply(&CompiledLimits::default(), &limits)?;
+                let cfg = SlotConfig {
+                    policy_id,
+                    flags: compiled.slot_flags,
+                    ..old_cfg
+                };
+                self.maps.set_slot(slot, cfg)?;
+                Ok(stats)
+            });
+        let mut stats = match written {
+            Ok(stats) => stats,
+            Err(e) => {
+                // Not switched: the old policy is in force. Remove what was written.
+                self.sweep(self.current.policy_id);
+                return Err(e);
+            }
+        };
+        // Switched: from here on the new policy is the one in force, whatever else fails.
         let now = Instant::now();
         let due: BTreeMap<String, Instant> = policy_hosts(&policy)
             .into_iter()
@@ -247,6 +263,7 @@ impl Enforcer {
                 (h, t)
             })
             .collect();
+        let removed_before = self.current.entries();
         self.policy = policy;
         self.sets = sets;
         self.resolved = resolved;
@@ -254,7 +271,24 @@ impl Enforcer {
         self.current = compiled;
         self.limits = limits;
         self.due = due;
+        stats.rules_removed = removed_before;
+        self.sweep(policy_id);
+        if !self.limits.limits.is_empty() {
+            self.rate.start_collector(slot, COLLECT_PERIOD)?;
+        }
         Ok(stats)
+    }
+
+    /// Removes every rule, port and limit entry whose policy id is not `keep`. Entries of
+    /// another id are inert (the slot names `keep`), so a failure here is logged, not fatal:
+    /// they are swept again after the next policy change.
+    fn sweep(&mut self, keep: u32) {
+        if let Err(error) = self.maps.retain_policy(keep) {
+            tracing::warn!(%error, policy_id = keep, "removing entries of other policy ids failed; they are inert");
+        }
+        if let Err(error) = self.rate.retain_policy(keep) {
+            tracing::warn!(%error, policy_id = keep, "removing rate limits of other policy ids failed; they are inert");
+        }
     }
 
     pub fn attach(&mut self, cgroup: &Path) -> Result<(), EnforcerError> {

@@ -595,3 +595,59 @@ fn a_killed_exec_agent_takes_its_workload_along_and_the_next_exec_cleans_up() {
         "the dead agent's cgroup is still there"
     );
 }
+
+#[test]
+fn a_reload_that_fails_half_way_leaves_nothing_that_a_later_policy_could_inherit() {
+    let Some(tb) = Testbed::for_test(PROBE.as_ref()) else {
+        return;
+    };
+    let listener = tb
+        .listen_tcp(format!("{ALLOWED}:9999").parse().unwrap())
+        .unwrap();
+    let cg = tb.cgroups.child("halfway").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("policy.yaml");
+    std::fs::write(
+        &path,
+        PolicyYaml::new()
+            .allow_cidr("198.18.0.2/32", &[8443], &["tcp"])
+            .render(),
+    )
+    .unwrap();
+    let mut agent = RunAgent::start(tb.client(), &path, &cg, dir.path(), &[]);
+    agent.wait_for("\"enforcing\"");
+
+    // Every port on five addresses: 327,675 port entries, more than the port map holds, so
+    // writing this policy fails part-way through.
+    let all: Vec<u16> = (1..=u16::MAX).collect();
+    let mut huge = PolicyYaml::new();
+    for last in 2..7 {
+        huge = huge.allow_cidr(&format!("198.18.0.{last}/32"), &all, &["tcp"]);
+    }
+    let tmp = dir.path().join("policy.yaml.new");
+    std::fs::write(&tmp, huge.render()).unwrap();
+    std::fs::rename(&tmp, &path).unwrap();
+    agent.wait_for("applying the reloaded policy failed");
+
+    // A good policy whose three ports live in the port map, like the failed one's did.
+    let good = PolicyYaml::new().allow_cidr("198.18.0.2/32", &[8443, 8444, 8445], &["tcp"]);
+    std::fs::write(&tmp, good.render()).unwrap();
+    std::fs::rename(&tmp, &path).unwrap();
+    agent.wait_for("\"policy reloaded\"");
+    let r = finish(workload(
+        &tb,
+        &cg,
+        tb.client(),
+        &[format!("connect tcp4 {ALLOWED} 9999")],
+    ));
+    assert_eq!(
+        r[0].errno,
+        Some(libc::EPERM),
+        "a port of the failed policy came into force: {r:?}\n{}",
+        agent.log()
+    );
+    std::thread::sleep(SETTLE);
+    assert_eq!(listener.connections(), 0);
+    assert!(agent.signal(nix::sys::signal::Signal::SIGTERM).success());
+    assert_eq!(detach(tb.client(), &cg).0, 0);
+}
