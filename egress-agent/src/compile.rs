@@ -145,9 +145,12 @@ pub fn compile_with_deadlines(
         }
     }
     for (j, rule) in policy.denied.iter().enumerate() {
-        for (net, deadline) in timed_targets(&rule.target, resolved, deadlines) {
+        // A denied host's addresses never expire in the kernel: letting a deny lapse (DNS
+        // down, no agent running) would hand the address to any covering allow. The agent
+        // removes an address when a fresh answer no longer has it.
+        for (net, _) in timed_targets(&rule.target, resolved, deadlines) {
             let node = nodes.entry(node_key(net)).or_default();
-            node.lifetime(deadline);
+            node.lifetime(None);
             // Several deny entries for one prefix: report the first.
             node.deny = Some(node.deny.map_or(index(j), |d| d.min(index(j))));
         }
@@ -748,8 +751,9 @@ mod tests {
         // After it, the /32 no longer applies: the /16 decides.
         assert_eq!(decide(&at(101), &slot, &api443).reason, Reason::DenyPort);
         assert_eq!(decide(&at(101), &slot, &api80).reason, Reason::AllowRule);
-        // An expired deny is looked past too: the address is no longer the denied host's.
-        assert_eq!(decide(&at(201), &slot, &bad80).reason, Reason::AllowRule);
+        // A denied host's address never lapses into the covering allow.
+        assert_eq!(decide(&at(201), &slot, &bad80).reason, Reason::DenyRule);
+        assert_eq!(decide(&at(u32::MAX), &slot, &bad80).reason, Reason::DenyRule);
     }
 
     #[test]
