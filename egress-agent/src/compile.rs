@@ -753,7 +753,10 @@ mod tests {
         assert_eq!(decide(&at(101), &slot, &api80).reason, Reason::AllowRule);
         // A denied host's address never lapses into the covering allow.
         assert_eq!(decide(&at(201), &slot, &bad80).reason, Reason::DenyRule);
-        assert_eq!(decide(&at(u32::MAX), &slot, &bad80).reason, Reason::DenyRule);
+        assert_eq!(
+            decide(&at(u32::MAX), &slot, &bad80).reason,
+            Reason::DenyRule
+        );
     }
 
     #[test]

@@ -88,6 +88,7 @@ impl Blocked {
             Hook::Sendmsg4,
             Hook::Sendmsg6,
             Hook::SockCreate,
+            Hook::Packet,
         ]
         .into_iter()
         .find(|h| *h as u8 == self.event.hook)
@@ -109,6 +110,7 @@ pub fn hook_name(h: Option<Hook>) -> &'static str {
         Some(Hook::Sendmsg4) => "sendmsg4",
         Some(Hook::Sendmsg6) => "sendmsg6",
         Some(Hook::SockCreate) => "sock_create",
+        Some(Hook::Packet) => "packet",
         None => "unknown",
     }
 }
@@ -342,6 +344,9 @@ impl EventLog {
         let socket_type = (b.hook() == Some(Hook::SockCreate)).then_some(b.event.sock_type);
         let socket_protocol = (b.hook() == Some(Hook::SockCreate)).then_some(b.event.sock_protocol);
         let repeated = (repeats > 0).then_some(repeats);
+        // The packet backstop may run outside the sending task: it reports no task fields.
+        let task = b.hook() != Some(Hook::Packet);
+        let cmdline = if task { cmdline } else { None };
         tracing::warn!(
             event = "egress_blocked",
             policy = %ctx.policy.name,
@@ -358,13 +363,13 @@ impl EventLog {
             rule.purpose = rule_purpose,
             socket.type = socket_type,
             socket.protocol = socket_protocol,
-            pid = b.tgid(),
-            tid = b.tid(),
-            uid = b.uid(),
-            gid = b.gid(),
-            comm = %b.comm(),
+            pid = task.then_some(b.tgid()),
+            tid = task.then_some(b.tid()),
+            uid = task.then_some(b.uid()),
+            gid = task.then_some(b.gid()),
+            comm = task.then(|| b.comm()),
             cmdline = cmdline,
-            cgroup.id = b.event.cgroup_id,
+            cgroup.id = task.then_some(b.event.cgroup_id),
             slot = b.event.slot,
             repeated,
             window_secs = repeated.map(|_| self.window.as_secs_f64()),

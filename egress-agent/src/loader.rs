@@ -11,7 +11,7 @@ use std::os::unix::fs::DirBuilderExt as _;
 use aya::{
     Ebpf, EbpfLoader,
     programs::{
-        CgroupAttachMode, CgroupSock, CgroupSockAddr, ProgramError,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, ProgramError,
         links::{FdLink, LinkError},
     },
 };
@@ -31,6 +31,8 @@ pub const SOCK_ADDR_PROGRAMS: [&str; 4] = [
 ];
 /// The socket-creation program.
 pub const SOCK_CREATE_PROGRAM: &str = "egress_sock_create";
+/// The packet backstop (cgroup_skb/egress).
+pub const PACKET_PROGRAM: &str = "egress_packets";
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
@@ -118,6 +120,11 @@ impl Programs {
             name: SOCK_CREATE_PROGRAM,
             source: Box::new(e),
         })?;
+        let prog: &mut CgroupSkb = program(&mut ebpf, PACKET_PROGRAM)?;
+        prog.load().map_err(|e| LoadError::Program {
+            name: PACKET_PROGRAM,
+            source: Box::new(e),
+        })?;
         Ok(Programs {
             ebpf: Some(ebpf),
             slot,
@@ -128,7 +135,10 @@ impl Programs {
     /// Opens the instance pinned in `dir` by an earlier agent. Its links must all be there:
     /// a partial instance is refused rather than patched.
     pub fn adopt(dir: &Path, slot: u32) -> Result<Self, LoadError> {
-        for name in SOCK_ADDR_PROGRAMS.into_iter().chain([SOCK_CREATE_PROGRAM]) {
+        for name in SOCK_ADDR_PROGRAMS
+            .into_iter()
+            .chain([SOCK_CREATE_PROGRAM, PACKET_PROGRAM])
+        {
             let path = bpffs::link_pin(dir, name);
             aya::programs::links::PinnedLink::from_pin(&path).map_err(|e| LoadError::Pin {
                 what: "opening the pinned link",
@@ -236,6 +246,22 @@ impl Programs {
                 .take_link(id)
                 .map_err(|e| attach_error(SOCK_CREATE_PROGRAM, path, e))?;
             pin_link(FdLink::try_from(link), dir, SOCK_CREATE_PROGRAM)?;
+        }
+        // The packet backstop before the address hooks: nothing an address hook lets through
+        // can leave with a header that sends it elsewhere.
+        let prog: &mut CgroupSkb = program(ebpf, PACKET_PROGRAM)?;
+        let id = prog
+            .attach(
+                &cgroup,
+                CgroupSkbAttachType::Egress,
+                CgroupAttachMode::Single,
+            )
+            .map_err(|e| attach_error(PACKET_PROGRAM, path, e))?;
+        if let Some(dir) = &pins {
+            let link = prog
+                .take_link(id)
+                .map_err(|e| attach_error(PACKET_PROGRAM, path, e))?;
+            pin_link(FdLink::try_from(link), dir, PACKET_PROGRAM)?;
         }
         for name in SOCK_ADDR_PROGRAMS {
             let prog: &mut CgroupSockAddr = program(ebpf, name)?;

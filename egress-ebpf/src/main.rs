@@ -5,6 +5,7 @@
 // compare-and-exchange in core::sync::atomic.
 #![feature(asm_experimental_arch)]
 
+mod backstop;
 mod context;
 mod counters;
 mod events;
@@ -12,8 +13,8 @@ mod ratelimit;
 mod tables;
 
 use aya_ebpf::{
-    macros::{cgroup_sock, cgroup_sock_addr},
-    programs::{SockAddrContext, SockContext},
+    macros::{cgroup_skb, cgroup_sock, cgroup_sock_addr},
+    programs::{SkBuffContext, SockAddrContext, SockContext},
 };
 use egress_common::Hook;
 
@@ -60,6 +61,20 @@ pub fn egress_sock_create(ctx: SockContext) -> i32 {
         sock_protocol: s.sock_protocol,
     };
     events::emit(tables::slot(), &attempt);
+    DENY
+}
+
+/// The packet backstop: refuses what the address hooks could not judge (see backstop.rs).
+#[cgroup_skb(egress)]
+pub fn egress_packets(ctx: SkBuffContext) -> i32 {
+    let Some((decision, dst)) = backstop::judge(&ctx) else {
+        return ALLOW;
+    };
+    counters::count(decision.reason, dst.proto);
+    events::emit_packet(
+        tables::slot(),
+        &events::Attempt::to(Hook::Packet, &dst, decision.reason, decision.rule_id),
+    );
     DENY
 }
 

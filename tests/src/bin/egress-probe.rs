@@ -53,6 +53,10 @@ enum Action {
     Socket(SocketKind, Family),
     Sleep(Duration),
     Flood(Family, SocketAddr, u64),
+    /// UDP over IPv6 to ADDR with a segment-routing header whose first hop is VIA.
+    Srh6(std::net::Ipv6Addr, SocketAddr, Vec<u8>),
+    /// One ICMP echo request from a ping socket.
+    Ping4(std::net::Ipv4Addr),
     Hammer(usize, u64, Box<Op>),
     Dns(DnsMode, Family, SocketAddr, String, u64),
     Whoami,
@@ -250,6 +254,34 @@ fn parse_op(text: &str) -> Result<Op, String> {
             })?;
             Action::Socket(kind, family)
         }
+        "srh6" => {
+            // srh6 VIA ADDR PORT DATA
+            if fields.len() < 5 {
+                return Err(bad("srh6 takes VIA ADDR PORT DATA"));
+            }
+            let via = fields[1]
+                .parse()
+                .map_err(|_| bad("VIA must be an IPv6 address"))?;
+            let addr: std::net::Ipv6Addr = fields[2]
+                .parse()
+                .map_err(|_| bad("ADDR must be an IPv6 address"))?;
+            let port: u16 = fields[3]
+                .parse()
+                .map_err(|_| bad("PORT must be a number"))?;
+            Action::Srh6(
+                via,
+                SocketAddr::new(IpAddr::V6(addr), port),
+                fields[4..].join(" ").into_bytes(),
+            )
+        }
+        "ping4" => {
+            exact(2)?;
+            Action::Ping4(
+                fields[1]
+                    .parse()
+                    .map_err(|_| bad("ADDR must be an IPv4 address"))?,
+            )
+        }
         "sleep" => {
             exact(2)?;
             let ms: u64 = fields[1].parse().map_err(|_| bad("MS must be a number"))?;
@@ -404,6 +436,8 @@ fn run(op: &Op) -> ProbeResult {
         }
         Action::Whoami => return whoami(text),
         Action::Flood(f, a, n) => return flood(text, *f, *a, *n),
+        Action::Srh6(via, a, data) => srh6(*via, *a, data),
+        Action::Ping4(a) => ping4(*a),
         Action::Hammer(threads, n, inner) => return hammer(text, *threads, *n, inner),
         Action::Dns(mode, f, addr, name, n) => return dns(text, *mode, *f, *addr, name, *n),
         Action::Cgroup => return cgroup(text),
@@ -1082,4 +1116,55 @@ fn dns(text: &str, mode: DnsMode, f: Family, addr: SocketAddr, name: &str, n: u6
         count: Some(answered),
         ..result
     }
+}
+
+/// A UDP datagram to `to` carrying an IPv6 segment-routing header (type 4) whose next segment
+/// is `via`: the kernel sends it to `via`, not to `to`. Needs no privilege.
+fn srh6(via: std::net::Ipv6Addr, to: SocketAddr, data: &[u8]) -> OpResult {
+    let sock = new_socket(Family::V6, libc::SOCK_DGRAM, 0)?;
+    let fd = sock.as_raw_fd();
+    // RFC 8754: next header, hdr ext len (8-octet units after the first 8), type 4,
+    // segments left 1, last entry 1, flags, tag; then segment[0] (the final destination,
+    // which the kernel fills in) and segment[1] (the first hop).
+    let mut srh = [0u8; 8 + 32];
+    srh[1] = 4;
+    srh[2] = 4;
+    srh[3] = 1;
+    srh[4] = 1;
+    if let IpAddr::V6(t) = to.ip() {
+        srh[8..24].copy_from_slice(&t.octets());
+    }
+    srh[24..40].copy_from_slice(&via.octets());
+    // SAFETY: setsockopt with a buffer of the given length.
+    check(unsafe {
+        libc::setsockopt(
+            fd,
+            libc::IPPROTO_IPV6,
+            libc::IPV6_RTHDR,
+            srh.as_ptr().cast(),
+            srh.len() as libc::socklen_t,
+        )
+    })?;
+    let sa = sock_addr(Family::V6, to);
+    // SAFETY: sendto with a valid buffer and address.
+    check(
+        unsafe { libc::sendto(fd, data.as_ptr().cast(), data.len(), 0, sa.ptr(), sa.len) }
+            as libc::c_int,
+    )?;
+    Ok(())
+}
+
+/// One ICMP echo request to `to` from an unprivileged ping socket.
+fn ping4(to: std::net::Ipv4Addr) -> OpResult {
+    let sock = new_socket(Family::V4, libc::SOCK_DGRAM, libc::IPPROTO_ICMP)?;
+    let fd = sock.as_raw_fd();
+    // Echo request: type 8, code 0, checksum and id filled in by the kernel, sequence 1.
+    let echo = [8u8, 0, 0, 0, 0, 0, 0, 1, b'p', b'i', b'n', b'g'];
+    let sa = sock_addr(Family::V4, SocketAddr::new(IpAddr::V4(to), 0));
+    // SAFETY: sendto with a valid buffer and address.
+    check(
+        unsafe { libc::sendto(fd, echo.as_ptr().cast(), echo.len(), 0, sa.ptr(), sa.len) }
+            as libc::c_int,
+    )?;
+    Ok(())
 }
