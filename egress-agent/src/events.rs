@@ -66,10 +66,13 @@ impl Blocked {
 
     /// The destination address; `None` for socket-creation events.
     pub fn dst(&self) -> Option<IpAddr> {
+        if matches!(self.hook(), Some(Hook::SockCreate | Hook::Setsockopt)) {
+            return None;
+        }
         let a = self.event.addr;
         match self.event.family {
             4 => Some(Ipv4Addr::new(a[0], a[1], a[2], a[3]).into()),
-            6 if self.hook() != Some(Hook::SockCreate) => Some(Ipv6Addr::from(a).into()),
+            6 => Some(Ipv6Addr::from(a).into()),
             _ => None,
         }
     }
@@ -88,7 +91,7 @@ impl Blocked {
             Hook::Sendmsg4,
             Hook::Sendmsg6,
             Hook::SockCreate,
-            Hook::Packet,
+            Hook::Setsockopt,
         ]
         .into_iter()
         .find(|h| *h as u8 == self.event.hook)
@@ -110,7 +113,7 @@ pub fn hook_name(h: Option<Hook>) -> &'static str {
         Some(Hook::Sendmsg4) => "sendmsg4",
         Some(Hook::Sendmsg6) => "sendmsg6",
         Some(Hook::SockCreate) => "sock_create",
-        Some(Hook::Packet) => "packet",
+        Some(Hook::Setsockopt) => "setsockopt",
         None => "unknown",
     }
 }
@@ -341,12 +344,14 @@ impl EventLog {
             .map(|ip| ctx.hosts_of(ip).join(","))
             .filter(|h| !h.is_empty());
         let rule_id = (b.event.rule_id != NO_RULE).then_some(b.event.rule_id);
-        let socket_type = (b.hook() == Some(Hook::SockCreate)).then_some(b.event.sock_type);
-        let socket_protocol = (b.hook() == Some(Hook::SockCreate)).then_some(b.event.sock_protocol);
+        let sock = b.hook() == Some(Hook::SockCreate);
+        let sockopt = b.hook() == Some(Hook::Setsockopt);
+        let socket_type = sock.then_some(b.event.sock_type);
+        let socket_protocol = sock.then_some(b.event.sock_protocol);
+        let option_level = sockopt.then_some(b.event.sock_type);
+        let option_name = sockopt.then_some(b.event.sock_protocol);
         let repeated = (repeats > 0).then_some(repeats);
-        // The packet backstop may run outside the sending task: it reports no task fields.
-        let task = b.hook() != Some(Hook::Packet);
-        let cmdline = if task { cmdline } else { None };
+        let task = true;
         tracing::warn!(
             event = "egress_blocked",
             policy = %ctx.policy.name,
@@ -363,6 +368,8 @@ impl EventLog {
             rule.purpose = rule_purpose,
             socket.type = socket_type,
             socket.protocol = socket_protocol,
+            option.level = option_level,
+            option.name = option_name,
             pid = task.then_some(b.tgid()),
             tid = task.then_some(b.tid()),
             uid = task.then_some(b.uid()),

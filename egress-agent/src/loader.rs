@@ -11,7 +11,7 @@ use std::os::unix::fs::DirBuilderExt as _;
 use aya::{
     Ebpf, EbpfLoader,
     programs::{
-        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, ProgramError,
+        CgroupAttachMode, CgroupSock, CgroupSockAddr, CgroupSockopt, ProgramError,
         links::{FdLink, LinkError},
     },
 };
@@ -31,8 +31,8 @@ pub const SOCK_ADDR_PROGRAMS: [&str; 4] = [
 ];
 /// The socket-creation program.
 pub const SOCK_CREATE_PROGRAM: &str = "egress_sock_create";
-/// The packet backstop (cgroup_skb/egress).
-pub const PACKET_PROGRAM: &str = "egress_packets";
+/// The setsockopt guard.
+pub const SOCKOPT_PROGRAM: &str = "egress_setsockopt";
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
@@ -99,6 +99,8 @@ pub struct Programs {
     slot: u32,
     /// Where maps and links are pinned, once they are.
     pins: Option<PathBuf>,
+    /// Links made outside aya and not pinned: held here, released with the programs.
+    held_links: Vec<std::os::fd::OwnedFd>,
 }
 
 impl Programs {
@@ -120,15 +122,16 @@ impl Programs {
             name: SOCK_CREATE_PROGRAM,
             source: Box::new(e),
         })?;
-        let prog: &mut CgroupSkb = program(&mut ebpf, PACKET_PROGRAM)?;
+        let prog: &mut CgroupSockopt = program(&mut ebpf, SOCKOPT_PROGRAM)?;
         prog.load().map_err(|e| LoadError::Program {
-            name: PACKET_PROGRAM,
+            name: SOCKOPT_PROGRAM,
             source: Box::new(e),
         })?;
         Ok(Programs {
             ebpf: Some(ebpf),
             slot,
             pins: None,
+            held_links: Vec::new(),
         })
     }
 
@@ -137,7 +140,7 @@ impl Programs {
     pub fn adopt(dir: &Path, slot: u32) -> Result<Self, LoadError> {
         for name in SOCK_ADDR_PROGRAMS
             .into_iter()
-            .chain([SOCK_CREATE_PROGRAM, PACKET_PROGRAM])
+            .chain([SOCK_CREATE_PROGRAM, SOCKOPT_PROGRAM])
         {
             let path = bpffs::link_pin(dir, name);
             aya::programs::links::PinnedLink::from_pin(&path).map_err(|e| LoadError::Pin {
@@ -150,6 +153,7 @@ impl Programs {
             ebpf: None,
             slot,
             pins: Some(dir.to_path_buf()),
+            held_links: Vec::new(),
         })
     }
 
@@ -247,21 +251,41 @@ impl Programs {
                 .map_err(|e| attach_error(SOCK_CREATE_PROGRAM, path, e))?;
             pin_link(FdLink::try_from(link), dir, SOCK_CREATE_PROGRAM)?;
         }
-        // The packet backstop before the address hooks: nothing an address hook lets through
-        // can leave with a header that sends it elsewhere.
-        let prog: &mut CgroupSkb = program(ebpf, PACKET_PROGRAM)?;
-        let id = prog
-            .attach(
-                &cgroup,
-                CgroupSkbAttachType::Egress,
-                CgroupAttachMode::Single,
+        // The setsockopt guard before the address hooks: no socket can be given a header that
+        // sends its packets past the address they judge.
+        // aya 0.14 cannot turn a sockopt link into one that can be pinned, so this one link is
+        // made with bpf(2) directly; it lives as long as its pin or this process does.
+        let prog: &mut CgroupSockopt = program(ebpf, SOCKOPT_PROGRAM)?;
+        let prog_fd = prog
+            .fd()
+            .map_err(|e| attach_error(SOCKOPT_PROGRAM, path, e))?;
+        let link = bpf_sys::link_create_cgroup(
+            std::os::fd::AsFd::as_fd(prog_fd),
+            std::os::fd::AsFd::as_fd(&cgroup),
+            bpf_sys::ATTACH_CGROUP_SETSOCKOPT,
+        )
+        .map_err(|e| {
+            attach_error(
+                SOCKOPT_PROGRAM,
+                path,
+                ProgramError::SyscallError(aya::sys::SyscallError {
+                    call: "bpf_link_create",
+                    io_error: e,
+                }),
             )
-            .map_err(|e| attach_error(PACKET_PROGRAM, path, e))?;
-        if let Some(dir) = &pins {
-            let link = prog
-                .take_link(id)
-                .map_err(|e| attach_error(PACKET_PROGRAM, path, e))?;
-            pin_link(FdLink::try_from(link), dir, PACKET_PROGRAM)?;
+        })?;
+        match &pins {
+            Some(dir) => {
+                let pin = bpffs::link_pin(dir, SOCKOPT_PROGRAM);
+                bpf_sys::obj_pin(std::os::fd::AsFd::as_fd(&link), &pin).map_err(|e| {
+                    LoadError::Pin {
+                        what: "pinning the link",
+                        path: pin,
+                        message: e.to_string(),
+                    }
+                })?;
+            }
+            None => self.held_links.push(link),
         }
         for name in SOCK_ADDR_PROGRAMS {
             let prog: &mut CgroupSockAddr = program(ebpf, name)?;

@@ -39,10 +39,10 @@ pub enum Reason {
     /// Allowed by a rule, but the connection needs a new rate-limit bucket and the bucket
     /// table is full (or the kernel had no memory for it).
     RateLimitTableFull = 13,
-    /// A packet the connect/sendmsg hooks could not judge by its socket address: an IPv6
-    /// packet with a routing header (its first hop is not the address the hook saw) or an
-    /// IPv4 packet with options. Refused by the packet backstop.
-    DenyPacket = 14,
+    /// A socket option that would send packets somewhere other than the address the
+    /// connect/sendmsg hooks judge: an IPv6 routing header (IPV6_RTHDR, settable without
+    /// privileges: the packet goes to its first segment) or IPv4 options (IP_OPTIONS).
+    DenySockopt = 14,
     /// The agent's start-up probe (a UDP connect from inside the cgroup to the destination the
     /// slot names as its probe) was denied by the policy, as it must be. Counted apart so that
     /// proving enforcement never reads as blocked egress.
@@ -73,7 +73,7 @@ impl Reason {
         Reason::RateLimitedDestination,
         Reason::RateLimitedGlobal,
         Reason::RateLimitTableFull,
-        Reason::DenyPacket,
+        Reason::DenySockopt,
         Reason::StartupProbe,
     ];
 
@@ -105,7 +105,7 @@ impl Reason {
             Reason::RateLimitedDestination => "rate_limited_destination",
             Reason::RateLimitedGlobal => "rate_limited_global",
             Reason::RateLimitTableFull => "rate_limit_table_full",
-            Reason::DenyPacket => "packet_refused",
+            Reason::DenySockopt => "socket_option_refused",
             Reason::StartupProbe => "startup_probe",
         }
     }
@@ -132,6 +132,6 @@ pub enum Hook {
     Sendmsg4 = 3,
     Sendmsg6 = 4,
     SockCreate = 5,
-    /// The packet backstop (cgroup_skb/egress).
-    Packet = 6,
+    /// setsockopt.
+    Setsockopt = 6,
 }

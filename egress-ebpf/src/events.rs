@@ -80,38 +80,6 @@ pub fn emit(slot: u32, a: &Attempt) {
     entry.submit(0);
 }
 
-/// As [`emit`], for the packet backstop: it may run outside the sending task's context, so
-/// no task fields (pid, uid, comm, cgroup) are filled in.
-#[inline(always)]
-pub fn emit_packet(slot: u32, a: &Attempt) {
-    let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
-        lost();
-        return;
-    };
-    // SAFETY: reads the clock; available to every program type.
-    let boot_ns = unsafe { aya_ebpf::helpers::generated::bpf_ktime_get_boot_ns() };
-    entry.write(Event {
-        boot_ns,
-        cgroup_id: 0,
-        pid_tgid: 0,
-        uid_gid: 0,
-        comm: [0; 16],
-        addr: a.addr,
-        port: a.port,
-        family: a.family,
-        proto: a.proto as u8,
-        hook: a.hook as u8,
-        _pad: [0; 3],
-        reason: a.reason as u32,
-        rule_id: a.rule_id,
-        slot,
-        sock_type: 0,
-        sock_protocol: 0,
-        _reserved: 0,
-    });
-    entry.submit(0);
-}
-
 #[inline(always)]
 fn lost() {
     if let Some(p) = LOST.get_ptr_mut(0) {

@@ -5,16 +5,16 @@
 // compare-and-exchange in core::sync::atomic.
 #![feature(asm_experimental_arch)]
 
-mod backstop;
 mod context;
 mod counters;
 mod events;
 mod ratelimit;
+mod sockopt;
 mod tables;
 
 use aya_ebpf::{
-    macros::{cgroup_skb, cgroup_sock, cgroup_sock_addr},
-    programs::{SkBuffContext, SockAddrContext, SockContext},
+    macros::{cgroup_sock, cgroup_sock_addr, cgroup_sockopt},
+    programs::{SockAddrContext, SockContext, SockoptContext},
 };
 use egress_common::Hook;
 
@@ -64,17 +64,26 @@ pub fn egress_sock_create(ctx: SockContext) -> i32 {
     DENY
 }
 
-/// The packet backstop: refuses what the address hooks could not judge (see backstop.rs).
-#[cgroup_skb(egress)]
-pub fn egress_packets(ctx: SkBuffContext) -> i32 {
-    let Some((decision, dst)) = backstop::judge(&ctx) else {
+/// Socket options that would route packets past the address the hooks judge are refused.
+#[cgroup_sockopt(setsockopt)]
+pub fn egress_setsockopt(ctx: SockoptContext) -> i32 {
+    let (level, optname) = sockopt::read(&ctx);
+    if !sockopt::reroutes(level, optname) {
         return ALLOW;
-    };
-    counters::count(decision.reason, dst.proto);
-    events::emit_packet(
-        tables::slot(),
-        &events::Attempt::to(Hook::Packet, &dst, decision.reason, decision.rule_id),
+    }
+    let reason = egress_common::Reason::DenySockopt;
+    counters::count(reason, egress_common::Proto::Other);
+    let dst = egress_common::Dest::v4([0; 4], 0, egress_common::Proto::Other);
+    let mut attempt = events::Attempt::to(
+        Hook::Setsockopt,
+        &dst,
+        reason,
+        egress_common::verdict::NO_RULE,
     );
+    attempt.family = 0;
+    attempt.sock_type = level as u32;
+    attempt.sock_protocol = optname as u32;
+    events::emit(tables::slot(), &attempt);
     DENY
 }
 

@@ -137,9 +137,15 @@ pub fn judge_socket(ctx: &SockContext) -> SocketVerdict {
         (sk_type, sk_protocol),
         (SOCK_STREAM, IPPROTO_TCP) | (SOCK_STREAM, IPPROTO_MPTCP) | (SOCK_DGRAM, IPPROTO_UDP)
     );
+    // Ping (ICMP, ICMPv6) and SCTP sockets send without the connect/sendmsg hooks seeing
+    // every destination, so no policy setting lets them be created.
+    const IPPROTO_ICMP: u32 = 1;
+    const IPPROTO_ICMPV6: u32 = 58;
+    const IPPROTO_SCTP: u32 = 132;
+    let unjudged = matches!(sk_protocol, IPPROTO_ICMP | IPPROTO_ICMPV6 | IPPROTO_SCTP);
     if plain {
         verdict(Reason::AllowSocket)
-    } else if cfg.flags & SLOT_ALLOW_OTHER_SOCKETS != 0 {
+    } else if cfg.flags & SLOT_ALLOW_OTHER_SOCKETS != 0 && !unjudged {
         verdict(Reason::AllowOtherSocket)
     } else {
         verdict(Reason::DenySocketType)

@@ -1,4 +1,5 @@
-//! The packet backstop: what the socket-address hooks cannot see is refused per packet.
+//! Ways to send past the address the connect/sendmsg hooks judge are closed: routing headers
+//! and IP options are refused at setsockopt, ping sockets at creation.
 #![expect(clippy::unwrap_used, reason = "test code: a failure is a test failure")]
 
 use egress_tests::policy::PolicyYaml;
@@ -7,11 +8,11 @@ use serde_json::Value;
 
 const PROBE: &str = env!("CARGO_BIN_EXE_egress-probe");
 
-fn packet_events(stderr: &str) -> Vec<Value> {
+fn events(stderr: &str, hook: &str) -> Vec<Value> {
     stderr
         .lines()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|v| v["event"] == "egress_blocked" && v["hook"] == "packet")
+        .filter(|v| v["event"] == "egress_blocked" && v["hook"] == hook)
         .collect()
 }
 
@@ -37,13 +38,16 @@ fn an_ipv6_routing_header_cannot_carry_traffic_past_the_allowlist() {
     assert_eq!(out.exit_code(), Some(0), "{}", out.describe());
     out.assert_errno(op, libc::EPERM);
     out.assert_ok("sendto udp6 fd00:e9::2 9999 plain");
-    let events = packet_events(&out.stderr);
-    assert_eq!(events.len(), 1, "{}", out.stderr);
-    assert_eq!(events[0]["reason"], "packet_refused");
+    let refused = events(&out.stderr, "setsockopt");
+    assert_eq!(refused.len(), 1, "{}", out.stderr);
+    assert_eq!(refused[0]["reason"], "socket_option_refused");
+    assert_eq!(refused[0]["option.level"], 41);
+    assert_eq!(refused[0]["option.name"], 57);
+    assert_eq!(refused[0]["comm"], "egress-probe");
 }
 
-/// Ping sockets run no sendmsg hook: with other socket types allowed, their packets are
-/// still judged (loopback allowed, anything else refused).
+/// Ping sockets run no sendmsg hook: they cannot be created, even with other socket types
+/// allowed.
 #[test]
 fn ping_sockets_cannot_send_past_the_allowlist() {
     let Some(tb) = Testbed::for_test(PROBE.as_ref()) else {
@@ -63,9 +67,25 @@ fn ping_sockets_cannot_send_past_the_allowlist() {
         .unwrap();
     assert_eq!(out.exit_code(), Some(0), "{}", out.describe());
     out.assert_errno("ping4 198.18.0.2", libc::EPERM);
-    out.assert_ok("ping4 127.0.0.1");
-    let events = packet_events(&out.stderr);
-    assert_eq!(events.len(), 1, "{}", out.stderr);
-    assert_eq!(events[0]["reason"], "protocol_not_allowed");
-    assert_eq!(events[0]["dst.ip"], "198.18.0.2");
+    out.assert_errno("ping4 127.0.0.1", libc::EPERM);
+    let refused = events(&out.stderr, "sock_create");
+    // A first line, then one "repeated N" line counting the attempts beyond it.
+    let attempts: u64 = refused
+        .iter()
+        .map(|e| e["repeated"].as_u64().unwrap_or(1))
+        .sum();
+    assert_eq!(
+        attempts, 2,
+        "both ping sockets are reported: {}",
+        out.stderr
+    );
+    assert!(
+        refused
+            .iter()
+            .all(|e| e["reason"] == "socket_type_refused" && e["socket.protocol"] == 1)
+    );
+    assert!(
+        refused.iter().all(|e| e.get("dst.ip").is_none()),
+        "no destination for a socket creation"
+    );
 }
