@@ -59,6 +59,30 @@ pub struct DnsArgs {
     /// Seconds to wait for one DNS answer.
     #[arg(long, default_value_t = 2)]
     pub dns_timeout: u64,
+    /// Network namespace of the workload (a path such as /run/netns/NAME or
+    /// /proc/PID/ns/net). `exec` runs the workload in it; the DNS proxy listens in it. Default:
+    /// the agent's own.
+    #[arg(long)]
+    pub netns: Option<PathBuf>,
+    /// DNS queries per second the workload may send (its budget refills at this rate).
+    #[arg(long, default_value_t = 200)]
+    pub dns_query_rate: u32,
+    /// DNS queries the workload may send at once before the rate applies.
+    #[arg(long, default_value_t = 400)]
+    pub dns_query_burst: u32,
+    /// Addresses kept per allowed name learned from DNS answers.
+    #[arg(long, default_value_t = 32)]
+    pub dns_max_addrs_per_name: u32,
+    /// How the proxy answers a name the policy does not allow.
+    #[arg(long, value_enum, default_value_t = Refusal::Nxdomain)]
+    pub dns_refusal: Refusal,
+}
+
+/// The answer to a query for a name the policy does not allow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Refusal {
+    Nxdomain,
+    Refused,
 }
 
 #[derive(Debug, Args)]

@@ -13,7 +13,7 @@ use std::net::IpAddr;
 use egress_common::{
     Family, PortKey, Proto, RuleKey, RuleValue,
     maps::{
-        ACTION_ALLOW, ACTION_DENY, InlinePort, MAX_INLINE_PORTS, RULE_KEY_FIXED_BITS,
+        ACTION_ALLOW, ACTION_DENY, InlinePort, MAX_INLINE_PORTS, RULE_DOH_BIT, RULE_KEY_FIXED_BITS,
         SLOT_ALLOW_LOOPBACK, SLOT_ALLOW_OTHER_SOCKETS,
     },
 };
@@ -155,6 +155,11 @@ pub fn compile_with_deadlines(
             node.deny = Some(node.deny.map_or(index(j), |d| d.min(index(j))));
         }
     }
+    for (net, rule_id) in doh_denials(policy) {
+        let node = nodes.entry(node_key(net)).or_default();
+        node.lifetime(None);
+        node.deny = Some(node.deny.map_or(rule_id, |d| d.min(rule_id)));
+    }
 
     let mut compiled = Compiled {
         policy_id,
@@ -209,44 +214,13 @@ pub fn compile_with_deadlines(
             }
         } else if let Some(&first) = allow.first() {
             let set_id = sets.id_for(&allow);
-            // Every (protocol, port) of the set with the lowest-numbered rule allowing it.
-            let mut pairs: BTreeMap<(u16, u8), u32> = BTreeMap::new();
-            for &rule_id in &allow {
-                let Some(rule) = policy.allowed.get(rule_id as usize) else {
-                    continue;
-                };
-                for (transport, port) in rule.transport_ports() {
-                    pairs
-                        .entry((port, proto(transport) as u8))
-                        .or_insert(rule_id);
-                }
-            }
+            let pairs = port_pairs(policy, &allow);
             if used_sets.insert(set_id) {
-                for (&(port, p), &rule_id) in &pairs {
-                    let p = if p == Proto::Udp as u8 {
-                        Proto::Udp
-                    } else {
-                        Proto::Tcp
-                    };
-                    compiled
-                        .ports
-                        .insert(PortKey::new(policy_id, set_id, port, p), rule_id);
-                }
+                compiled
+                    .ports
+                    .extend(port_entries(policy_id, set_id, &pairs));
             }
-            let mut inline = [InlinePort::default(); MAX_INLINE_PORTS as usize];
-            let n_inline = if pairs.len() <= inline.len() {
-                for (slot, (&(port, proto), &rule_id)) in inline.iter_mut().zip(&pairs) {
-                    *slot = InlinePort {
-                        port,
-                        proto,
-                        _pad: 0,
-                        rule_id,
-                    };
-                }
-                u8::try_from(pairs.len()).unwrap_or(0)
-            } else {
-                0
-            };
+            let (inline, n_inline) = inline_ports(&pairs);
             compiled.insert(
                 key,
                 RuleValue {
@@ -273,6 +247,79 @@ pub fn compile_with_deadlines(
     compiled
 }
 
+/// Every (protocol, port) that the allow rules `allow` open, with the lowest-numbered rule
+/// opening it.
+pub fn port_pairs(policy: &Policy, allow: &[u32]) -> BTreeMap<(u16, u8), u32> {
+    let mut pairs: BTreeMap<(u16, u8), u32> = BTreeMap::new();
+    for &rule_id in allow {
+        let Some(rule) = policy.allowed.get(rule_id as usize) else {
+            continue;
+        };
+        for (transport, port) in rule.transport_ports() {
+            pairs
+                .entry((port, proto(transport) as u8))
+                .or_insert(rule_id);
+        }
+    }
+    pairs
+}
+
+/// The port-map entries of set `set_id` holding `pairs`.
+pub fn port_entries(
+    policy_id: u32,
+    set_id: u32,
+    pairs: &BTreeMap<(u16, u8), u32>,
+) -> impl Iterator<Item = (PortKey, u32)> + '_ {
+    pairs.iter().map(move |(&(port, p), &rule_id)| {
+        let p = if p == Proto::Udp as u8 {
+            Proto::Udp
+        } else {
+            Proto::Tcp
+        };
+        (PortKey::new(policy_id, set_id, port, p), rule_id)
+    })
+}
+
+/// The pairs as a value's inline ports when they fit (count 1 or 2), else none (count 0: the
+/// port map holds the set).
+pub fn inline_ports(
+    pairs: &BTreeMap<(u16, u8), u32>,
+) -> ([InlinePort; MAX_INLINE_PORTS as usize], u8) {
+    let mut inline = [InlinePort::default(); MAX_INLINE_PORTS as usize];
+    if pairs.is_empty() || pairs.len() > inline.len() {
+        return (inline, 0);
+    }
+    for (slot, (&(port, proto), &rule_id)) in inline.iter_mut().zip(pairs) {
+        *slot = InlinePort {
+            port,
+            proto,
+            _pad: 0,
+            rule_id,
+        };
+    }
+    (inline, u8::try_from(pairs.len()).unwrap_or(0))
+}
+
+/// The known DNS-over-HTTPS provider addresses a policy with `block_doh` denies, each with the
+/// deny entry's rule id ([`RULE_DOH_BIT`] | provider index).
+pub fn doh_denials(policy: &Policy) -> Vec<(IpNet, u32)> {
+    if !policy.dns.as_ref().is_some_and(|d| d.block_doh) {
+        return Vec::new();
+    }
+    let Some(list) = crate::dns::doh_list() else {
+        return Vec::new();
+    };
+    list.providers()
+        .iter()
+        .enumerate()
+        .flat_map(|(k, p)| {
+            p.addresses
+                .iter()
+                .map(move |a| (IpNet::from(a.to_canonical()), RULE_DOH_BIT | index(k)))
+        })
+        .collect()
+}
+
 /// Flags of the slot that enforces `policy`.
 pub fn slot_flags(policy: &Policy) -> u32 {
     let mut flags = 0;
@@ -284,6 +331,9 @@ pub fn slot_flags(policy: &Policy) -> u32 {
     }
     if crate::ratelimit::has_limits(policy) {
         flags |= egress_common::maps::SLOT_RATE_LIMITED;
+    }
+    if policy.dns.as_ref().is_some_and(|d| d.block_dot) {
+        flags |= egress_common::maps::SLOT_BLOCK_DOT;
     }
     flags
 }
@@ -389,6 +439,10 @@ impl egress_common::Tables for CompiledAt<'_> {
         self.compiled.ports.get(key).copied()
     }
 
+    fn learned(&self, _key: &RuleKey) -> Option<RuleValue> {
+        None
+    }
+
     fn now_s(&self) -> u32 {
         self.now_s
     }
@@ -420,6 +474,10 @@ impl egress_common::Tables for Compiled {
 
     fn port(&self, key: &PortKey) -> Option<u32> {
         self.ports.get(key).copied()
+    }
+
+    fn learned(&self, _key: &RuleKey) -> Option<RuleValue> {
+        None
     }
 
     fn now_s(&self) -> u32 {

@@ -4,13 +4,14 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use egress_common::SlotConfig;
 use tokio::time::Instant;
 
 use crate::compile::{Compiled, Deadlines, Resolved, SetIds, compile_with_deadlines};
+use crate::dns::install::{LearnedMaps, Learner};
 use crate::loader::{LoadError, Programs};
 use crate::maps::{ApplyStats, MapSet, MapsError};
 use crate::policy::Policy;
@@ -31,6 +32,7 @@ pub enum EnforcerError {
 struct Parts {
     programs: Programs,
     maps: MapSet,
+    learned: LearnedMaps,
     rate: RateMaps,
     limits: CompiledLimits,
     sets: SetIds,
@@ -61,6 +63,15 @@ pub struct Enforcer {
     limits: CompiledLimits,
     /// When each host name is due for another lookup.
     due: BTreeMap<String, Instant>,
+    /// Addresses the DNS proxy learned, shared with its tasks.
+    learner: Arc<Mutex<Learner>>,
+}
+
+/// Addresses kept per name until the caller sets its own cap.
+pub const DEFAULT_ADDRS_PER_NAME: usize = 32;
+
+fn lock(m: &Mutex<Learner>) -> std::sync::MutexGuard<'_, Learner> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl Enforcer {
@@ -96,6 +107,7 @@ impl Enforcer {
         if let Some(dir) = pins {
             programs.pin_maps(dir)?;
         }
+        let learned = LearnedMaps::take(&mut programs)?;
         let mut maps = MapSet::take(&mut programs)?;
         let mut sets = SetIds::default();
         let compiled =
@@ -115,6 +127,7 @@ impl Enforcer {
         let parts = Parts {
             programs,
             maps,
+            learned,
             rate,
             limits,
             sets,
@@ -134,6 +147,7 @@ impl Enforcer {
         dir: &Path,
     ) -> Result<(Self, u32), EnforcerError> {
         let mut programs = Programs::adopt(dir, slot)?;
+        let mut learned = LearnedMaps::take(&mut programs)?;
         let mut maps = MapSet::take(&mut programs)?;
         let mut rate = RateMaps::take(&mut programs)?;
         let old = maps.slot_config(slot)?;
@@ -141,6 +155,7 @@ impl Enforcer {
         // half-way, say) and could share the id chosen below: remove them first.
         maps.retain_policy(old.policy_id)?;
         rate.retain_policy(old.policy_id)?;
+        learned.retain_policy(old.policy_id)?;
         let policy_id = next_policy_id(old.policy_id);
         let mut sets = SetIds::default();
         let compiled = compile_with_deadlines(&policy, policy_id, &resolved, &deadlines, &mut sets);
@@ -157,9 +172,13 @@ impl Enforcer {
         )?;
         maps.retain_policy(policy_id)?;
         rate.retain_policy(policy_id)?;
+        // Addresses the earlier agent learned went with its policy id: the names behind them
+        // are not recorded in the kernel, so workloads learn them again on their next lookup.
+        learned.retain_policy(policy_id)?;
         let parts = Parts {
             programs,
             maps,
+            learned,
             rate,
             limits,
             sets,
@@ -183,6 +202,7 @@ impl Enforcer {
         let Parts {
             programs,
             maps,
+            learned,
             mut rate,
             limits,
             sets,
@@ -196,7 +216,14 @@ impl Enforcer {
             .into_iter()
             .map(|h| (h, now))
             .collect();
+        let learner = Arc::new(Mutex::new(Learner::new(
+            learned,
+            Arc::new(policy.clone()),
+            compiled.policy_id,
+            DEFAULT_ADDRS_PER_NAME,
+        )));
         Ok(Enforcer {
+            learner,
             programs,
             maps,
             policy,
@@ -238,6 +265,7 @@ impl Enforcer {
             .map_err(EnforcerError::from)
             .and_then(|stats| {
                 self.rate.apply(&CompiledLimits::default(), &limits)?;
+                lock(&self.learner).rebase(Arc::new(policy.clone()), policy_id)?;
                 let cfg = SlotConfig {
                     policy_id,
                     flags: compiled.slot_flags,
@@ -249,7 +277,12 @@ impl Enforcer {
         let mut stats = match written {
             Ok(stats) => stats,
             Err(e) => {
-                // Not switched: the old policy is in force. Remove what was written.
+                // Not switched: the old policy is in force. Learning goes back to it, and what
+                // was written for the new id goes.
+                let (old_policy, old_id) = (Arc::new(self.policy.clone()), self.current.policy_id);
+                if let Err(error) = lock(&self.learner).rebase(old_policy, old_id) {
+                    tracing::warn!(%error, "re-writing learned addresses under the policy in force failed; workloads look them up again");
+                }
                 self.sweep(self.current.policy_id);
                 return Err(e);
             }
@@ -289,6 +322,28 @@ impl Enforcer {
         if let Err(error) = self.rate.retain_policy(keep) {
             tracing::warn!(%error, policy_id = keep, "removing rate limits of other policy ids failed; they are inert");
         }
+        if let Err(error) = lock(&self.learner).retain_policy(keep) {
+            tracing::warn!(%error, policy_id = keep, "removing learned addresses of other policy ids failed; they are inert");
+        }
+    }
+
+    /// The learned-address state, for the DNS proxy.
+    pub fn learner(&self) -> Arc<Mutex<Learner>> {
+        Arc::clone(&self.learner)
+    }
+
+    /// Redirects the workload's DNS queries to the proxy on `port` (0: no redirect).
+    pub fn set_dns_port(&mut self, port: u16) -> Result<(), EnforcerError> {
+        let slot = self.slot();
+        let cfg = self.maps.slot_config(slot)?;
+        self.maps.set_slot(
+            slot,
+            SlotConfig {
+                dns_port: port,
+                ..cfg
+            },
+        )?;
+        Ok(())
     }
 
     pub fn attach(&mut self, cgroup: &Path) -> Result<(), EnforcerError> {
@@ -482,10 +537,11 @@ impl Enforcer {
         v4: std::net::SocketAddr,
         v6: std::net::SocketAddr,
     ) -> Result<(), EnforcerError> {
+        let slot = self.slot();
         let mut cfg = SlotConfig {
             policy_id: self.current.policy_id,
             flags: self.current.slot_flags,
-            ..SlotConfig::default()
+            ..self.maps.slot_config(slot)?
         };
         if let std::net::IpAddr::V4(ip) = v4.ip() {
             cfg.probe_v4 = ip.octets();
@@ -495,7 +551,6 @@ impl Enforcer {
             cfg.probe_v6 = ip.octets();
             cfg.probe_port_v6 = v6.port();
         }
-        let slot = self.slot();
         self.maps.set_slot(slot, cfg)?;
         Ok(())
     }

@@ -43,13 +43,21 @@ pub enum ExecError {
     Signals(#[source] std::io::Error),
     #[error("waiting for the workload: {0}")]
     Wait(#[source] std::io::Error),
+    #[error("opening the workload's network namespace {path}: {source}")]
+    Netns {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl ExecError {
     pub fn exit_code(&self) -> u8 {
         match self {
             ExecError::Session(e) => e.exit_code(),
-            ExecError::NoSuchUser(_) | ExecError::RootWorkload => exit::USAGE,
+            ExecError::NoSuchUser(_) | ExecError::RootWorkload | ExecError::Netns { .. } => {
+                exit::USAGE
+            }
             _ => exit::FAILURE,
         }
     }
@@ -124,7 +132,22 @@ async fn supervise(
         Duration::from_secs(args.reload.watch_interval.max(1)),
     );
     let cgroup_path: PathBuf = cg.path().into();
-    let mut child = workload::spawn(&args.command, cg.open_procs()?, creds, probes)?;
+    let netns = match &args.dns.netns {
+        Some(path) => Some(
+            std::fs::File::open(path).map_err(|source| ExecError::Netns {
+                path: path.clone(),
+                source,
+            })?,
+        ),
+        None => None,
+    };
+    let mut child = workload::spawn(
+        &args.command,
+        cg.open_procs()?,
+        creds,
+        probes,
+        netns.as_ref(),
+    )?;
     let pid = child.id().unwrap_or(0);
     tracing::info!(
         cgroup = %cgroup_path.display(), pid, uid = creds.uid,

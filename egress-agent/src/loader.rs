@@ -23,11 +23,15 @@ use egress_common::maps::GLOBAL_SLOT;
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/egress"));
 
 /// The sock_addr programs, one per hook.
-pub const SOCK_ADDR_PROGRAMS: [&str; 4] = [
+pub const SOCK_ADDR_PROGRAMS: [&str; 8] = [
     "egress_connect4",
     "egress_connect6",
     "egress_sendmsg4",
     "egress_sendmsg6",
+    "egress_recvmsg4",
+    "egress_recvmsg6",
+    "egress_getpeername4",
+    "egress_getpeername6",
 ];
 /// The socket-creation program.
 pub const SOCK_CREATE_PROGRAM: &str = "egress_sock_create";
@@ -221,6 +225,49 @@ impl Programs {
 
     /// Attaches every program to the cgroup directory `path`. On error the programs attached
     /// so far stay attached until this value is dropped; callers drop it on error.
+    /// A second handle on map `name` (a duplicated descriptor), for a writer that works apart
+    /// from the one that takes the map. Call it before the map is taken.
+    pub fn dup_map(&self, name: &'static str) -> Result<aya::maps::Map, LoadError> {
+        use std::os::fd::AsFd as _;
+        let pin_err = |what: &'static str, e: String| LoadError::Pin {
+            what,
+            path: PathBuf::from(name),
+            message: e,
+        };
+        match (&self.ebpf, &self.pins) {
+            (Some(ebpf), _) => {
+                let data = match ebpf.map(name) {
+                    Some(aya::maps::Map::HashMap(data)) => data,
+                    Some(_) => return Err(pin_err("duplicating the map", "not a hash map".into())),
+                    None => return Err(LoadError::MissingMap(name)),
+                };
+                let fd = data
+                    .fd()
+                    .as_fd()
+                    .try_clone_to_owned()
+                    .map_err(|e| pin_err("duplicating the map descriptor", e.to_string()))?;
+                let data = aya::maps::MapData::from_fd(fd)
+                    .map_err(|e| pin_err("opening the duplicated map", e.to_string()))?;
+                aya::maps::Map::from_map_data(data)
+                    .map_err(|e| pin_err("reading the duplicated map", e.to_string()))
+            }
+            (None, Some(dir)) => {
+                let path = bpffs::map_pin(dir, name);
+                let data = aya::maps::MapData::from_pin(&path).map_err(|e| LoadError::Pin {
+                    what: "opening the pinned map",
+                    path: path.clone(),
+                    message: e.to_string(),
+                })?;
+                aya::maps::Map::from_map_data(data).map_err(|e| LoadError::Pin {
+                    what: "reading the pinned map",
+                    path,
+                    message: e.to_string(),
+                })
+            }
+            (None, None) => Err(LoadError::MissingMap(name)),
+        }
+    }
+
     pub fn attach(&mut self, path: &Path) -> Result<(), LoadError> {
         // aya falls back to BPF_PROG_ATTACH before 5.7; such attachments outlive nothing we
         // track and are not what we promise, so refuse instead.

@@ -123,7 +123,21 @@ pub struct Metrics {
     pub log_lines: Family<PolicyLabels, Counter>,
     pub events_collapsed: Family<PolicyLabels, Counter>,
     pub events_undecodable: Counter,
+    pub dns: DnsMetrics,
     slots: Arc<RwLock<BTreeMap<u32, SlotInfo>>>,
+}
+
+/// What the DNS proxy counts.
+#[derive(Clone, Debug, Default)]
+pub struct DnsMetrics {
+    /// The workload's queries, by result.
+    pub queries: Family<PolicyResultLabels, Counter>,
+    /// Answer addresses not installed because they point into a denied range.
+    pub rebinding_blocked: Family<PolicyLabels, Counter>,
+    /// Answer addresses left out by the per-name cap.
+    pub address_cap: Family<PolicyLabels, Counter>,
+    /// Addresses in the learned map now.
+    pub learned: Family<PolicyLabels, prometheus_client::metrics::gauge::Gauge>,
 }
 
 impl Metrics {
@@ -141,8 +155,29 @@ impl Metrics {
             log_lines: Family::default(),
             events_collapsed: Family::default(),
             events_undecodable: Counter::default(),
+            dns: DnsMetrics::default(),
             slots,
         };
+        registry.register(
+            "egress_dns_queries",
+            "DNS queries of the workload answered by the agent's proxy, by result (only `allowed` ones reach an upstream resolver)",
+            m.dns.queries.clone(),
+        );
+        registry.register(
+            "egress_dns_rebinding_blocked",
+            "Addresses in answers to allowed names that were not installed because they point into a denied or special-purpose range",
+            m.dns.rebinding_blocked.clone(),
+        );
+        registry.register(
+            "egress_dns_address_cap",
+            "Addresses in answers left out because the name already holds the most addresses allowed per name",
+            m.dns.address_cap.clone(),
+        );
+        registry.register(
+            "egress_dns_learned_addresses",
+            "Addresses learned from DNS answers that are in the kernel's allow map now",
+            m.dns.learned.clone(),
+        );
         registry.register(
             "egress_policy_loads",
             "Policy loads and reloads, by result",

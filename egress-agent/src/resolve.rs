@@ -94,6 +94,27 @@ pub fn policy_hosts(policy: &Policy) -> BTreeSet<String> {
         .collect()
 }
 
+/// The name servers of a resolv.conf.
+pub fn resolv_conf_servers(resolv_conf: &Path) -> Result<Vec<IpAddr>, ResolveError> {
+    let data = std::fs::read(resolv_conf).map_err(|source| ResolveError::ReadConf {
+        path: resolv_conf.into(),
+        source,
+    })?;
+    let (config, _opts) = hickory_resolver::system_conf::parse_resolv_conf(data).map_err(|e| {
+        ResolveError::ParseConf {
+            path: resolv_conf.into(),
+            message: e.to_string(),
+        }
+    })?;
+    let servers: BTreeSet<IpAddr> = config.name_servers.iter().map(|s| s.ip).collect();
+    if servers.is_empty() {
+        return Err(ResolveError::NoServers {
+            path: resolv_conf.into(),
+        });
+    }
+    Ok(servers.into_iter().collect())
+}
+
 /// One answer: the addresses and how long to keep them.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Answer {

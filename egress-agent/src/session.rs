@@ -5,8 +5,11 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::cli::{DnsArgs, TelemetryArgs};
+use crate::cli::{DnsArgs, Refusal, TelemetryArgs};
 use crate::compile::{Deadlines, Resolved};
+use crate::dns::message::Rcode;
+use crate::dns::proxy::{Listeners, Proxy, Settings};
+use crate::dns::upstream::Upstream;
 use crate::enforcer::{Enforcer, EnforcerError};
 use crate::events::{Blocked, Context, EventLog, EventStream};
 use crate::exit;
@@ -27,6 +30,8 @@ pub enum SessionError {
     Resolve(#[from] ResolveError),
     #[error(transparent)]
     Enforcer(#[from] EnforcerError),
+    #[error(transparent)]
+    Proxy(#[from] crate::dns::proxy::ProxyError),
     #[error(transparent)]
     Other(Box<dyn std::error::Error + Send + Sync>),
 }
@@ -86,8 +91,90 @@ pub fn resolver(policy: &Policy, dns: &DnsArgs) -> Result<Arc<Resolver>, Session
     )?))
 }
 
-/// Loads the programs for `slot` with the policy in force, resolving host names first (a
-/// name that does not resolve stays denied and is retried).
+/// The resolvers the DNS proxy forwards to: the policy's allowed resolvers, else those of the
+/// given resolv.conf. A policy without host names may have none (every allowed query then
+/// fails, and nothing else is ever forwarded).
+pub fn upstream(policy: &Policy, dns: &DnsArgs) -> Result<Upstream, SessionError> {
+    let timeout = Duration::from_secs(dns.dns_timeout.max(1));
+    let named = policy
+        .dns
+        .as_ref()
+        .map(|d| d.allowed_resolvers.clone())
+        .unwrap_or_default();
+    if !named.is_empty() {
+        return Ok(Upstream::new(&named, timeout));
+    }
+    match crate::resolve::resolv_conf_servers(&dns.resolv_conf) {
+        Ok(servers) => Ok(Upstream::new(&servers, timeout)),
+        Err(e) if has_names(policy) => Err(e.into()),
+        Err(error) => {
+            tracing::warn!(%error, "no upstream resolver: the policy names no host, so the DNS proxy answers every query without forwarding any");
+            Ok(Upstream::new(&[], timeout))
+        }
+    }
+}
+
+fn has_names(policy: &Policy) -> bool {
+    let allowed = policy.allowed.iter().map(|r| &r.target);
+    allowed
+        .into_iter()
+        .any(|t| matches!(t, crate::policy::Target::Host(_)))
+}
+
+/// Opens the workload's DNS proxy (in its network namespace), starts serving it and points the
+/// slot's port-53 redirect at it.
+async fn start_proxy(
+    enforcer: &mut Enforcer,
+    dns: &DnsArgs,
+    metrics: &Metrics,
+) -> Result<(Arc<Proxy>, Vec<tokio::task::JoinHandle<()>>), SessionError> {
+    let upstream = upstream(enforcer.policy(), dns)?;
+    let listeners = Listeners::open(dns.netns.as_deref())?;
+    let port = listeners.port;
+    let ipv6 = listeners.ipv6;
+    let learner = enforcer.learner();
+    match learner.lock() {
+        Ok(mut l) => l.set_max_per_name(dns.dns_max_addrs_per_name as usize),
+        Err(p) => p
+            .into_inner()
+            .set_max_per_name(dns.dns_max_addrs_per_name as usize),
+    }
+    let bounds = TtlBounds {
+        floor: Duration::from_secs(dns.dns_min_ttl.max(1)),
+        ceiling: Duration::from_secs(dns.dns_max_ttl.max(1)),
+        grace: Duration::from_secs(dns.dns_expiry_grace),
+    };
+    let settings = Settings {
+        bounds,
+        rate: f64::from(dns.dns_query_rate.max(1)),
+        burst: f64::from(dns.dns_query_burst.max(1)),
+        refusal: match dns.dns_refusal {
+            Refusal::Nxdomain => Rcode::NxDomain,
+            Refusal::Refused => Rcode::Refused,
+        },
+    };
+    let servers: Vec<String> = upstream.servers().iter().map(ToString::to_string).collect();
+    let proxy = Proxy::new(
+        Arc::clone(&learner),
+        upstream,
+        settings,
+        metrics.dns.clone(),
+        enforcer.policy().name.clone(),
+    );
+    let mut tasks = proxy.serve(listeners)?;
+    tasks.push(tokio::spawn(crate::dns::proxy::sweep(
+        learner,
+        Duration::from_secs(5),
+    )));
+    enforcer.set_dns_port(port)?;
+    tracing::info!(
+        port, ipv6, netns = %dns.netns.as_deref().map_or_else(|| "the agent's".to_owned(), |p| p.display().to_string()),
+        upstream = %servers.join(","),
+        "DNS proxy listening on 127.0.0.1 and ::1; the workload's port-53 traffic goes to it"
+    );
+    Ok((proxy, tasks))
+}
+
 /// Where the instance's kernel state comes from.
 #[derive(Clone, Debug)]
 pub enum Placement {
@@ -187,6 +274,8 @@ pub struct Supervisor {
     log: EventLog,
     metrics: Metrics,
     server: Option<tokio::task::JoinHandle<()>>,
+    proxy: Arc<Proxy>,
+    proxy_tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 enum Work {
@@ -218,6 +307,7 @@ impl Supervisor {
             .policy_loads
             .get_or_create(&ResultLabels { result: "success" })
             .inc();
+        let (proxy, proxy_tasks) = start_proxy(&mut enforcer, dns, &metrics).await?;
         let events = match enforcer.take_events() {
             Some(ring) => {
                 Some(EventStream::new(ring).map_err(|e| SessionError::Other(Box::new(e)))?)
@@ -240,6 +330,8 @@ impl Supervisor {
             log: EventLog::new(Duration::from_secs(telemetry.log_window.max(1))),
             metrics,
             server,
+            proxy,
+            proxy_tasks,
         };
         s.publish_slot();
         Ok(s)
@@ -378,9 +470,10 @@ impl Supervisor {
             } else {
                 Some(resolver(&policy, &self.dns)?)
             };
-            Ok((policy, resolver))
+            let upstream = upstream(&policy, &self.dns)?;
+            Ok((policy, resolver, upstream))
         });
-        let (policy, resolver) = match prepared {
+        let (policy, resolver, upstream) = match prepared {
             Ok(v) => v,
             Err(error) => {
                 tracing::error!(file = %path.display(), error = %error, "policy reload refused; the policy in force stays");
@@ -396,6 +489,7 @@ impl Supervisor {
                     self.enforcer.postpone(&host, t);
                 }
                 self.resolver = resolver;
+                self.proxy.update(name.clone(), upstream);
                 self.metrics
                     .policy_loads
                     .get_or_create(&ResultLabels { result: "success" })
@@ -437,6 +531,9 @@ impl Supervisor {
         }
         if let Some(server) = self.server.take() {
             server.abort();
+        }
+        for task in self.proxy_tasks.drain(..) {
+            task.abort();
         }
     }
 }

@@ -104,10 +104,13 @@ struct ChildPlan {
     creds: Credentials,
     probe4: libc::sockaddr_in,
     probe6: libc::sockaddr_in6,
+    /// The network namespace to enter, or -1 to stay in the agent's.
+    netns_fd: RawFd,
 }
 
-const STAGES: [(u8, &str); 7] = [
+const STAGES: [(u8, &str); 8] = [
     (b'c', "joining the cgroup"),
+    (b's', "entering the network namespace"),
     (b'p', "proving enforcement from inside the cgroup"),
     (b'g', "dropping group privileges"),
     (b'u', "dropping user privileges"),
@@ -126,6 +129,7 @@ pub fn spawn(
     procs: std::fs::File,
     creds: Credentials,
     probes: Probes,
+    netns: Option<&std::fs::File>,
 ) -> Result<tokio::process::Child, WorkloadError> {
     let (program, args) = argv.split_first().ok_or_else(|| {
         WorkloadError::Spawn(io::Error::new(
@@ -141,6 +145,7 @@ pub fn spawn(
         creds,
         probe4: sockaddr4(probes.v4),
         probe6: sockaddr6(probes.v6),
+        netns_fd: netns.map_or(-1, |f| f.as_raw_fd()),
     };
     let mut cmd = tokio::process::Command::new(program);
     cmd.args(args).kill_on_drop(false);
@@ -272,6 +277,11 @@ fn setup_child(plan: &ChildPlan) -> io::Result<()> {
             return Err(io::Error::from_raw_os_error(errno()));
         }
         libc::close(plan.procs_fd);
+
+        if plan.netns_fd >= 0 {
+            stage(plan, b's');
+            check(libc::setns(plan.netns_fd, libc::CLONE_NEWNET) as libc::c_long)?;
+        }
 
         stage(plan, b'p');
         probe(

@@ -47,9 +47,20 @@ pub enum Reason {
     /// slot names as its probe) was denied by the policy, as it must be. Counted apart so that
     /// proving enforcement never reads as blocked egress.
     StartupProbe = 15,
+    /// A DNS query (TCP or UDP to port 53, any address) was sent to the agent's DNS proxy
+    /// instead of its destination.
+    RedirectDns = 16,
+    /// An address the agent's DNS proxy learned from an answer to an allowed name, with a
+    /// (protocol, port) of a rule that allows the name.
+    AllowLearned = 17,
+    /// TCP or UDP to port 853 (DNS over TLS) while the policy blocks it (`block_dot`).
+    DenyDot = 18,
+    /// A known DNS-over-HTTPS provider's address while the policy blocks DoH (`block_doh`).
+    DenyDoh = 19,
 }
 
-pub const NUM_REASONS: u32 = 16;
+/// Room for more reasons without a layout change of the counter map.
+pub const NUM_REASONS: u32 = 24;
 pub const NUM_PROTOS: u32 = 3;
 /// One block of counters per slot, plus a last block for programs whose slot is out of range
 /// (a load error that the kernel side still has to count).
@@ -58,7 +69,7 @@ pub const NUM_COUNTERS: u32 = (MAX_SLOTS + 1) * NUM_REASONS * NUM_PROTOS;
 pub const INVALID_SLOT_BLOCK: u32 = MAX_SLOTS;
 
 impl Reason {
-    pub const ALL: [Reason; 16] = [
+    pub const ALL: [Reason; 20] = [
         Reason::AllowRule,
         Reason::AllowLoopback,
         Reason::AllowSocket,
@@ -75,6 +86,10 @@ impl Reason {
         Reason::RateLimitTableFull,
         Reason::DenySockopt,
         Reason::StartupProbe,
+        Reason::RedirectDns,
+        Reason::AllowLearned,
+        Reason::DenyDot,
+        Reason::DenyDoh,
     ];
 
     #[inline(always)]
@@ -85,6 +100,8 @@ impl Reason {
                 | Reason::AllowLoopback
                 | Reason::AllowSocket
                 | Reason::AllowOtherSocket
+                | Reason::RedirectDns
+                | Reason::AllowLearned
         )
     }
 
@@ -107,6 +124,10 @@ impl Reason {
             Reason::RateLimitTableFull => "rate_limit_table_full",
             Reason::DenySockopt => "socket_option_refused",
             Reason::StartupProbe => "startup_probe",
+            Reason::RedirectDns => "dns_redirected",
+            Reason::AllowLearned => "allowed_by_dns_answer",
+            Reason::DenyDot => "dns_over_tls_blocked",
+            Reason::DenyDoh => "doh_provider_blocked",
         }
     }
 }

@@ -22,11 +22,29 @@ pub const MAP_EXACT: &str = "EGRESS_EXACT";
 pub const MAP_PORTS: &str = "EGRESS_PORTS";
 /// `PerCpuArray<u64>`: verdict counters, see [`crate::counters`].
 pub const MAP_COUNTERS: &str = "EGRESS_COUNTERS";
+/// `HashMap<RuleKey, RuleValue>`: addresses the agent's DNS proxy learned from answers to
+/// allowed names, each with the port set of the rules allowing the name and a deadline. Asked
+/// only when the policy tables deny for want of a rule or a port, so a deny entry always wins.
+pub const MAP_LEARNED: &str = "EGRESS_LEARNED";
+/// `LruHashMap<u64, DnsOrigin>`: per socket cookie, where its last DNS query was addressed
+/// before the redirect to the proxy, so that answers appear to come from there.
+pub const MAP_DNS_ORIGIN: &str = "EGRESS_DNS_ORIGIN";
 
 pub const MAX_SLOTS: u32 = 64;
 pub const MAX_RULES: u32 = 1 << 20;
 pub const MAX_EXACT: u32 = 1 << 20;
 pub const MAX_PORTS: u32 = 1 << 18;
+pub const MAX_LEARNED: u32 = 1 << 17;
+pub const MAX_DNS_ORIGINS: u32 = 1 << 14;
+
+/// The DNS port: every TCP and UDP destination with this port goes to the slot's proxy.
+pub const DNS_PORT: u16 = 53;
+/// DNS over TLS (RFC 7858), refused everywhere when the slot has [`SLOT_BLOCK_DOT`].
+pub const DOT_PORT: u16 = 853;
+
+/// Marks a deny entry's `rule_id` as a known DNS-over-HTTPS provider address (the rest of the
+/// id is the provider's index in the agent's list) rather than a `denied_destinations` entry.
+pub const RULE_DOH_BIT: u32 = 1 << 30;
 
 /// Per-slot configuration. `policy_id == 0` means "no policy": every decision denies.
 #[repr(C)]
@@ -40,6 +58,10 @@ pub struct SlotConfig {
     pub probe_v6: [u8; 16],
     pub probe_port_v4: u16,
     pub probe_port_v6: u16,
+    /// Port of the agent's DNS proxy on 127.0.0.1 and ::1 in the workload's network
+    /// namespace, host order; 0: no proxy, port 53 is judged like any other port.
+    pub dns_port: u16,
+    pub _pad: u16,
 }
 
 impl SlotConfig {
@@ -74,6 +96,27 @@ pub const SLOT_ALLOW_OTHER_SOCKETS: u32 = 1 << 1;
 /// The policy has connection rate limits: allowed connections go through the rate-limit
 /// step (see [`crate::ratelimit`]).
 pub const SLOT_RATE_LIMITED: u32 = 1 << 2;
+
+/// DNS over TLS (port 853) is refused to every destination but loopback.
+pub const SLOT_BLOCK_DOT: u32 = 1 << 3;
+
+/// Where a redirected DNS query was addressed.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DnsOrigin {
+    /// As the hook saw it: IPv4 in the first four bytes for [`DnsOrigin::FAMILY_V4`], an
+    /// IPv6 address (possibly IPv4-mapped) for [`DnsOrigin::FAMILY_V6`].
+    pub addr: [u8; 16],
+    /// Network byte order, as in `bpf_sock_addr.user_port`.
+    pub port_be: u16,
+    pub family: u8,
+    pub _pad: u8,
+}
+
+impl DnsOrigin {
+    pub const FAMILY_V4: u8 = 4;
+    pub const FAMILY_V6: u8 = 6;
+}
 
 /// Data part of the LPM key. The prefix covers the policy id, the family and the padding
 /// ([`RULE_KEY_FIXED_BITS`]) and then the address bits.
@@ -202,7 +245,8 @@ impl PortKey {
 }
 
 const _: () = {
-    assert!(core::mem::size_of::<SlotConfig>() == 32);
+    assert!(core::mem::size_of::<SlotConfig>() == 36);
+    assert!(core::mem::size_of::<DnsOrigin>() == 20);
     assert!(core::mem::size_of::<RuleKey>() == 24);
     assert!(core::mem::align_of::<RuleKey>() == 1);
     assert!(core::mem::size_of::<RuleValue>() == 32);
@@ -219,4 +263,5 @@ mod pod {
     unsafe impl aya::Pod for super::RuleValue {}
     unsafe impl aya::Pod for super::InlinePort {}
     unsafe impl aya::Pod for super::PortKey {}
+    unsafe impl aya::Pod for super::DnsOrigin {}
 }

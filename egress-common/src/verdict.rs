@@ -3,8 +3,9 @@
 use crate::counters::Reason;
 use crate::dest::{Dest, Family, Proto};
 use crate::maps::{
-    ACTION_ALLOW, MAX_EXPIRED_SKIPS, PortKey, RULE_KEY_FIXED_BITS, RuleKey, RuleValue,
-    SLOT_ALLOW_LOOPBACK, SlotConfig, address_bits,
+    ACTION_ALLOW, DNS_PORT, DOT_PORT, MAX_EXPIRED_SKIPS, PortKey, RULE_DOH_BIT,
+    RULE_KEY_FIXED_BITS, RuleKey, RuleValue, SLOT_ALLOW_LOOPBACK, SLOT_BLOCK_DOT, SlotConfig,
+    address_bits,
 };
 
 /// Lookups the decision needs. The kernel implements it over BPF maps, the agent over the
@@ -17,6 +18,8 @@ pub trait Tables {
     fn exact(&self, key: &RuleKey) -> Option<RuleValue>;
     /// Exact lookup in the port map: the allowing rule id.
     fn port(&self, key: &PortKey) -> Option<u32>;
+    /// Exact lookup of an address learned from a DNS answer.
+    fn learned(&self, key: &RuleKey) -> Option<RuleValue>;
     /// CLOCK_BOOTTIME in whole seconds, for entry lifetimes.
     fn now_s(&self) -> u32;
 }
@@ -76,8 +79,9 @@ impl Decision {
 /// Judges one destination under one slot's configuration.
 ///
 /// Order: no policy -> deny; loopback (when the policy leaves it out of scope) -> allow;
-/// protocol that no rule can name -> deny; longest prefix: deny entry -> deny, allow entry whose
-/// port set holds (protocol, port) -> allow, anything else -> deny. Deny entries win over allow
+/// protocol that no rule can name -> deny; DNS over TLS when blocked -> deny; longest prefix:
+/// deny entry -> deny, allow entry whose port set holds (protocol, port) -> allow; otherwise an
+/// address learned from DNS whose port set holds it -> allow; anything else -> deny. Deny entries win over allow
 /// entries because the compiler never lets an allow prefix shadow a covering deny.
 #[inline(always)]
 pub fn decide<T: Tables>(tables: &T, slot: &SlotConfig, dst: &Dest) -> Decision {
@@ -92,37 +96,80 @@ pub fn decide<T: Tables>(tables: &T, slot: &SlotConfig, dst: &Dest) -> Decision 
     if let Proto::Other = dst.proto {
         return Decision::of(Reason::DenyProtocol, NO_RULE);
     }
+    if dst.port == DOT_PORT && slot.flags & SLOT_BLOCK_DOT != 0 {
+        return Decision::of(Reason::DenyDot, NO_RULE);
+    }
     // The unspecified address connects to loopback: match it as loopback, never as "any".
     let mut lookup = *dst;
     if loopback {
         lookup = loopback_spelling(dst);
     }
     let key = RuleKey::for_dest(policy_id, &lookup);
-    let Some(value) = live_rule(tables, &key, lookup.family) else {
-        return Decision::of(Reason::DenyNoRule, NO_RULE);
+    let decision = match live_rule(tables, &key, lookup.family) {
+        None => Decision::of(Reason::DenyNoRule, NO_RULE),
+        Some(value) if value.action != ACTION_ALLOW => {
+            // ACTION_DENY, or a value we do not understand: deny either way. A deny is final:
+            // no learned address can reopen it.
+            return if value.rule_id != NO_RULE && value.rule_id & RULE_DOH_BIT != 0 {
+                Decision::of(Reason::DenyDoh, value.rule_id & !RULE_DOH_BIT)
+            } else {
+                Decision::of(Reason::DenyRule, value.rule_id)
+            };
+        }
+        Some(value) => match allowed_port(tables, policy_id, &value, &lookup) {
+            Some(rule_id) => return Decision::of(Reason::AllowRule, rule_id),
+            None => Decision::of(Reason::DenyPort, value.rule_id),
+        },
     };
-    if value.action != ACTION_ALLOW {
-        // ACTION_DENY, or a value we do not understand: deny either way.
-        return Decision::of(Reason::DenyRule, value.rule_id);
+    // No rule allows it: an address learned from a DNS answer to an allowed name may.
+    if let Some(value) = tables.learned(&key)
+        && value.action == ACTION_ALLOW
+        && live(tables, &value)
+        && let Some(rule_id) = allowed_port(tables, policy_id, &value, &lookup)
+    {
+        return Decision::of(Reason::AllowLearned, rule_id);
     }
+    decision
+}
+
+/// The rule of `value`'s port set that allows the destination's (protocol, port), if any.
+#[inline(always)]
+fn allowed_port<T: Tables>(
+    tables: &T,
+    policy_id: u32,
+    value: &RuleValue,
+    lookup: &Dest,
+) -> Option<u32> {
     if value.n_inline != 0 {
         // The whole set is in the value: no port-map lookup.
         let want = lookup.proto as u8;
         let a = value.inline[0];
         if a.port == lookup.port && a.proto == want {
-            return Decision::of(Reason::AllowRule, a.rule_id);
+            return Some(a.rule_id);
         }
         let b = value.inline[1];
         if value.n_inline > 1 && b.port == lookup.port && b.proto == want {
-            return Decision::of(Reason::AllowRule, b.rule_id);
+            return Some(b.rule_id);
         }
-        return Decision::of(Reason::DenyPort, value.rule_id);
+        return None;
     }
-    let port_key = PortKey::new(policy_id, value.set_id, lookup.port, lookup.proto);
-    match tables.port(&port_key) {
-        Some(rule_id) => Decision::of(Reason::AllowRule, rule_id),
-        None => Decision::of(Reason::DenyPort, value.rule_id),
-    }
+    tables.port(&PortKey::new(
+        policy_id,
+        value.set_id,
+        lookup.port,
+        lookup.proto,
+    ))
+}
+
+/// Whether a destination is a DNS query that goes to the slot's proxy instead: TCP or UDP to
+/// port 53 at any address, loopback included (a local stub resolver forwards anything), when
+/// the slot has a proxy and a policy.
+#[inline(always)]
+pub fn redirects_dns(slot: &SlotConfig, dst: &Dest) -> bool {
+    slot.dns_port != 0
+        && slot.policy_id != 0
+        && dst.port == DNS_PORT
+        && matches!(dst.proto, Proto::Tcp | Proto::Udp)
 }
 
 #[inline(always)]

@@ -7,6 +7,7 @@
 
 mod context;
 mod counters;
+mod dns;
 mod events;
 mod ratelimit;
 mod sockopt;
@@ -24,22 +25,56 @@ const DENY: i32 = 0;
 
 #[cgroup_sock_addr(connect4)]
 pub fn egress_connect4(ctx: SockAddrContext) -> i32 {
-    judge(Hook::Connect4, context::dest4(&ctx))
+    judge_addr(&ctx, Hook::Connect4, context::dest4(&ctx))
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn egress_connect6(ctx: SockAddrContext) -> i32 {
-    judge(Hook::Connect6, context::dest6(&ctx))
+    judge_addr(&ctx, Hook::Connect6, context::dest6(&ctx))
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn egress_sendmsg4(ctx: SockAddrContext) -> i32 {
-    judge(Hook::Sendmsg4, context::dest4(&ctx))
+    judge_addr(&ctx, Hook::Sendmsg4, context::dest4(&ctx))
 }
 
 #[cgroup_sock_addr(sendmsg6)]
 pub fn egress_sendmsg6(ctx: SockAddrContext) -> i32 {
-    judge(Hook::Sendmsg6, context::dest6(&ctx))
+    judge_addr(&ctx, Hook::Sendmsg6, context::dest6(&ctx))
+}
+
+/// Answers from the DNS proxy appear to come from the address the query was sent to. These
+/// hooks cannot refuse anything (the kernel requires them to return 1).
+#[cgroup_sock_addr(recvmsg4)]
+pub fn egress_recvmsg4(ctx: SockAddrContext) -> i32 {
+    if let Ok(cfg) = tables::slot_config() {
+        dns::restore4(&ctx, cfg.dns_port);
+    }
+    ALLOW
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn egress_recvmsg6(ctx: SockAddrContext) -> i32 {
+    if let Ok(cfg) = tables::slot_config() {
+        dns::restore6(&ctx, cfg.dns_port);
+    }
+    ALLOW
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn egress_getpeername4(ctx: SockAddrContext) -> i32 {
+    if let Ok(cfg) = tables::slot_config() {
+        dns::restore4(&ctx, cfg.dns_port);
+    }
+    ALLOW
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn egress_getpeername6(ctx: SockAddrContext) -> i32 {
+    if let Ok(cfg) = tables::slot_config() {
+        dns::restore6(&ctx, cfg.dns_port);
+    }
+    ALLOW
 }
 
 #[cgroup_sock(sock_create)]
@@ -87,11 +122,27 @@ pub fn egress_setsockopt(ctx: SockoptContext) -> i32 {
     DENY
 }
 
-/// Decide, count, and report a denial. The counter is incremented whatever happens to the
-/// event.
+/// A connect or sendmsg: a DNS query goes to the proxy; anything else is decided, counted,
+/// and a denial reported. The counter is incremented whatever happens to the event.
 #[inline(always)]
-fn judge(hook: Hook, dst: egress_common::Dest) -> i32 {
-    let decision = tables::judge_dest(&dst);
+fn judge_addr(ctx: &SockAddrContext, hook: Hook, dst: egress_common::Dest) -> i32 {
+    let decision = match tables::slot_config() {
+        Ok(cfg) => {
+            if egress_common::verdict::redirects_dns(&cfg, &dst) {
+                match hook {
+                    Hook::Connect4 | Hook::Sendmsg4 => dns::redirect4(ctx, &dst, cfg.dns_port),
+                    _ => dns::redirect6(ctx, &dst, cfg.dns_port),
+                }
+                counters::count(egress_common::Reason::RedirectDns, dst.proto);
+                return ALLOW;
+            }
+            tables::judge_dest(&cfg, &dst)
+        }
+        Err(reason) => egress_common::Decision {
+            reason,
+            rule_id: egress_common::verdict::NO_RULE,
+        },
+    };
     counters::count(decision.reason, dst.proto);
     if decision.allowed() {
         return ALLOW;

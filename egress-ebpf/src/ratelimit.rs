@@ -124,7 +124,9 @@ fn give_back(key: &BucketKey, limit: &Limit) {
 /// Applies the rate limits to a decision the allowlist made for `dst`.
 #[inline(always)]
 pub fn limit(slot: u32, cfg: &SlotConfig, dst: &Dest, decision: Decision) -> Decision {
-    if cfg.flags & SLOT_RATE_LIMITED == 0 || !matches!(decision.reason, Reason::AllowRule) {
+    if cfg.flags & SLOT_RATE_LIMITED == 0
+        || !matches!(decision.reason, Reason::AllowRule | Reason::AllowLearned)
+    {
         return decision;
     }
     // SAFETY: plain helper call.

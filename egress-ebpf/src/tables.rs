@@ -8,7 +8,7 @@ use aya_ebpf::{
 use egress_common::{
     Decision, Dest, PortKey, Proto, Reason, RuleKey, RuleValue, SlotConfig, Tables, decide,
     dest::{IPPROTO_MPTCP, IPPROTO_TCP, IPPROTO_UDP},
-    maps::{MAX_EXACT, MAX_PORTS, MAX_RULES, MAX_SLOTS, SLOT_ALLOW_OTHER_SOCKETS},
+    maps::{MAX_EXACT, MAX_LEARNED, MAX_PORTS, MAX_RULES, MAX_SLOTS, SLOT_ALLOW_OTHER_SOCKETS},
 };
 
 /// The slot this copy of the programs serves; set by the agent at load time.
@@ -28,6 +28,10 @@ static EXACT: HashMap<RuleKey, RuleValue> =
 #[map(name = "EGRESS_PORTS")]
 static PORTS: HashMap<PortKey, u32> =
     HashMap::with_max_entries(MAX_PORTS, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
+
+#[map(name = "EGRESS_LEARNED")]
+static LEARNED: HashMap<RuleKey, RuleValue> =
+    HashMap::with_max_entries(MAX_LEARNED, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
 
 #[inline(always)]
 pub fn slot() -> u32 {
@@ -58,6 +62,12 @@ impl Tables for Maps {
     }
 
     #[inline(always)]
+    fn learned(&self, key: &RuleKey) -> Option<RuleValue> {
+        // SAFETY: the value is copied out at once.
+        unsafe { LEARNED.get(key) }.copied()
+    }
+
+    #[inline(always)]
     fn port(&self, key: &PortKey) -> Option<u32> {
         // SAFETY: the value is a plain u32 copied out at once.
         unsafe { PORTS.get(key) }.copied()
@@ -67,7 +77,7 @@ impl Tables for Maps {
 /// The slot's configuration, or the verdict to give when it cannot be read. A slot the agent
 /// never configured reads as all-zero and so denies through `DenyNoPolicy`.
 #[inline(always)]
-fn slot_config() -> Result<SlotConfig, Reason> {
+pub fn slot_config() -> Result<SlotConfig, Reason> {
     match SLOTS.get(slot()) {
         Some(cfg) => Ok(*cfg),
         // Out-of-range slot: the program was loaded without a valid slot. Deny.
@@ -76,21 +86,13 @@ fn slot_config() -> Result<SlotConfig, Reason> {
 }
 
 #[inline(always)]
-pub fn judge_dest(dst: &Dest) -> Decision {
-    match slot_config() {
-        Ok(cfg) => {
-            let mut decision = crate::ratelimit::limit(slot(), &cfg, dst, decide(&Maps, &cfg, dst));
-            // The agent's start-up probe: a real decision, counted apart.
-            if !decision.allowed() && cfg.is_probe(dst) {
-                decision.reason = Reason::StartupProbe;
-            }
-            decision
-        }
-        Err(reason) => Decision {
-            reason,
-            rule_id: egress_common::verdict::NO_RULE,
-        },
+pub fn judge_dest(cfg: &SlotConfig, dst: &Dest) -> Decision {
+    let mut decision = crate::ratelimit::limit(slot(), cfg, dst, decide(&Maps, cfg, dst));
+    // The agent's start-up probe: a real decision, counted apart.
+    if !decision.allowed() && cfg.is_probe(dst) {
+        decision.reason = Reason::StartupProbe;
     }
+    decision
 }
 
 /// A socket creation, judged.

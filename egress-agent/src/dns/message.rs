@@ -235,6 +235,16 @@ impl Query {
         self.respond(Rcode::Refused, true)
     }
 
+    /// A response with `rcode` and no records (for an upstream's NXDOMAIN, say).
+    pub fn with_rcode(&self, rcode: Rcode) -> Vec<u8> {
+        self.respond(rcode, false)
+    }
+
+    /// NOERROR with no records: the name exists, the proxy gives nothing of this type.
+    pub fn nodata(&self) -> Vec<u8> {
+        self.respond(Rcode::NoError, false)
+    }
+
     /// SERVFAIL: the upstream failed or answered something unusable.
     pub fn servfail(&self) -> Vec<u8> {
         self.respond(Rcode::ServFail, false)

@@ -14,12 +14,23 @@
 
 pub mod answer;
 pub mod doh;
+pub mod install;
+pub mod learn;
 pub mod message;
 pub mod names;
+pub mod proxy;
 pub mod rebind;
+pub mod upstream;
 pub mod wire;
 
 #[cfg(test)]
 mod robustness;
 #[cfg(test)]
 mod testutil;
+
+/// The built-in DoH provider list, parsed once. `None` only if the embedded file does not
+/// parse, which a unit test rules out; policy loading refuses `block_doh` in that case.
+pub fn doh_list() -> Option<&'static doh::DohList> {
+    static LIST: std::sync::OnceLock<Option<doh::DohList>> = std::sync::OnceLock::new();
+    LIST.get_or_init(|| doh::DohList::builtin().ok()).as_ref()
+}

@@ -88,7 +88,7 @@ impl Reference {
         dst: &Dest,
         now_ns: u64,
     ) -> Decision {
-        if decision.reason != Reason::AllowRule || !has_limits(policy) {
+        if !matches!(decision.reason, Reason::AllowRule | Reason::AllowLearned) || !has_limits(policy) {
             return decision;
         }
         let flow = (ip(dst), dst.port);

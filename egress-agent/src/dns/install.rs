@@ -1,0 +1,273 @@
+//! The learned-address map of one protected cgroup, and what decides what goes in it: the
+//! policy's names, the rebinding filter and the per-name cap. Shared by the proxy's tasks
+//! (behind a mutex) and the enforcer (which moves it to a new policy id on reload).
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use aya::maps::{HashMap, MapData, MapError};
+use egress_common::{
+    PortKey, RuleKey, RuleValue,
+    maps::{MAP_LEARNED, MAP_PORTS},
+};
+
+use super::answer::AddressRecord;
+use super::learn::{LearnedTable, Writes};
+use super::names::{NameMatcher, NameVerdict};
+use super::rebind::{RebindFilter, Rejection};
+use crate::loader::Programs;
+use crate::maps::MapsError;
+use crate::policy::Policy;
+
+fn op_err(map: &'static str, op: &'static str) -> impl FnOnce(MapError) -> MapsError {
+    move |e| MapsError::Op {
+        map,
+        op,
+        source: Box::new(e),
+    }
+}
+
+/// Handles on the learned map and (a second handle on) the port map.
+pub struct LearnedMaps {
+    learned: HashMap<MapData, RuleKey, RuleValue>,
+    ports: HashMap<MapData, PortKey, u32>,
+}
+
+impl LearnedMaps {
+    /// Takes the learned map and duplicates the port map; call before the port map is taken.
+    pub fn take(programs: &mut Programs) -> Result<Self, MapsError> {
+        let ports = programs.dup_map(MAP_PORTS)?;
+        let learned = programs.take_map(MAP_LEARNED)?;
+        Ok(LearnedMaps {
+            learned: HashMap::try_from(learned).map_err(op_err(MAP_LEARNED, "open"))?,
+            ports: HashMap::try_from(ports).map_err(op_err(MAP_PORTS, "open"))?,
+        })
+    }
+
+    /// Port entries first, then the entries that point at them, then removals.
+    pub fn apply(&mut self, w: &Writes) -> Result<(), MapsError> {
+        for (k, v) in &w.ports {
+            self.ports
+                .insert(k, v, 0)
+                .map_err(op_err(MAP_PORTS, "insert"))?;
+        }
+        for (k, v) in &w.entries {
+            self.learned
+                .insert(k, v, 0)
+                .map_err(op_err(MAP_LEARNED, "insert"))?;
+        }
+        for k in &w.removed {
+            match self.learned.remove(k) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(MapError::SyscallError(e))
+                    if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(e) => return Err(op_err(MAP_LEARNED, "remove")(e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes every learned entry whose policy id is not `keep` (port entries of other ids
+    /// are swept with the policy's own).
+    pub fn retain_policy(&mut self, keep: u32) -> Result<usize, MapsError> {
+        let stale: Vec<RuleKey> = self
+            .learned
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| u32::from_be_bytes(k.policy_id) != keep)
+            .collect();
+        for k in &stale {
+            match self.learned.remove(k) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(MapError::SyscallError(e))
+                    if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(e) => return Err(op_err(MAP_LEARNED, "remove")(e)),
+            }
+        }
+        Ok(stale.len())
+    }
+}
+
+/// What the policy says about a queried name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NameDecision {
+    /// Allowed by these `allowed_destinations` entries.
+    Allowed(Vec<u32>),
+    /// Neither allowed nor denied.
+    NotAllowed,
+    /// Denied by `denied_destinations[rule]`.
+    Denied(usize),
+    /// A known DNS-over-HTTPS endpoint, with `block_doh`.
+    DohProvider(String),
+}
+
+impl NameDecision {
+    /// The `result` label of refused queries.
+    pub fn result(&self) -> &'static str {
+        match self {
+            NameDecision::Allowed(_) => "allowed",
+            NameDecision::NotAllowed => "not_allowed",
+            NameDecision::Denied(_) => "denied",
+            NameDecision::DohProvider(_) => "doh_provider",
+        }
+    }
+}
+
+/// The policy as the proxy reads it.
+#[derive(Clone, Debug)]
+pub struct NamePolicy {
+    pub policy: Arc<Policy>,
+    names: NameMatcher,
+    rebind: RebindFilter,
+    block_doh: bool,
+}
+
+impl NamePolicy {
+    pub fn new(policy: Arc<Policy>) -> Self {
+        let block_doh = policy.dns.as_ref().is_some_and(|d| d.block_doh);
+        let mut rebind = RebindFilter::from_policy(&policy);
+        if block_doh && let Some(list) = super::doh_list() {
+            rebind = rebind.with_doh(list);
+        }
+        NamePolicy {
+            names: NameMatcher::from_policy(&policy),
+            rebind,
+            block_doh,
+            policy,
+        }
+    }
+
+    /// Deny wins, then a DoH endpoint (with `block_doh`) is refused even where a wildcard
+    /// allows it, then the allow rules.
+    pub fn decide(&self, name: &str) -> NameDecision {
+        match self.names.lookup(name) {
+            NameVerdict::Denied { rule } => NameDecision::Denied(rule),
+            verdict => {
+                if self.block_doh
+                    && let Some(p) = super::doh_list().and_then(|l| l.provider_for_name(name))
+                {
+                    return NameDecision::DohProvider(p.name.clone());
+                }
+                match verdict {
+                    NameVerdict::Allowed { rules } => NameDecision::Allowed(
+                        rules
+                            .into_iter()
+                            .map(|r| u32::try_from(r).unwrap_or(u32::MAX))
+                            .collect(),
+                    ),
+                    _ => NameDecision::NotAllowed,
+                }
+            }
+        }
+    }
+}
+
+/// What one answer put in the map.
+#[derive(Clone, Debug, Default)]
+pub struct Installed {
+    /// Addresses in the map now (the ones the workload may be told).
+    pub kept: Vec<AddressRecord>,
+    pub rejected: Vec<(AddressRecord, Rejection)>,
+    /// Left out by the per-name cap.
+    pub capped: usize,
+}
+
+/// The learned addresses of one cgroup: table, kernel map and the policy they follow.
+pub struct Learner {
+    table: LearnedTable,
+    maps: LearnedMaps,
+    view: NamePolicy,
+}
+
+impl Learner {
+    pub fn new(
+        maps: LearnedMaps,
+        policy: Arc<Policy>,
+        policy_id: u32,
+        max_per_name: usize,
+    ) -> Self {
+        Learner {
+            table: LearnedTable::new(policy_id, max_per_name),
+            maps,
+            view: NamePolicy::new(policy),
+        }
+    }
+
+    /// Changes the per-name address cap.
+    pub fn set_max_per_name(&mut self, max_per_name: usize) {
+        self.table.set_max_per_name(max_per_name);
+    }
+
+    pub fn view(&self) -> &NamePolicy {
+        &self.view
+    }
+
+    pub fn len(&self) -> usize {
+        self.table.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.table.is_empty()
+    }
+
+    /// Writes the addresses of an answer to `name` that the policy lets in, before the caller
+    /// releases the answer. The name is judged again here, under the policy in force now.
+    /// On a map error nothing of this answer may be released: the caller answers SERVFAIL.
+    pub fn install(
+        &mut self,
+        name: &str,
+        addresses: &[AddressRecord],
+        deadline_s: u32,
+    ) -> Result<Installed, MapsError> {
+        let NameDecision::Allowed(rules) = self.view.decide(name) else {
+            return Ok(Installed::default());
+        };
+        let (installable, rejected) = self.view.rebind.partition(addresses);
+        let addrs: Vec<IpAddr> = installable.iter().map(|a| a.addr).collect();
+        let writes = self
+            .table
+            .learn(&self.view.policy, name, &rules, &addrs, deadline_s);
+        let capped = writes.capped;
+        self.maps.apply(&writes)?;
+        let policy_id = self.table.policy_id();
+        let kept = installable
+            .into_iter()
+            .filter(|a| {
+                self.table
+                    .entries()
+                    .contains_key(&super::learn::rule_key(policy_id, a.addr))
+            })
+            .collect();
+        Ok(Installed {
+            kept,
+            rejected,
+            capped,
+        })
+    }
+
+    /// Removes what has expired (the kernel already ignores it).
+    pub fn expire(&mut self, now_s: u32) -> Result<usize, MapsError> {
+        let writes = self.table.expire(&self.view.policy, now_s);
+        self.maps.apply(&writes)?;
+        Ok(writes.removed.len())
+    }
+
+    /// Writes the learned addresses again under `policy_id`, judged by `policy`, next to the
+    /// old ones (the slot still names the old id). From now on answers go under the new id.
+    pub fn rebase(&mut self, policy: Arc<Policy>, policy_id: u32) -> Result<(), MapsError> {
+        let view = NamePolicy::new(policy);
+        let writes = self
+            .table
+            .rebase(&view.policy, policy_id, |name| match view.decide(name) {
+                NameDecision::Allowed(rules) => rules,
+                _ => Vec::new(),
+            });
+        self.view = view;
+        self.maps.apply(&writes)
+    }
+
+    /// Removes learned entries of every policy id but `keep`.
+    pub fn retain_policy(&mut self, keep: u32) -> Result<usize, MapsError> {
+        self.maps.retain_policy(keep)
+    }
+}

@@ -1,0 +1,547 @@
+//! The DNS proxy of one protected cgroup: every query the workload sends to port 53 arrives
+//! here (the kernel redirects it), and only A/AAAA queries for names the policy allows leave
+//! for an upstream resolver. The answer's addresses are in the cgroup's learned map before the
+//! workload receives it.
+
+use std::net::{Ipv4Addr, Ipv6Addr};
+use std::path::Path;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::Semaphore;
+use tokio::task::JoinHandle;
+
+use super::answer::{AddressRecord, CnameLink, address_response};
+use super::install::{Learner, NameDecision};
+use super::message::{QueryError, Rcode, Transport, parse_query};
+use super::upstream::Upstream;
+use super::wire::rtype;
+use crate::metrics::{DnsMetrics, PolicyLabels, PolicyResultLabels};
+use crate::resolve::{TtlBounds, deadline_s};
+
+/// Queries of one workload answered at the same time; more are dropped (and counted).
+const MAX_IN_FLIGHT: usize = 256;
+/// TCP connections of one workload open at the same time.
+const MAX_TCP_CONNECTIONS: usize = 32;
+/// A TCP connection is closed after this long without a complete query.
+const TCP_IDLE: Duration = Duration::from_secs(10);
+/// Queries answered on one TCP connection before it is closed.
+const MAX_TCP_QUERIES: usize = 100;
+/// Refused-query log lines per window; the rest are summed in one line.
+const LOG_LINES_PER_WINDOW: u32 = 20;
+const LOG_WINDOW: Duration = Duration::from_secs(10);
+/// Attempts at finding a port free on both loopback addresses.
+const BIND_ATTEMPTS: usize = 16;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("opening network namespace {path}: {source}")]
+    Netns {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("opening the DNS proxy's sockets: {0}")]
+    Bind(#[source] std::io::Error),
+    #[error("no port was free for the DNS proxy on 127.0.0.1 after {BIND_ATTEMPTS} attempts")]
+    NoPort,
+}
+
+/// The proxy's sockets, opened in the workload's network namespace.
+#[derive(Debug)]
+pub struct Listeners {
+    pub port: u16,
+    udp: Vec<std::net::UdpSocket>,
+    tcp: Vec<std::net::TcpListener>,
+    /// Whether [::1] could be bound (IPv6 queries fail without it, which fails closed).
+    pub ipv6: bool,
+}
+
+impl Listeners {
+    /// Binds UDP and TCP on 127.0.0.1 and [::1], one port for all four, inside the network
+    /// namespace at `netns` (the caller's own when `None`). The sockets stay in that namespace
+    /// whatever thread uses them later.
+    pub fn open(netns: Option<&Path>) -> Result<Self, ProxyError> {
+        let netns = netns.map(Path::to_path_buf);
+        let opened = std::thread::spawn(move || {
+            if let Some(path) = &netns {
+                enter_netns(path)?;
+            }
+            bind_all()
+        })
+        .join();
+        match opened {
+            Ok(r) => r,
+            Err(_) => Err(ProxyError::Bind(std::io::Error::other(
+                "the thread opening the sockets panicked",
+            ))),
+        }
+    }
+}
+
+fn enter_netns(path: &Path) -> Result<(), ProxyError> {
+    let err = |source| ProxyError::Netns {
+        path: path.display().to_string(),
+        source,
+    };
+    let file = std::fs::File::open(path).map_err(err)?;
+    nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
+        .map_err(|e| err(std::io::Error::from(e)))
+}
+
+fn bind_all() -> Result<Listeners, ProxyError> {
+    for _ in 0..BIND_ATTEMPTS {
+        let udp4 = std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).map_err(ProxyError::Bind)?;
+        let port = udp4.local_addr().map_err(ProxyError::Bind)?.port();
+        let Ok(tcp4) = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, port)) else {
+            continue;
+        };
+        let mut l = Listeners {
+            port,
+            udp: vec![udp4],
+            tcp: vec![tcp4],
+            ipv6: false,
+        };
+        match (
+            std::net::UdpSocket::bind((Ipv6Addr::LOCALHOST, port)),
+            std::net::TcpListener::bind((Ipv6Addr::LOCALHOST, port)),
+        ) {
+            (Ok(u), Ok(t)) => {
+                l.udp.push(u);
+                l.tcp.push(t);
+                l.ipv6 = true;
+            }
+            (Err(e), _) | (_, Err(e)) if e.kind() == std::io::ErrorKind::AddrInUse => continue,
+            // No IPv6 loopback (IPv6 disabled): IPv6 queries go unanswered.
+            _ => {}
+        }
+        for s in &l.udp {
+            s.set_nonblocking(true).map_err(ProxyError::Bind)?;
+        }
+        for s in &l.tcp {
+            s.set_nonblocking(true).map_err(ProxyError::Bind)?;
+        }
+        return Ok(l);
+    }
+    Err(ProxyError::NoPort)
+}
+
+/// How the proxy answers.
+#[derive(Clone, Copy, Debug)]
+pub struct Settings {
+    pub bounds: TtlBounds,
+    /// Queries per second of the workload's budget, and its burst.
+    pub rate: f64,
+    pub burst: f64,
+    /// NXDOMAIN (default) or REFUSED for names the policy does not allow.
+    pub refusal: Rcode,
+}
+
+/// A token bucket for the workload's queries.
+#[derive(Debug)]
+struct Bucket {
+    tokens: f64,
+    last: Instant,
+}
+
+impl Bucket {
+    fn take(&mut self, rate: f64, burst: f64, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + elapsed * rate).min(burst);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// Bounds the refused-query log: a line each up to a number per window, then one line with
+/// how many more there were.
+#[derive(Debug)]
+struct LogLimit {
+    window_start: Instant,
+    lines: u32,
+    suppressed: u64,
+}
+
+impl LogLimit {
+    /// Whether to log this one; logs the summary of the window before when it closed.
+    fn admit(&mut self, policy: &str, now: Instant) -> bool {
+        if now.saturating_duration_since(self.window_start) >= LOG_WINDOW {
+            if self.suppressed > 0 {
+                tracing::info!(event = "dns_refused_repeated", policy = %policy, count = self.suppressed,
+                    window_secs = LOG_WINDOW.as_secs(), "more dns queries refused than logged");
+            }
+            self.window_start = now;
+            self.lines = 0;
+            self.suppressed = 0;
+        }
+        if self.lines < LOG_LINES_PER_WINDOW {
+            self.lines += 1;
+            true
+        } else {
+            self.suppressed += 1;
+            false
+        }
+    }
+}
+
+/// State shared by the proxy's tasks.
+pub struct Proxy {
+    learner: Arc<Mutex<Learner>>,
+    upstream: RwLock<Arc<Upstream>>,
+    settings: Settings,
+    metrics: DnsMetrics,
+    policy: RwLock<String>,
+    bucket: Mutex<Bucket>,
+    log: Mutex<LogLimit>,
+    in_flight: Arc<Semaphore>,
+    connections: Arc<Semaphore>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Proxy {
+    pub fn new(
+        learner: Arc<Mutex<Learner>>,
+        upstream: Upstream,
+        settings: Settings,
+        metrics: DnsMetrics,
+        policy: String,
+    ) -> Arc<Self> {
+        let now = Instant::now();
+        Arc::new(Proxy {
+            learner,
+            upstream: RwLock::new(Arc::new(upstream)),
+            settings,
+            metrics,
+            policy: RwLock::new(policy),
+            bucket: Mutex::new(Bucket {
+                tokens: settings.burst,
+                last: now,
+            }),
+            log: Mutex::new(LogLimit {
+                window_start: now,
+                lines: 0,
+                suppressed: 0,
+            }),
+            in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
+            connections: Arc::new(Semaphore::new(MAX_TCP_CONNECTIONS)),
+        })
+    }
+
+    /// After a reload: the new policy's name and resolvers (the learner is moved by the
+    /// enforcer).
+    pub fn update(&self, policy: String, upstream: Upstream) {
+        match self.upstream.write() {
+            Ok(mut u) => *u = Arc::new(upstream),
+            Err(p) => *p.into_inner() = Arc::new(upstream),
+        }
+        match self.policy.write() {
+            Ok(mut p) => *p = policy,
+            Err(p) => *p.into_inner() = policy,
+        }
+    }
+
+    fn policy_name(&self) -> String {
+        match self.policy.read() {
+            Ok(p) => p.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    fn upstream(&self) -> Arc<Upstream> {
+        match self.upstream.read() {
+            Ok(u) => Arc::clone(&u),
+            Err(p) => Arc::clone(&p.into_inner()),
+        }
+    }
+
+    fn count(&self, policy: &str, result: &'static str) {
+        self.metrics
+            .queries
+            .get_or_create(&PolicyResultLabels {
+                policy: policy.to_owned(),
+                result,
+            })
+            .inc();
+    }
+
+    /// Counts a refused query and logs it (within the log bound).
+    fn refused(&self, policy: &str, name: &str, qtype: u16, result: &'static str, detail: &str) {
+        self.count(policy, result);
+        if lock(&self.log).admit(policy, Instant::now()) {
+            tracing::info!(event = "dns_refused", policy = %policy, name = %name, qtype = qtype_name(qtype),
+                result, detail = %detail, "dns query refused");
+        }
+    }
+
+    /// The answer to one query from the workload, or `None` to send nothing.
+    pub async fn answer(&self, packet: &[u8], transport: Transport) -> Option<Vec<u8>> {
+        let policy = self.policy_name();
+        let query = match parse_query(packet, transport) {
+            Ok(q) => q,
+            Err(e) => {
+                let detail = e.to_string();
+                self.refused(&policy, "", 0, "malformed", &detail);
+                return match e {
+                    QueryError::Drop(_) => None,
+                    other => other.response(),
+                };
+            }
+        };
+        let q = &query.question;
+        let admitted =
+            lock(&self.bucket).take(self.settings.rate, self.settings.burst, Instant::now());
+        if !admitted {
+            self.refused(
+                &policy,
+                &q.qname,
+                q.qtype,
+                "rate_limited",
+                "over the workload's query budget",
+            );
+            return Some(query.refused());
+        }
+        let decision = lock(&self.learner).view().decide(&q.qname);
+        match &decision {
+            NameDecision::Allowed(_) => {}
+            NameDecision::Denied(rule) => {
+                let detail = format!("denied by denied_destinations[{rule}]");
+                self.refused(&policy, &q.qname, q.qtype, decision.result(), &detail);
+                return Some(self.refusal(&query));
+            }
+            NameDecision::DohProvider(provider) => {
+                let detail = format!("DNS-over-HTTPS endpoint of {provider} (block_doh)");
+                self.refused(&policy, &q.qname, q.qtype, decision.result(), &detail);
+                return Some(self.refusal(&query));
+            }
+            NameDecision::NotAllowed => {
+                self.refused(
+                    &policy,
+                    &q.qname,
+                    q.qtype,
+                    decision.result(),
+                    "no allowed_destinations entry names it",
+                );
+                return Some(self.refusal(&query));
+            }
+        }
+        if q.qclass != super::wire::CLASS_IN || !matches!(q.qtype, rtype::A | rtype::AAAA) {
+            // Only addresses are looked up for the workload.
+            self.count(&policy, "allowed");
+            return Some(query.nodata());
+        }
+        let answer = match self.upstream().ask(q).await {
+            Ok(a) => a,
+            Err(error) => {
+                self.count(&policy, "upstream_failure");
+                tracing::warn!(event = "dns_upstream_failure", policy = %policy, name = %q.qname,
+                    qtype = qtype_name(q.qtype), %error, "upstream resolver failed; the workload gets SERVFAIL");
+                return Some(query.servfail());
+            }
+        };
+        if answer.rcode != Rcode::NoError {
+            self.count(&policy, "allowed");
+            return Some(query.with_rcode(answer.rcode));
+        }
+        let ttl = self.settings.bounds.clamp(Duration::from_secs(u64::from(
+            answer.min_ttl().unwrap_or(0),
+        )));
+        let deadline = deadline_s(ttl, &self.settings.bounds);
+        let installed = {
+            let mut learner = lock(&self.learner);
+            let r = learner.install(&q.qname, &answer.addresses, deadline);
+            let n = learner.len();
+            self.metrics
+                .learned
+                .get_or_create(&PolicyLabels {
+                    policy: policy.clone(),
+                })
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+            r
+        };
+        let installed = match installed {
+            Ok(i) => i,
+            Err(error) => {
+                self.count(&policy, "upstream_failure");
+                tracing::error!(event = "dns_install_failed", policy = %policy, name = %q.qname, %error,
+                    "writing learned addresses failed; the workload gets SERVFAIL, not an address it could not reach");
+                return Some(query.servfail());
+            }
+        };
+        let labels = PolicyLabels {
+            policy: policy.clone(),
+        };
+        for (record, why) in &installed.rejected {
+            self.metrics.rebinding_blocked.get_or_create(&labels).inc();
+            tracing::warn!(event = "dns_rebinding_blocked", policy = %policy, name = %q.qname,
+                address = %record.addr, reason = why.reason(), detail = %why,
+                "answer address not installed and removed from the answer");
+        }
+        if installed.capped > 0 {
+            self.metrics
+                .address_cap
+                .get_or_create(&labels)
+                .inc_by(installed.capped as u64);
+            tracing::warn!(event = "dns_address_cap", policy = %policy, name = %q.qname,
+                left_out = installed.capped, "the name holds the most addresses allowed per name; the rest of the answer was left out");
+        }
+        self.count(&policy, "allowed");
+        let secs = u32::try_from(ttl.as_secs()).unwrap_or(u32::MAX);
+        let chain: Vec<CnameLink> = answer
+            .chain
+            .iter()
+            .map(|l| CnameLink {
+                ttl: secs,
+                ..l.clone()
+            })
+            .collect();
+        let records: Vec<AddressRecord> = installed
+            .kept
+            .iter()
+            .map(|a| AddressRecord {
+                addr: a.addr,
+                ttl: secs.min(a.ttl.max(1)).max(1).min(secs),
+            })
+            .collect();
+        let max_len = match transport {
+            Transport::Udp => query.max_udp_response_len(),
+            Transport::Tcp => super::message::MAX_TCP_MESSAGE_LEN,
+        };
+        Some(address_response(&query, &chain, &records, max_len))
+    }
+
+    fn refusal(&self, query: &super::message::Query) -> Vec<u8> {
+        match self.settings.refusal {
+            Rcode::Refused => query.refused(),
+            _ => query.nxdomain(),
+        }
+    }
+
+    /// Serves the listeners until the tasks are aborted.
+    pub fn serve(
+        self: &Arc<Self>,
+        listeners: Listeners,
+    ) -> Result<Vec<JoinHandle<()>>, ProxyError> {
+        let mut tasks = Vec::new();
+        for s in listeners.udp {
+            let socket = Arc::new(UdpSocket::from_std(s).map_err(ProxyError::Bind)?);
+            let me = Arc::clone(self);
+            tasks.push(tokio::spawn(async move { me.serve_udp(socket).await }));
+        }
+        for s in listeners.tcp {
+            let listener = TcpListener::from_std(s).map_err(ProxyError::Bind)?;
+            let me = Arc::clone(self);
+            tasks.push(tokio::spawn(async move { me.serve_tcp(listener).await }));
+        }
+        Ok(tasks)
+    }
+
+    async fn serve_udp(self: Arc<Self>, socket: Arc<UdpSocket>) {
+        let mut buf = vec![0u8; 65536];
+        loop {
+            let (n, peer) = match socket.recv_from(&mut buf).await {
+                Ok(v) => v,
+                Err(error) => {
+                    tracing::warn!(%error, "dns proxy: receiving failed");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            };
+            let Ok(permit) = Arc::clone(&self.in_flight).try_acquire_owned() else {
+                let policy = self.policy_name();
+                self.refused(&policy, "", 0, "rate_limited", "too many queries in flight");
+                continue;
+            };
+            let packet = buf[..n].to_vec();
+            let me = Arc::clone(&self);
+            let socket = Arc::clone(&socket);
+            tokio::spawn(async move {
+                if let Some(reply) = me.answer(&packet, Transport::Udp).await
+                    && let Err(error) = socket.send_to(&reply, peer).await
+                {
+                    tracing::debug!(%error, %peer, "dns proxy: sending the answer failed");
+                }
+                drop(permit);
+            });
+        }
+    }
+
+    async fn serve_tcp(self: Arc<Self>, listener: TcpListener) {
+        loop {
+            let (stream, _) = match listener.accept().await {
+                Ok(v) => v,
+                Err(error) => {
+                    tracing::warn!(%error, "dns proxy: accepting failed");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            };
+            let Ok(permit) = Arc::clone(&self.connections).try_acquire_owned() else {
+                // Too many connections: close this one at once.
+                continue;
+            };
+            let me = Arc::clone(&self);
+            tokio::spawn(async move {
+                me.serve_connection(stream).await;
+                drop(permit);
+            });
+        }
+    }
+
+    async fn serve_connection(&self, mut stream: TcpStream) {
+        for _ in 0..MAX_TCP_QUERIES {
+            let mut len = [0u8; 2];
+            match tokio::time::timeout(TCP_IDLE, stream.read_exact(&mut len)).await {
+                Ok(Ok(_)) => {}
+                _ => return,
+            }
+            let len = usize::from(u16::from_be_bytes(len));
+            let mut msg = vec![0u8; len];
+            match tokio::time::timeout(TCP_IDLE, stream.read_exact(&mut msg)).await {
+                Ok(Ok(_)) => {}
+                _ => return,
+            }
+            let Some(reply) = self.answer(&msg, Transport::Tcp).await else {
+                return;
+            };
+            let Ok(framed) = super::message::tcp_frame(&reply) else {
+                return;
+            };
+            if stream.write_all(&framed).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+fn qtype_name(qtype: u16) -> &'static str {
+    match qtype {
+        rtype::A => "A",
+        rtype::AAAA => "AAAA",
+        rtype::CNAME => "CNAME",
+        rtype::ANY => "ANY",
+        0 => "-",
+        _ => "other",
+    }
+}
+
+/// Removes expired learned addresses now and then.
+pub async fn sweep(learner: Arc<Mutex<Learner>>, period: Duration) {
+    let mut tick = tokio::time::interval(period);
+    loop {
+        tick.tick().await;
+        let now = crate::resolve::boot_time_s();
+        if let Err(error) = lock(&learner).expire(now) {
+            tracing::warn!(%error, "removing expired learned addresses failed; the kernel ignores them anyway");
+        }
+    }
+}
