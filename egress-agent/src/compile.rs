@@ -906,6 +906,71 @@ mod tests {
         assert_eq!(checked, 40_000);
     }
 
+    /// With block_doh and block_dot: every known DoH address is denied (also inside an allowed
+    /// CIDR, and reported as the policy's own entry when that is as specific), port 853 is
+    /// refused everywhere, and the compiled tables agree with the reference.
+    #[test]
+    fn doh_addresses_and_dot_are_denied_and_agree_with_reference() {
+        let list = crate::dns::doh_list().expect("built-in DoH list");
+        let addrs: Vec<IpAddr> = list.addresses().map(|(a, _)| a).collect();
+        assert!(!addrs.is_empty());
+        let mut p = policy(
+            vec![
+                allow("0.0.0.0/0", &[443, 853], &[Protocol::Tcp]),
+                allow("::/0", &[443], &[Protocol::Tcp]),
+            ],
+            vec![],
+        );
+        p.denied.push(DeniedDestination {
+            target: Target::Cidr(IpNet::from(addrs[0].to_canonical())),
+        });
+        p.dns = Some(crate::policy::DnsPolicy {
+            allowed_resolvers: Vec::new(),
+            block_doh: true,
+            block_dot: true,
+        });
+        let r = Resolved::new();
+        let c = compile(&p, 3, &r, &mut SetIds::default());
+        let slot = SlotConfig {
+            policy_id: 3,
+            flags: c.slot_flags,
+            ..SlotConfig::default()
+        };
+        let dest = |a: IpAddr, port| match a.to_canonical() {
+            IpAddr::V4(v4) => Dest::v4(v4.octets(), port, Proto::Tcp),
+            IpAddr::V6(v6) => Dest::v6(v6.octets(), port, Proto::Tcp),
+        };
+        for (i, a) in addrs.iter().enumerate() {
+            let dst = dest(*a, 443);
+            let k = decide(&c, &slot, &dst);
+            assert_eq!(k, reference::decide(&p, &r, &dst), "{a}");
+            let want = if i == 0 || a.to_canonical() == addrs[0].to_canonical() {
+                Reason::DenyRule
+            } else {
+                Reason::DenyDoh
+            };
+            assert_eq!(k.reason, want, "{a}");
+        }
+        let other = dest("198.51.100.7".parse().unwrap_or(IpAddr::from([0; 4])), 443);
+        assert_eq!(decide(&c, &slot, &other).reason, Reason::AllowRule);
+        let dot = dest("198.51.100.7".parse().unwrap_or(IpAddr::from([0; 4])), 853);
+        assert_eq!(decide(&c, &slot, &dot).reason, Reason::DenyDot);
+        assert_eq!(reference::decide(&p, &r, &dot).reason, Reason::DenyDot);
+        // Without the flags, nothing of the sort.
+        p.dns = None;
+        let c = compile(&p, 3, &r, &mut SetIds::default());
+        let slot = SlotConfig {
+            policy_id: 3,
+            flags: c.slot_flags,
+            ..SlotConfig::default()
+        };
+        assert_eq!(decide(&c, &slot, &dot).reason, Reason::AllowRule);
+        assert_eq!(
+            decide(&c, &slot, &dest(addrs[1], 443)).reason,
+            Reason::AllowRule
+        );
+    }
+
     /// Prefixes drawn from a small space so that they nest and collide often.
     fn random_net(rng: &mut StdRng) -> IpNet {
         if rng.random_bool(0.7) {

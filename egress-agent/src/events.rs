@@ -196,6 +196,12 @@ impl Context<'_> {
                     .map(|d| format!("denied_destinations[{idx}] {}", d.target)),
                 None,
             ),
+            Some(Reason::DenyDoh) => (
+                crate::dns::doh_list()
+                    .and_then(|l| l.providers().get(idx))
+                    .map(|p| format!("dns_policy.block_doh: {}", p.name)),
+                None,
+            ),
             Some(_) => match self.policy.allowed.get(idx) {
                 Some(a) => (
                     Some(format!("allowed_destinations[{idx}] {}", a.target)),

@@ -26,6 +26,13 @@ pub fn decide(policy: &Policy, resolved: &Resolved, dst: &Dest) -> Decision {
             };
         }
     };
+    if dst.port == egress_common::maps::DOT_PORT && policy.dns.as_ref().is_some_and(|d| d.block_dot)
+    {
+        return Decision {
+            reason: Reason::DenyDot,
+            rule_id: NO_RULE,
+        };
+    }
     // The unspecified address connects to loopback: judge it as loopback, never as "any".
     let addr = if ip(dst).is_unspecified() {
         loopback_addr(dst.family)
@@ -45,6 +52,23 @@ pub fn decide(policy: &Policy, resolved: &Resolved, dst: &Dest) -> Decision {
                 };
                 if better {
                     deny = Some((len, j as u32));
+                }
+            }
+        }
+    }
+    // A known DoH resolver's address (with block_doh) is a deny of its own address length;
+    // among equally specific denials the policy's own entry is reported.
+    if policy.dns.as_ref().is_some_and(|d| d.block_doh)
+        && let Some(list) = crate::dns::doh_list()
+    {
+        for (k, provider) in list.providers().iter().enumerate() {
+            if provider.addresses.iter().any(|a| a.to_canonical() == addr) {
+                let len = if addr.is_ipv4() { 32 } else { 128 };
+                if deny.is_none_or(|(l, _)| len > l) {
+                    return Decision {
+                        reason: Reason::DenyDoh,
+                        rule_id: k as u32,
+                    };
                 }
             }
         }

@@ -161,6 +161,33 @@ fn allowed_port<T: Tables>(
     ))
 }
 
+/// Whether a destination is the slot's proxy itself: a socket whose connect was redirected
+/// may run a send hook again with the rewritten address (a UDP socket of either family
+/// connected to a mapped address does), which must pass whatever the policy says of loopback.
+#[inline(always)]
+pub fn is_dns_proxy(slot: &SlotConfig, dst: &Dest) -> bool {
+    slot.dns_port != 0
+        && dst.port == slot.dns_port
+        && matches!(dst.proto, Proto::Tcp | Proto::Udp)
+        && match dst.family {
+            // 127.0.0.1 (a mapped ::ffff:127.0.0.1 arrives canonical).
+            Family::V4 => {
+                dst.addr[0] == 127 && dst.addr[1] == 0 && dst.addr[2] == 0 && dst.addr[3] == 1
+            }
+            // ::1
+            Family::V6 => {
+                let mut i = 0;
+                while i < 15 {
+                    if dst.addr[i] != 0 {
+                        return false;
+                    }
+                    i += 1;
+                }
+                dst.addr[15] == 1
+            }
+        }
+}
+
 /// Whether a destination is a DNS query that goes to the slot's proxy instead: TCP or UDP to
 /// port 53 at any address, loopback included (a local stub resolver forwards anything), when
 /// the slot has a proxy and a policy.
@@ -187,5 +214,52 @@ const fn loopback_spelling(dst: &Dest) -> Dest {
             }
         }
         _ => *dst,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slot(dns_port: u16) -> SlotConfig {
+        SlotConfig {
+            policy_id: 1,
+            dns_port,
+            ..SlotConfig::default()
+        }
+    }
+
+    #[test]
+    fn every_port_53_destination_goes_to_the_proxy_when_there_is_one() {
+        let s = slot(40000);
+        for dst in [
+            Dest::v4([198, 18, 0, 2], 53, Proto::Udp),
+            Dest::v4([127, 0, 0, 53], 53, Proto::Udp),
+            Dest::v4([8, 8, 8, 8], 53, Proto::Tcp),
+            Dest::v6([0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1], 53, Proto::Udp),
+        ] {
+            assert!(redirects_dns(&s, &dst), "{dst:?}");
+            assert!(!redirects_dns(&slot(0), &dst), "no proxy: {dst:?}");
+        }
+        assert!(!redirects_dns(&s, &Dest::v4([8, 8, 8, 8], 853, Proto::Tcp)));
+        assert!(!redirects_dns(&s, &Dest::v4([8, 8, 8, 8], 53, Proto::Other)));
+        let no_policy = SlotConfig {
+            policy_id: 0,
+            ..s
+        };
+        assert!(!redirects_dns(&no_policy, &Dest::v4([8, 8, 8, 8], 53, Proto::Udp)));
+    }
+
+    #[test]
+    fn only_the_proxys_own_address_and_port_count_as_the_proxy() {
+        let s = slot(40000);
+        let mut v6 = [0u8; 16];
+        v6[15] = 1;
+        assert!(is_dns_proxy(&s, &Dest::v4([127, 0, 0, 1], 40000, Proto::Udp)));
+        assert!(is_dns_proxy(&s, &Dest::v6(v6, 40000, Proto::Tcp)));
+        assert!(!is_dns_proxy(&s, &Dest::v4([127, 0, 0, 2], 40000, Proto::Udp)));
+        assert!(!is_dns_proxy(&s, &Dest::v4([127, 0, 0, 1], 40001, Proto::Udp)));
+        assert!(!is_dns_proxy(&s, &Dest::v4([198, 18, 0, 2], 40000, Proto::Udp)));
+        assert!(!is_dns_proxy(&slot(0), &Dest::v4([127, 0, 0, 1], 0, Proto::Udp)));
     }
 }

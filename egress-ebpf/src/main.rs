@@ -136,6 +136,10 @@ fn judge_addr(ctx: &SockAddrContext, hook: Hook, dst: egress_common::Dest) -> i3
                 counters::count(egress_common::Reason::RedirectDns, dst.proto);
                 return ALLOW;
             }
+            if egress_common::verdict::is_dns_proxy(&cfg, &dst) {
+                counters::count(egress_common::Reason::RedirectDns, dst.proto);
+                return ALLOW;
+            }
             tables::judge_dest(&cfg, &dst)
         }
         Err(reason) => egress_common::Decision {
