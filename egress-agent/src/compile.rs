@@ -115,8 +115,8 @@ impl Node {
 pub type Deadlines = BTreeMap<String, u32>;
 
 /// Compiles `policy` under `policy_id`, with entries that never expire. Wildcard hosts are
-/// not compiled (the policy gate refuses them before this step); host names missing from
-/// `resolved` contribute nothing, which denies them.
+/// not compiled: their addresses come from the DNS proxy's answers (the learned map). Host
+/// names missing from `resolved` contribute nothing, which denies them.
 pub fn compile(
     policy: &Policy,
     policy_id: u32,

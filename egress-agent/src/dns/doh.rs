@@ -21,8 +21,10 @@ pub const DOT_PORT: u16 = 853;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DohProvider {
     pub name: String,
-    /// Where the names and addresses are documented.
-    pub source: String,
+    /// The pages the names and addresses were checked against (https URLs).
+    pub sources: Vec<String>,
+    /// When they were last checked, `YYYY-MM-DD`.
+    pub verified: String,
     pub hosts: Vec<HostPattern>,
     pub addresses: Vec<IpAddr>,
 }
@@ -52,6 +54,18 @@ pub enum DohListError {
     Address { provider: usize, address: String },
     #[error("DoH provider list: providers[{provider}] lists no hosts")]
     NoHosts { provider: usize },
+    #[error(
+        "DoH provider list: providers[{provider}]: no `sources`; list the https URLs of the \
+         pages the entry was checked against"
+    )]
+    NoSources { provider: usize },
+    #[error("DoH provider list: providers[{provider}]: source `{source_url}` is not an https URL")]
+    Source { provider: usize, source_url: String },
+    #[error(
+        "DoH provider list: providers[{provider}]: verified `{verified}` is not a date; \
+         expected the day the entry was checked, as YYYY-MM-DD"
+    )]
+    Verified { provider: usize, verified: String },
     #[error("DoH provider list: `{entry}` is listed twice (providers[{first}] and [{second}])")]
     Duplicate {
         entry: String,
@@ -70,7 +84,8 @@ struct RawList {
 #[serde(deny_unknown_fields)]
 struct RawProvider {
     name: String,
-    source: String,
+    sources: Vec<String>,
+    verified: String,
     hosts: Vec<String>,
     addresses: Vec<String>,
 }
@@ -93,6 +108,21 @@ impl DohList {
         for (i, p) in raw.providers.into_iter().enumerate() {
             if p.hosts.is_empty() {
                 return Err(DohListError::NoHosts { provider: i });
+            }
+            if p.sources.is_empty() {
+                return Err(DohListError::NoSources { provider: i });
+            }
+            if let Some(bad) = p.sources.iter().find(|u| !is_https_url(u)) {
+                return Err(DohListError::Source {
+                    provider: i,
+                    source_url: bad.clone(),
+                });
+            }
+            if !is_iso_date(&p.verified) {
+                return Err(DohListError::Verified {
+                    provider: i,
+                    verified: p.verified,
+                });
             }
             let mut hosts = Vec::with_capacity(p.hosts.len());
             for host in p.hosts {
@@ -131,7 +161,8 @@ impl DohList {
             }
             list.providers.push(DohProvider {
                 name: p.name,
-                source: p.source,
+                sources: p.sources,
+                verified: p.verified,
                 hosts,
                 addresses,
             });
@@ -162,6 +193,28 @@ impl DohList {
             .iter()
             .flat_map(|p| p.addresses.iter().map(move |&a| (a, p)))
     }
+}
+
+/// `https://` followed by at least a host.
+fn is_https_url(url: &str) -> bool {
+    url.strip_prefix("https://")
+        .is_some_and(|rest| !rest.is_empty() && !rest.contains(char::is_whitespace))
+}
+
+/// `YYYY-MM-DD` with a month of 1..=12 and a day of 1..=31.
+fn is_iso_date(date: &str) -> bool {
+    let parts: Vec<&str> = date.split('-').collect();
+    let [year, month, day] = parts.as_slice() else {
+        return false;
+    };
+    let number = |s: &str, len: usize| {
+        (s.len() == len && s.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| s.parse::<u32>().ok())
+            .flatten()
+    };
+    number(year, 4).is_some()
+        && number(month, 2).is_some_and(|m| (1..=12).contains(&m))
+        && number(day, 2).is_some_and(|d| (1..=31).contains(&d))
 }
 
 /// A lowercase LDH name of at least two labels, optionally as `*.suffix`.
@@ -206,32 +259,50 @@ mod tests {
         DohList::builtin().unwrap_or_else(|e| panic!("{e}"))
     }
 
+    fn provider_of(list: &DohList, name: &str) -> Option<String> {
+        list.provider_for_name(name).map(|p| p.name.clone())
+    }
+
     #[test]
     fn builtin_list_parses_and_covers_the_big_providers() {
         let list = builtin();
         let n = list.providers().len();
-        assert!((15..=40).contains(&n), "{n} providers");
+        assert!((20..=60).contains(&n), "{n} providers");
         for (name, provider) in [
             ("dns.google", "Google Public DNS"),
+            ("dns64.dns.google", "Google Public DNS"),
             ("cloudflare-dns.com", "Cloudflare 1.1.1.1"),
+            ("one.one.one.one", "Cloudflare 1.1.1.1"),
+            ("mozilla.cloudflare-dns.com", "Cloudflare 1.1.1.1"),
             ("dns.quad9.net", "Quad9"),
             ("doh.opendns.com", "Cisco OpenDNS"),
             ("dns.adguard-dns.com", "AdGuard DNS"),
             ("dns.nextdns.io", "NextDNS"),
+            ("doh.cleanbrowsing.org", "CleanBrowsing"),
+            ("doh.xfinity.com", "Comcast Xfinity"),
         ] {
             assert_eq!(
-                list.provider_for_name(name).map(|p| p.name.as_str()),
+                provider_of(&list, name).as_deref(),
                 Some(provider),
                 "{name}"
             );
         }
         for (addr, provider) in [
             ("8.8.8.8", "Google Public DNS"),
+            ("8.8.4.4", "Google Public DNS"),
             ("2001:4860:4860::8888", "Google Public DNS"),
+            ("2001:4860:4860::8844", "Google Public DNS"),
             ("1.1.1.1", "Cloudflare 1.1.1.1"),
+            ("1.0.0.1", "Cloudflare 1.1.1.1"),
             ("2606:4700:4700::1111", "Cloudflare 1.1.1.1"),
+            ("2606:4700:4700::1001", "Cloudflare 1.1.1.1"),
             ("9.9.9.9", "Quad9"),
+            ("149.112.112.112", "Quad9"),
+            ("2620:fe::fe", "Quad9"),
+            ("2620:fe::9", "Quad9"),
             ("208.67.222.222", "Cisco OpenDNS"),
+            ("94.140.14.14", "AdGuard DNS"),
+            ("185.228.168.168", "CleanBrowsing"),
         ] {
             assert_eq!(
                 list.provider_for_address(ip(addr)).map(|p| p.name.as_str()),
@@ -239,17 +310,43 @@ mod tests {
                 "{addr}"
             );
         }
-        assert!(list.addresses().count() > 50);
-        for p in list.providers() {
-            assert!(p.source.starts_with("https://"), "{}: source", p.name);
+        assert!(list.addresses().count() > 100);
+    }
+
+    #[test]
+    fn every_entry_names_its_sources_and_when_it_was_checked() {
+        for p in builtin().providers() {
+            assert!(!p.sources.is_empty(), "{}: sources", p.name);
+            for source in &p.sources {
+                assert!(source.starts_with("https://"), "{}: {source}", p.name);
+            }
+            assert!(is_iso_date(&p.verified), "{}: {}", p.name, p.verified);
         }
     }
 
     #[test]
-    fn names_match_in_any_case_with_a_trailing_dot_and_below_wildcards() {
+    fn shut_down_services_are_not_listed() {
+        // Mullvad ended its public encrypted DNS on 2026-11-02; its addresses may be reused.
+        let list = builtin();
+        assert_eq!(provider_of(&list, "dns.mullvad.net"), None);
+        assert!(list.provider_for_address(ip("194.242.2.2")).is_none());
+    }
+
+    #[test]
+    fn names_match_exactly_or_strictly_below_a_listed_wildcard() {
         let list = builtin();
         assert!(list.provider_for_name("DNS.Google.").is_some());
         assert!(list.provider_for_name("abc123.dns.nextdns.io").is_some());
+        assert!(list.provider_for_name("firefox.dns.nextdns.io").is_some());
+        assert!(
+            list.provider_for_name("x1y2.cloudflare-gateway.com")
+                .is_some()
+        );
+        assert!(list.provider_for_name("p2.freedns.controld.com").is_some());
+        // A wildcard never covers its own suffix, and exact names cover nothing below them.
+        assert!(list.provider_for_name("cloudflare-gateway.com").is_none());
+        assert!(list.provider_for_name("nextdns.io").is_none());
+        assert!(list.provider_for_name("www.dns.google").is_none());
         assert!(list.provider_for_name("google").is_none());
         assert!(list.provider_for_name("notdns.google").is_none());
         assert!(list.provider_for_name("dns.google.evil.com").is_none());
@@ -263,12 +360,16 @@ mod tests {
             Ok(_) => panic!("accepted: {text}"),
             Err(e) => e.to_string(),
         };
-        let provider = |hosts: &str, addresses: &str| {
+        let entry = |sources: &str, verified: &str, hosts: &str, addresses: &str| {
             format!(
-                "providers:\n  - name: X\n    source: https://x\n    hosts: {hosts}\n    \
-                 addresses: {addresses}\n"
+                "providers:\n  - name: X\n    sources: {sources}\n    verified: {verified}\n    \
+                 hosts: {hosts}\n    addresses: {addresses}\n"
             )
         };
+        let provider = |hosts: &str, addresses: &str| {
+            entry("[\"https://x.example\"]", "2026-11-21", hosts, addresses)
+        };
+        assert!(DohList::parse(&provider("[a.b, \"*.c.d\"]", "[1.2.3.4]")).is_ok());
         assert!(bad(&provider("[Dns.X.com]", "[]")).contains("`Dns.X.com`"));
         assert!(bad(&provider("[x]", "[]")).contains("single label"));
         assert!(bad(&provider("[a..b]", "[]")).contains("empty"));
@@ -277,7 +378,23 @@ mod tests {
         assert!(bad(&provider("[a.b]", "[8.8.8.300]")).contains("`8.8.8.300`"));
         assert!(bad(&provider("[a.b, a.b]", "[]")).contains("listed twice"));
         assert!(bad(&provider("[a.b]", "[1.2.3.4, \"::ffff:1.2.3.4\"]")).contains("twice"));
-        assert!(bad("providers:\n  - name: X\n    hosts: [a.b]\n").contains("source"));
+        assert!(bad(&entry("[]", "2026-11-21", "[a.b]", "[]")).contains("no `sources`"));
+        assert!(
+            bad(&entry(
+                "[\"http://x.example\"]",
+                "2026-11-21",
+                "[a.b]",
+                "[]"
+            ))
+            .contains("`http://x.example` is not an https URL")
+        );
+        for date in ["2026-13-01", "2026-1-21", "21.11.2026", "soon"] {
+            assert!(
+                bad(&entry("[\"https://x.example\"]", date, "[a.b]", "[]")).contains("YYYY-MM-DD"),
+                "{date}"
+            );
+        }
+        assert!(bad("providers:\n  - name: X\n    hosts: [a.b]\n").contains("sources"));
         assert!(bad("providers: []\nextra: 1\n").contains("extra"));
     }
 }

@@ -209,6 +209,9 @@ fn wildcards_over_public_suffixes_are_detected() {
         "crypto-mining.com",
         "corp.internal",
         "github.com",
+        // The integration tests' names: `test` is a reserved TLD, not on the list.
+        "example.test",
+        "b.example.test",
     ] {
         assert_eq!(wildcard_public_suffix(&wild(suffix)), None, "*.{suffix}");
         assert!(!wildcard_over_public_suffix(&wild(suffix)), "*.{suffix}");

@@ -107,10 +107,16 @@ pub struct Restrictions {
     pub services: Vec<String>,
 }
 
+/// `dns_policy:`. The workload's DNS always goes to the agent's proxy; this says where the
+/// proxy may forward and what else is blocked.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DnsPolicy {
+    /// Upstream resolvers (port 53), in the order written, without repeats; empty when the key
+    /// is left out: the host's resolvers (`--resolv-conf`).
     pub allowed_resolvers: Vec<IpAddr>,
+    /// Refuse the names and deny the addresses of the known DNS-over-HTTPS resolvers.
     pub block_doh: bool,
+    /// Deny TCP and UDP port 853 (DNS over TLS and over QUIC) to every destination.
     pub block_dot: bool,
 }
 
@@ -262,10 +268,14 @@ impl fmt::Display for Summary<'_> {
                 .iter()
                 .map(ToString::to_string)
                 .collect();
+            let resolvers = if resolvers.is_empty() {
+                "from --resolv-conf".to_owned()
+            } else {
+                format!("[{}]", resolvers.join(", "))
+            };
             writeln!(
                 f,
-                "  dns_policy: resolvers [{}], block DoH: {}, block DoT: {}",
-                resolvers.join(", "),
+                "  dns_policy: resolvers {resolvers}, block DoH: {}, block DoT: {}",
                 yes_no(dns.block_doh),
                 yes_no(dns.block_dot)
             )?;

@@ -30,6 +30,7 @@ use super::model::{
     AllowedDestination, DefaultAction, DeniedDestination, DnsPolicy, HostPattern, Policy, Protocol,
     RateLimit, RateLimits, Restrictions, Target,
 };
+use crate::dns::names::{PublicSuffixKind, wildcard_public_suffix};
 
 /// Name used when neither `name:` nor a file stem is available.
 const FALLBACK_NAME: &str = "policy";
@@ -455,10 +456,8 @@ fn check_policy(raw: RawPolicy) -> Result<PolicyBody, String> {
         dns: raw.dns_policy.map(|d| DnsPolicy {
             allowed_resolvers: d
                 .allowed_resolvers
-                .unwrap_or_default()
-                .into_iter()
-                .map(|r| r.0)
-                .collect(),
+                .map(|list| first_occurrences(list.0.into_iter().map(|r| r.0)))
+                .unwrap_or_default(),
             block_doh: d.block_doh.unwrap_or(false),
             block_dot: d.block_dot.unwrap_or(false),
         }),
@@ -472,6 +471,18 @@ fn check_policy(raw: RawPolicy) -> Result<PolicyBody, String> {
         allow_loopback: raw.allow_loopback.unwrap_or(true),
         allow_other_socket_types: raw.allow_other_socket_types.unwrap_or(false),
     }))
+}
+
+/// `items` without repeats, in the order of their first occurrence (resolvers are tried in
+/// the order written).
+fn first_occurrences<T: PartialEq>(items: impl IntoIterator<Item = T>) -> Vec<T> {
+    let mut out: Vec<T> = Vec::new();
+    for item in items {
+        if !out.contains(&item) {
+            out.push(item);
+        }
+    }
+    out
 }
 
 /// Deserializes a mapping as `R`, then checks it across fields with `check`. The check's
@@ -500,7 +511,7 @@ impl<'de, R: Deserialize<'de>, T> Visitor<'de> for Checked<R, T> {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawAllowed {
-    host: Option<HostValue>,
+    host: Option<AllowedHostValue>,
     cidr: Option<CidrValue>,
     ports: Option<NonEmpty<PortValue>>,
     protocols: Option<NonEmpty<ProtocolValue>>,
@@ -523,7 +534,7 @@ impl<'de> Deserialize<'de> for AllowedEntry {
 }
 
 fn check_allowed(raw: RawAllowed) -> Result<AllowedEntry, String> {
-    let target = one_target(raw.host, raw.cidr)?;
+    let target = one_target(raw.host.map(|h| h.0), raw.cidr.map(|c| c.0))?;
     let mut ports: Vec<u16> = raw
         .ports
         .ok_or(
@@ -572,10 +583,10 @@ fn check_allowed(raw: RawAllowed) -> Result<AllowedEntry, String> {
     }))
 }
 
-fn one_target(host: Option<HostValue>, cidr: Option<CidrValue>) -> Result<Target, String> {
+fn one_target(host: Option<Target>, cidr: Option<IpNet>) -> Result<Target, String> {
     match (host, cidr) {
-        (Some(host), None) => Ok(host.0),
-        (None, Some(cidr)) => Ok(Target::Cidr(cidr.0)),
+        (Some(host), None) => Ok(host),
+        (None, Some(cidr)) => Ok(Target::Cidr(cidr)),
         (Some(_), Some(_)) => Err(
             "both `host` and `cidr` are set; an entry names exactly one \
                                    destination: either `host` (a DNS name, `*.domain` or an IP \
@@ -642,7 +653,8 @@ impl<'de> Visitor<'de> for DeniedVisitor {
                 DeniedField::Cidr => cidr = Some(map.next_value::<CidrValue>()?),
             }
         }
-        let target = one_target(host, cidr).map_err(de::Error::custom)?;
+        let target = one_target(host.map(|h: HostValue| h.0), cidr.map(|c: CidrValue| c.0))
+            .map_err(de::Error::custom)?;
         Ok(DeniedEntry(DeniedDestination { target }))
     }
 }
@@ -690,7 +702,7 @@ impl<'de> Visitor<'de> for DeniedKey {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawDnsPolicy {
-    allowed_resolvers: Option<Vec<ResolverValue>>,
+    allowed_resolvers: Option<NonEmpty<ResolverValue>>,
     block_doh: Option<bool>,
     block_dot: Option<bool>,
 }
@@ -754,6 +766,20 @@ struct HostValue(Target);
 
 string_scalar!(HostValue, HOST_EXPECTED, |v| parse_host(v).map(HostValue));
 
+/// The `host:` of an allowed entry: a denied entry's host may also be a wildcard over a public
+/// suffix (it only denies more); an allowed one may not.
+struct AllowedHostValue(Target);
+
+string_scalar!(AllowedHostValue, HOST_EXPECTED, |v| {
+    let target = parse_host(v)?;
+    if let Target::Host(pattern @ HostPattern::Wildcard(suffix)) = &target
+        && let Some(kind) = wildcard_public_suffix(pattern)
+    {
+        return Err(public_suffix_wildcard(suffix, kind));
+    }
+    Ok(AllowedHostValue(target))
+});
+
 struct CidrValue(IpNet);
 
 string_scalar!(CidrValue, CIDR_EXPECTED, |v| parse_cidr(v).map(CidrValue));
@@ -782,17 +808,42 @@ string_scalar!(
     ResolverValue,
     "the IP address of a DNS resolver, such as `10.0.0.53`",
     |v| match v.parse::<IpAddr>() {
-        Ok(ip) => Ok(ResolverValue(ip.to_canonical())),
+        Ok(ip) => check_resolver(ip.to_canonical()).map(ResolverValue),
         Err(_) if v.parse::<SocketAddr>().is_ok() => Err(format!(
             "`{v}` has a port; a resolver is an IP address without a port (DNS port 53 is \
              implied), such as `10.0.0.53`"
         )),
         Err(_) => Err(format!(
             "`{v}` is not an IP address; a resolver is an IP address such as `10.0.0.53` or \
-             `2001:db8::53`"
+             `2001:db8::53` (the agent resolves through it, so it cannot be a name)"
         )),
     }
 );
+
+impl ListOf for ResolverValue {
+    const WHAT: &'static str = "resolver IP addresses (leave `allowed_resolvers` out to use the \
+                                host's resolvers from --resolv-conf)";
+    const EXAMPLE: &'static str = "[10.0.0.53]";
+}
+
+/// A resolver the agent can send queries to: a unicast address. Loopback is accepted (the
+/// agent, not the workload, talks to it: a local caching resolver is a common upstream), and so
+/// is IPv4 link-local (cloud resolvers such as 169.254.169.253).
+fn check_resolver(ip: IpAddr) -> Result<IpAddr, String> {
+    let why = match ip {
+        _ if ip.is_unspecified() => "the unspecified address, not a server",
+        _ if ip.is_multicast() => "a multicast address, not a server",
+        IpAddr::V4(v4) if v4.is_broadcast() => "the broadcast address, not a server",
+        IpAddr::V6(v6) if v6.is_unicast_link_local() => {
+            "an IPv6 link-local address, which needs an interface that a policy cannot name"
+        }
+        _ => return Ok(ip),
+    };
+    Err(format!(
+        "`{ip}` is {why}; a resolver is the unicast address of a DNS server, such as \
+         `10.0.0.53` or `2001:db8::53`"
+    ))
+}
 
 struct NonEmptyString(String);
 
@@ -974,12 +1025,6 @@ fn parse_host(raw: &str) -> Result<Target, String> {
         if let Err(why) = check_dns_name(suffix) {
             return bad(&why);
         }
-        if !suffix.contains('.') {
-            return bad(&format!(
-                "a wildcard needs a suffix of at least two labels, as in `*.example.com`; \
-                 `*.{suffix}` would cover a whole top-level domain"
-            ));
-        }
         return Ok(Target::Host(HostPattern::Wildcard(suffix.to_owned())));
     }
     if name.contains('*') {
@@ -989,6 +1034,33 @@ fn parse_host(raw: &str) -> Result<Target, String> {
         return bad(&why);
     }
     Ok(Target::Host(HostPattern::Exact(name.to_owned())))
+}
+
+/// Why an allowed `*.suffix` over a public suffix is refused, and what to write instead.
+fn public_suffix_wildcard(suffix: &str, kind: PublicSuffixKind) -> String {
+    let what = match kind {
+        _ if !suffix.contains('.') => {
+            format!("`{suffix}` is a top-level domain: anyone can register names below it")
+        }
+        PublicSuffixKind::Icann => format!(
+            "`{suffix}` is a registry suffix on the Public Suffix List: anyone can register \
+             names below it"
+        ),
+        PublicSuffixKind::Private => format!(
+            "`{suffix}` is on the Public Suffix List (private section): its operator lets anyone \
+             create names below it, an attacker included"
+        ),
+    };
+    let example = format!("example.{suffix}");
+    let instead = if wildcard_public_suffix(&HostPattern::Wildcard(example.clone())).is_none() {
+        format!("a wildcard over a domain your organisation holds, such as `*.{example}`,")
+    } else {
+        "a wildcard over a domain your organisation holds".to_owned()
+    };
+    format!(
+        "`*.{suffix}` is a wildcard over a public suffix and is refused in allowed_destinations: \
+         {what}, so it would allow all of them; write {instead} or list exact host names"
+    )
 }
 
 /// LDH syntax: labels of 1..=63 letters, digits and inner hyphens; at most 253 characters;
@@ -1301,7 +1373,6 @@ mod tests {
         );
 
         for (host, needle) in [
-            ("*.com", "at least two labels"),
             ("*", "only allowed as the whole first label"),
             ("a.*.b.com", "only allowed as the whole first label"),
             ("*foo.com", "only allowed as the whole first label"),
@@ -1318,6 +1389,74 @@ mod tests {
             );
             assert!(text.contains(needle), "{host}: {text}");
         }
+    }
+
+    #[test]
+    fn allowed_wildcards_over_a_public_suffix_are_refused_where_written() {
+        for (host, pattern, needle) in [
+            ("*.com", "*.com", "`com` is a top-level domain"),
+            (
+                "*.internal",
+                "*.internal",
+                "`internal` is a top-level domain",
+            ),
+            (
+                "*.CO.UK.",
+                "*.co.uk",
+                "`co.uk` is a registry suffix on the Public Suffix List",
+            ),
+            ("*.github.io", "*.github.io", "(private section)"),
+            (
+                "*.s3.amazonaws.com",
+                "*.s3.amazonaws.com",
+                "(private section)",
+            ),
+            // Every child of kawasaki.jp is a public suffix (rule `*.kawasaki.jp`).
+            ("*.kawasaki.jp", "*.kawasaki.jp", "registry suffix"),
+        ] {
+            let text = msg(&format!(
+                "egress_policy:\n  default_action: DENY\n  allowed_destinations:\n    - host: \
+                 api.example.com\n      ports: [443]\n      protocols: [https]\n    - host: \
+                 \"{host}\"\n      ports: [443]\n      protocols: [https]\n"
+            ));
+            assert!(
+                text.starts_with(&format!(
+                    "policies/t.yaml:7:13: egress_policy.allowed_destinations[1].host: \
+                     `{pattern}` is a wildcard over a public suffix and is refused in \
+                     allowed_destinations: "
+                )),
+                "{host}: {text}"
+            );
+            assert!(text.contains(needle), "{host}: {text}");
+            assert!(text.contains("list exact host names"), "{host}: {text}");
+        }
+        let text = msg(&allowed(
+            "    - host: \"*.co.uk\"\n      ports: [443]\n      protocols: [https]\n",
+        ));
+        assert!(text.contains("such as `*.example.co.uk`"), "{text}");
+        // No example that would itself be refused: example.kawasaki.jp is a public suffix.
+        let text = msg(&allowed(
+            "    - host: \"*.kawasaki.jp\"\n      ports: [443]\n      protocols: [https]\n",
+        ));
+        assert!(!text.contains("such as"), "{text}");
+
+        // Below a public suffix is fine, and so is the seed's `*.amazonaws.com`.
+        for host in ["*.example.co.uk", "*.myorg.github.io", "*.amazonaws.com"] {
+            let p = ok(&allowed(&format!(
+                "    - host: \"{host}\"\n      ports: [443]\n      protocols: [https]\n"
+            )));
+            assert_eq!(only_target(&p).to_string(), host);
+        }
+    }
+
+    #[test]
+    fn denied_wildcards_may_cover_a_public_suffix() {
+        let p = ok(
+            "egress_policy:\n  default_action: DENY\n  denied_destinations:\n    - \
+                    host: \"*.com\"\n    - host: \"*.co.uk\"\n    - host: \"*.github.io\"\n",
+        );
+        let hosts: Vec<String> = p.denied.iter().map(|d| d.target.to_string()).collect();
+        assert_eq!(hosts, ["*.com", "*.co.uk", "*.github.io"]);
     }
 
     #[test]
@@ -1742,6 +1881,54 @@ mod tests {
             ),
             "{text}"
         );
+        for (resolver, needle) in [
+            ("dns.google", "`dns.google` is not an IP address"),
+            ("0.0.0.0", "the unspecified address"),
+            ("\"::\"", "the unspecified address"),
+            ("224.0.0.251", "a multicast address"),
+            ("\"ff02::fb\"", "a multicast address"),
+            ("255.255.255.255", "the broadcast address"),
+            ("\"fe80::1\"", "IPv6 link-local"),
+        ] {
+            let text = msg(&format!(
+                "egress_policy:\n  default_action: DENY\n  dns_policy:\n    \
+                 allowed_resolvers:\n      - 10.0.0.53\n      - {resolver}\n"
+            ));
+            assert!(
+                text.starts_with(
+                    "policies/t.yaml:6:9: egress_policy.dns_policy.allowed_resolvers[1]: "
+                ),
+                "{resolver}: {text}"
+            );
+            assert!(text.contains(needle), "{resolver}: {text}");
+        }
+        let text = msg(
+            "egress_policy:\n  default_action: DENY\n  dns_policy:\n    allowed_resolvers: []\n",
+        );
+        assert!(
+            text.contains("egress_policy.dns_policy.allowed_resolvers: empty list"),
+            "{text}"
+        );
+        assert!(text.contains("leave `allowed_resolvers` out"), "{text}");
+
+        // Loopback and IPv4 link-local resolvers serve the agent; repeats are dropped, the
+        // order of first occurrences kept.
+        let p = ok(
+            "egress_policy:\n  default_action: DENY\n  dns_policy:\n    \
+                    allowed_resolvers: [127.0.0.53, 169.254.169.253, \"::ffff:127.0.0.53\", \
+                    \"::1\"]\n",
+        );
+        let resolvers: Vec<String> = p
+            .dns
+            .map(|d| {
+                d.allowed_resolvers
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect()
+            })
+            .unwrap_or_default();
+        assert_eq!(resolvers, ["127.0.0.53", "169.254.169.253", "::1"]);
+
         let text = msg(
             "egress_policy:\n  default_action: DENY\n  dns_policy:\n    block_doh: \
                         yes\n",
@@ -1813,6 +2000,27 @@ mod tests {
              allow api.github.com tcp/443 (https): GitHub API\n  allow 192.0.2.53/32 tcp/53, \
              udp/53 (dns)\n  deny  169.254.0.0/16 (every port and protocol)\n  loopback \
              (127.0.0.0/8, ::1): allowed\n  other socket types (raw, ICMP, SCTP, ...): refused"
+        );
+
+        let p = ok("egress_policy:\n  name: dns\n  default_action: DENY\n  \
+                    allowed_destinations:\n    - host: \"*.Example.com\"\n      ports: [443]\n      \
+                    protocols: [https]\n  denied_destinations:\n    - host: \"*.com\"\n  \
+                    dns_policy:\n    block_dot: true\n");
+        let summary = p.summary();
+        assert!(
+            summary.contains("\n  allow *.example.com tcp/443 (https)\n"),
+            "{summary}"
+        );
+        assert!(
+            summary.contains("\n  deny  *.com (every port and protocol)\n"),
+            "{summary}"
+        );
+        assert!(
+            summary.contains(
+                "\n  dns_policy: resolvers from --resolv-conf, block DoH: no, block DoT: \
+                 yes\n"
+            ),
+            "{summary}"
         );
     }
 }

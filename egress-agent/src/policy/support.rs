@@ -1,26 +1,24 @@
 //! Parts of the MCP-NET-02 format that parse but that this version does not enforce. A policy
 //! using any of them is refused as a whole: enforcing the rest would silently allow or deny
 //! differently from what the file says.
+//!
+//! Wildcard hosts and `dns_policy` are enforced (the DNS proxy and the kernel) and are not
+//! listed here. A wildcard over a public suffix in `allowed_destinations` is not a missing
+//! feature but an invalid policy: the parser refuses it with the file, line and column.
 
 use std::fmt;
 
-use super::model::{DefaultAction, HostPattern, Policy, Target};
+use super::model::{DefaultAction, Policy};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Unsupported {
     /// `default_action: ALLOW`.
     DefaultAllow,
-    /// A `*.suffix` host in an allowed or denied entry.
-    WildcardHost {
-        /// Which entry, e.g. `allowed_destinations[1]`.
-        rule: String,
-        /// The pattern as written after normalisation, e.g. `*.amazonaws.com`.
-        pattern: String,
-    },
     /// `restrictions:` on an allowed entry.
     Restrictions { rule: String },
-    /// Any `dns_policy:` section.
-    DnsPolicy,
+    /// `dns_policy.block_doh: true`, but the built-in list of DoH resolvers does not parse (a
+    /// build defect the unit tests rule out): there is nothing to block by.
+    DohListUnavailable,
 }
 
 const REFUSED: &str = "the policy is refused rather than enforced in part";
@@ -34,26 +32,19 @@ impl fmt::Display for Unsupported {
                  (everything not allowed is refused); {REFUSED}: set `default_action: DENY` and \
                  list the destinations to allow"
             ),
-            Unsupported::WildcardHost { rule, pattern } => write!(
-                f,
-                "{rule}: the wildcard host `{pattern}` is not enforced by this version: egress \
-                 resolves each exact host name to addresses and enforces those, and a wildcard \
-                 names hosts that cannot be resolved in advance; {REFUSED}: list the exact host \
-                 names instead"
-            ),
             Unsupported::Restrictions { rule } => write!(
                 f,
                 "{rule}.restrictions: region and service restrictions (`regions`, `services`) are \
-                 not enforced by this version; {REFUSED}: remove `restrictions` from the entry, \
-                 or list the exact regional host names instead"
+                 not enforced by this version; {REFUSED}: remove `restrictions` from the entry \
+                 (its host or wildcard then allows every name it matches), or list the regional \
+                 host names instead"
             ),
-            Unsupported::DnsPolicy => write!(
+            Unsupported::DohListUnavailable => write!(
                 f,
-                "dns_policy: resolver control (`allowed_resolvers`) and DNS-over-HTTPS/TLS \
-                 blocking (`block_doh`, `block_dot`) are not enforced by this version; {REFUSED}: \
-                 remove the section, and allow your resolvers as allowed_destinations with \
-                 `protocols: [dns]` and `ports: [53]` (with default DENY, other resolvers are \
-                 then unreachable)"
+                "dns_policy.block_doh: the built-in list of DNS-over-HTTPS resolvers \
+                 (egress-agent/data/doh-providers.yaml) does not parse in this build, so there \
+                 is nothing to block them by; {REFUSED}: use a build whose unit tests pass, or \
+                 set `block_doh: false`"
             ),
         }
     }
@@ -62,32 +53,24 @@ impl fmt::Display for Unsupported {
 /// Every feature of `p` that this version does not enforce, in file order; empty when the
 /// policy can be enforced as written.
 pub fn unsupported_features(p: &Policy) -> Vec<Unsupported> {
+    unsupported_with(p, crate::dns::doh_list().is_some())
+}
+
+/// As [`unsupported_features`], with whether the built-in DoH list is available.
+fn unsupported_with(p: &Policy, doh_list_available: bool) -> Vec<Unsupported> {
     let mut found = Vec::new();
     if p.default_action == DefaultAction::Allow {
         found.push(Unsupported::DefaultAllow);
     }
     for (i, rule) in p.allowed.iter().enumerate() {
-        let name = format!("allowed_destinations[{i}]");
-        if let Target::Host(HostPattern::Wildcard(suffix)) = &rule.target {
-            found.push(Unsupported::WildcardHost {
-                rule: name.clone(),
-                pattern: format!("*.{suffix}"),
-            });
-        }
         if rule.restrictions.is_some() {
-            found.push(Unsupported::Restrictions { rule: name });
-        }
-    }
-    for (i, rule) in p.denied.iter().enumerate() {
-        if let Target::Host(HostPattern::Wildcard(suffix)) = &rule.target {
-            found.push(Unsupported::WildcardHost {
-                rule: format!("denied_destinations[{i}]"),
-                pattern: format!("*.{suffix}"),
+            found.push(Unsupported::Restrictions {
+                rule: format!("allowed_destinations[{i}]"),
             });
         }
     }
-    if p.dns.is_some() {
-        found.push(Unsupported::DnsPolicy);
+    if p.dns.as_ref().is_some_and(|d| d.block_doh) && !doh_list_available {
+        found.push(Unsupported::DohListUnavailable);
     }
     found
 }
@@ -107,30 +90,56 @@ mod tests {
     }
 
     #[test]
-    fn seed_example_lists_every_unsupported_feature() {
+    fn seed_example_is_refused_for_its_restrictions_only() {
         let p = parse(include_str!("../../../policies/mcp-net-02-example.yaml"));
         let found = unsupported_features(&p);
         assert_eq!(
             found,
-            vec![
-                Unsupported::WildcardHost {
-                    rule: "allowed_destinations[1]".into(),
-                    pattern: "*.amazonaws.com".into(),
-                },
-                Unsupported::Restrictions {
-                    rule: "allowed_destinations[1]".into(),
-                },
-                Unsupported::WildcardHost {
-                    rule: "denied_destinations[0]".into(),
-                    pattern: "*.crypto-mining.com".into(),
-                },
-                Unsupported::WildcardHost {
-                    rule: "denied_destinations[1]".into(),
-                    pattern: "*.torproject.org".into(),
-                },
-                Unsupported::DnsPolicy,
-            ]
+            vec![Unsupported::Restrictions {
+                rule: "allowed_destinations[1]".into(),
+            }]
         );
+        let text = found[0].to_string();
+        assert!(
+            text.starts_with("allowed_destinations[1].restrictions: "),
+            "{text}"
+        );
+        assert!(
+            text.contains("refused rather than enforced in part"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn seed_example_without_restrictions_is_supported() {
+        let text = include_str!("../../../policies/mcp-net-02-example.yaml");
+        let without: String = text
+            .lines()
+            .filter(|l| {
+                let l = l.trim_start();
+                !(l.starts_with("restrictions:")
+                    || l.starts_with("regions:")
+                    || l.starts_with("services:"))
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let p = parse(&without);
+        assert!(p.allowed.iter().all(|r| r.restrictions.is_none()));
+        assert_eq!(unsupported_features(&p), vec![]);
+    }
+
+    #[test]
+    fn wildcards_and_dns_policy_are_supported() {
+        let p = parse(
+            "egress_policy:\n  default_action: DENY\n  allowed_destinations:\n    - host: \
+             \"*.example.com\"\n      ports: [443]\n      protocols: [https]\n  \
+             denied_destinations:\n    - host: \"*.evil.example.com\"\n    - host: \"*.com\"\n  \
+             dns_policy:\n    allowed_resolvers: [10.0.0.53]\n    block_doh: true\n    \
+             block_dot: true\n",
+        );
+        assert_eq!(unsupported_features(&p), vec![]);
+        let empty = parse("egress_policy:\n  default_action: DENY\n  dns_policy: {}\n");
+        assert_eq!(unsupported_features(&empty), vec![]);
     }
 
     #[test]
@@ -168,15 +177,21 @@ mod tests {
     }
 
     #[test]
-    fn empty_dns_policy_section_is_still_refused() {
-        let p = parse("egress_policy:\n  default_action: DENY\n  dns_policy: {}\n");
-        assert_eq!(unsupported_features(&p), vec![Unsupported::DnsPolicy]);
-        let text = Unsupported::DnsPolicy.to_string();
-        assert!(text.starts_with("dns_policy: "), "{text}");
-        assert!(text.contains("block_doh"), "{text}");
-        assert!(
-            text.contains("refused rather than enforced in part"),
-            "{text}"
+    fn block_doh_is_refused_only_without_the_builtin_list() {
+        let p =
+            parse("egress_policy:\n  default_action: DENY\n  dns_policy:\n    block_doh: true\n");
+        assert!(crate::dns::doh_list().is_some());
+        assert_eq!(unsupported_with(&p, true), vec![]);
+        assert_eq!(
+            unsupported_with(&p, false),
+            vec![Unsupported::DohListUnavailable]
         );
+        let text = Unsupported::DohListUnavailable.to_string();
+        assert!(text.starts_with("dns_policy.block_doh: "), "{text}");
+        assert!(text.contains("block_doh: false"), "{text}");
+        // Without block_doh the list is not needed.
+        let p =
+            parse("egress_policy:\n  default_action: DENY\n  dns_policy:\n    block_dot: true\n");
+        assert_eq!(unsupported_with(&p, false), vec![]);
     }
 }
