@@ -160,7 +160,7 @@ fn pins_of(cgroup: &Path) -> PathBuf {
                 .then(|| pre.split_whitespace().nth(4).map(PathBuf::from))?
         })
         .expect("bpffs is mounted once an agent ran");
-    bpffs.join(format!("egress/v1/cg-{id}"))
+    bpffs.join(format!("egress/v{}/cg-{id}", egress_common::LAYOUT_VERSION))
 }
 
 fn setup(tb: &Testbed) -> (Listener, Listener) {
