@@ -109,6 +109,19 @@ impl AgentRun {
         self
     }
 
+    /// `--log-format json`: one JSON object per log line, fields at the top level.
+    #[must_use]
+    pub fn json_log(self) -> Self {
+        self.agent_arg("--log-format").agent_arg("json")
+    }
+
+    /// `--netns PATH`: the workload runs in that network namespace, and the DNS proxy
+    /// listens inside it.
+    #[must_use]
+    pub fn workload_netns(self, ns: &Netns) -> Self {
+        self.agent_arg("--netns").agent_arg(ns.path())
+    }
+
     #[must_use]
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;

@@ -59,6 +59,32 @@ impl Netns {
         &self.name
     }
 
+    /// The namespace file `ip netns add` created (what `egress-agent --netns` takes).
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from("/run/netns").join(&self.name)
+    }
+
+    /// Adds `ip` (v4 /32 or v6 /128, inside the test ranges) to this namespace's loopback
+    /// device: an address local to this namespace only, like a pod's own address.
+    pub fn add_local_addr(&self, ip: IpAddr) -> Result<()> {
+        let prefix = test_prefix_len(ip)?;
+        self.ip(&["addr", "add", &format!("{ip}/{prefix}"), "dev", "lo"])
+            .map(drop)
+    }
+
+    /// Whether this namespace has a default route (IPv4 or IPv6). The test namespaces have
+    /// none, so traffic to an address outside them cannot leave even if enforcement failed.
+    pub fn has_default_route(&self) -> Result<bool> {
+        let v4 = self.ip(&["route", "show", "default"])?;
+        let v6 = self.ip(&["-6", "route", "show", "default"])?;
+        Ok(!v4.trim().is_empty() || !v6.trim().is_empty())
+    }
+
+    /// Whether the namespace has any route to `ip` (`ip route get` succeeds).
+    pub fn has_route_to(&self, ip: IpAddr) -> bool {
+        self.ip(&["route", "get", &ip.to_string()]).is_ok()
+    }
+
     /// `ip -n <this> <args>`; the error carries ip's stderr.
     pub fn ip(&self, args: &[&str]) -> Result<String> {
         let mut full = vec!["-n", self.name.as_str()];
@@ -284,22 +310,7 @@ impl Topology {
     /// Adds `ip` (v4 /32 or v6 /128) to the remote veth and an on-link route to it in the
     /// client namespace. Only addresses in 198.18.0.0/16 or fd00:e9::/32 are accepted.
     pub fn add_remote_addr(&self, ip: IpAddr) -> Result<()> {
-        let prefix = match ip {
-            IpAddr::V4(v4) => {
-                ensure!(
-                    v4.octets()[..2] == [198, 18],
-                    "test addresses must be in 198.18.0.0/16, not {v4}"
-                );
-                32
-            }
-            IpAddr::V6(v6) => {
-                ensure!(
-                    v6.segments()[..2] == [0xfd00, 0xe9],
-                    "test addresses must be in fd00:e9::/32, not {v6}"
-                );
-                128
-            }
-        };
+        let prefix = test_prefix_len(ip)?;
         let cidr = format!("{ip}/{prefix}");
         let mut add = vec!["addr", "add", cidr.as_str(), "dev", REMOTE_IF];
         if ip.is_ipv6() {
@@ -309,6 +320,73 @@ impl Topology {
         self.client
             .ip(&["route", "replace", &cidr, "dev", CLIENT_IF])?;
         Ok(())
+    }
+
+    /// Makes every address of `net` local to the remote namespace (a `local` route on its
+    /// loopback, "AnyIP") and routes `net` from the client namespace through the remote end
+    /// of the veth pair: a listener on 0.0.0.0 / :: in the remote namespace then answers on
+    /// each of them, without one `ip addr add` per address. `net` must lie in
+    /// 198.18.0.0/16 or fd00:e9::/32 and must not contain the veth addresses.
+    pub fn add_remote_net(&self, net: &str) -> Result<()> {
+        let parsed: ipnet::IpNet = net
+            .parse()
+            .with_context(|| format!("{net:?} is not an address/prefix"))?;
+        let net = parsed.trunc();
+        test_prefix_len(net.network())?;
+        let (min_prefix, family, gateway) = match net {
+            ipnet::IpNet::V4(_) => (16, "-4", IpAddr::V4(REMOTE_V4)),
+            ipnet::IpNet::V6(_) => (32, "-6", IpAddr::V6(REMOTE_V6)),
+        };
+        ensure!(
+            net.prefix_len() >= min_prefix,
+            "{net} is wider than the test range"
+        );
+        for veth in [
+            IpAddr::V4(CLIENT_V4),
+            IpAddr::V4(REMOTE_V4),
+            IpAddr::V6(CLIENT_V6),
+            IpAddr::V6(REMOTE_V6),
+        ] {
+            ensure!(
+                !net.contains(&veth),
+                "{net} contains the veth address {veth}"
+            );
+        }
+        let cidr = net.to_string();
+        self.remote
+            .ip(&[family, "route", "add", "local", &cidr, "dev", "lo"])?;
+        self.client.ip(&[
+            family,
+            "route",
+            "replace",
+            &cidr,
+            "via",
+            &gateway.to_string(),
+            "dev",
+            CLIENT_IF,
+        ])?;
+        Ok(())
+    }
+}
+
+/// The host prefix length for `ip` (32 or 128), or an error when `ip` lies outside the
+/// test ranges 198.18.0.0/16 and fd00:e9::/32.
+fn test_prefix_len(ip: IpAddr) -> Result<u8> {
+    match ip {
+        IpAddr::V4(v4) => {
+            ensure!(
+                v4.octets()[..2] == [198, 18],
+                "test addresses must be in 198.18.0.0/16, not {v4}"
+            );
+            Ok(32)
+        }
+        IpAddr::V6(v6) => {
+            ensure!(
+                v6.segments()[..2] == [0xfd00, 0xe9],
+                "test addresses must be in fd00:e9::/32, not {v6}"
+            );
+            Ok(128)
+        }
     }
 }
 

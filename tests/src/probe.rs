@@ -22,6 +22,31 @@
 //!                                                                per query (glibc, Go); `socket`:
 //!                                                                one unconnected socket, sendto
 //!                                                                per query; `count` = answers
+//! resolve          DNSPROTO SERVER NAME QTYPE [repeat N] [then-connect tcp4|tcp6 PORT DATA]
+//!                                                                one query (QTYPE: A AAAA TXT MX ANY
+//!                                                                or a number) to SERVER port 53;
+//!                                                                reports `rcode`, the A/AAAA `addrs`
+//!                                                                of the answer and the address the
+//!                                                                reply came `from` (recvfrom, or
+//!                                                                getpeername for TCP). `repeat N`
+//!                                                                (1..=1000): N queries, `{i}` in NAME
+//!                                                                replaced by 0..N-1; every reply must
+//!                                                                have the first one's rcode; `count`
+//!                                                                = iterations completed. `then-connect`:
+//!                                                                after each answer, at once, `send` DATA
+//!                                                                to the first answered address of that
+//!                                                                family (tcp6: AAAA, else mapped A) on
+//!                                                                PORT; an answer without one fails
+//! dnsraw           DNSPROTO SERVER HEX                           the bytes HEX as one DNS message to
+//!                                                                SERVER port 53 (TCP: length-framed);
+//!                                                                ok with `rcode` when a reply of at
+//!                                                                least 4 bytes comes, ETIMEDOUT when
+//!                                                                none does within 2 s
+//!                  DNSPROTO: udp4 udp6 (connect + send), udp4-sendto udp6-sendto (unconnected
+//!                  sendto), tcp4 tcp6 (2-byte length framing, RFC 1035 4.2.2)
+//! touch            PATH                                          create the file (for a test to sync on)
+//! wait-file        PATH MS                                       wait until PATH exists, at most MS
+//!                                                                (<= 120000) ms; ETIMEDOUT otherwise
 //! sleep            MS
 //! whoami                                                         uid, euid, gid, egid, groups, CapEff
 //! cgroup                                                         this process's cgroup v2 path
@@ -30,6 +55,8 @@
 //!
 //! DATA is the rest of the op after PORT (it may contain spaces). With a `6` family an IPv4
 //! literal ADDR is used in its IPv4-mapped form `::ffff:a.b.c.d`.
+
+use std::net::{IpAddr, SocketAddr};
 
 use serde::{Deserialize, Serialize};
 
@@ -68,9 +95,29 @@ pub struct ProbeResult {
     pub attempts: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eperm: Option<u64>,
-    /// `hammer`: attempts that succeeded; `dns`: queries answered.
+    /// `hammer`: attempts that succeeded; `dns`: queries answered; `resolve`: iterations
+    /// completed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub count: Option<u64>,
+    /// `resolve`, `dnsraw`: the RCODE of the (last) reply (0 NOERROR, 1 FORMERR, 3 NXDOMAIN,
+    /// 5 REFUSED).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rcode: Option<u8>,
+    /// `resolve`: the A and AAAA addresses in the (last) reply's answer section, in order.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub addrs: Option<Vec<IpAddr>>,
+    /// `resolve`, `dnsraw`: where the (last) reply came from, as the workload saw it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<SocketAddr>,
+}
+
+/// DNS RCODE values the tests check.
+pub mod rcode {
+    pub const NOERROR: u8 = 0;
+    pub const FORMERR: u8 = 1;
+    pub const SERVFAIL: u8 = 2;
+    pub const NXDOMAIN: u8 = 3;
+    pub const REFUSED: u8 = 5;
 }
 
 impl ProbeResult {

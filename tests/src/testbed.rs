@@ -96,6 +96,19 @@ impl Testbed {
     pub fn run_probe(&self, ops: &[&str]) -> Result<RunOutput> {
         run_probe_as_nobody(&self.topo.client, self.probe.path(), ops)
     }
+
+    /// A fresh directory every user may create files in, for the probe's `touch` and
+    /// `wait-file` ops (workloads and the test sync through it). Removed on drop.
+    pub fn sync_dir(&self) -> Result<tempfile::TempDir> {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::Builder::new()
+            .prefix("egress-sync-")
+            .tempdir()
+            .context("creating a sync dir")?;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777))
+            .with_context(|| format!("chmod 0777 {}", dir.path().display()))?;
+        Ok(dir)
+    }
 }
 
 /// Runs `probe ops...` as uid/gid nobody inside `ns` (no agent, no cgroup change).

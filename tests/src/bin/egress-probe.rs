@@ -59,6 +59,10 @@ enum Action {
     Ping4(std::net::Ipv4Addr),
     Hammer(usize, u64, Box<Op>),
     Dns(DnsMode, Family, SocketAddr, String, u64),
+    Resolve(Box<Resolve>),
+    DnsRaw(DnsProto, Family, SocketAddr, Vec<u8>),
+    Touch(std::path::PathBuf),
+    WaitFile(std::path::PathBuf, Duration),
     Whoami,
     Cgroup,
     Exit(u8),
@@ -78,10 +82,39 @@ enum DnsMode {
     Socket,
 }
 
+/// How a `resolve` or `dnsraw` op carries its DNS message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum DnsProto {
+    /// connect() then send(): glibc, Go.
+    UdpConnect,
+    /// sendto() on an unconnected socket, reply by recvfrom().
+    UdpSendto,
+    /// 2-byte length framing over a TCP connection.
+    Tcp,
+}
+
+/// `resolve DNSPROTO SERVER NAME QTYPE [repeat N] [then-connect tcp4|tcp6 PORT DATA]`.
+#[derive(Clone, Debug)]
+struct Resolve {
+    proto: DnsProto,
+    family: Family,
+    server: SocketAddr,
+    /// May contain `{i}`, replaced by the iteration number.
+    name: String,
+    qtype: u16,
+    repeat: u64,
+    then_connect: Option<(Family, u16, Vec<u8>)>,
+}
+
 /// Bounds for `hammer` and `dns`, so a mistake cannot run away.
 const MAX_THREADS: usize = 64;
 const MAX_REPEAT: u64 = 100_000;
+/// Bound for `resolve ... repeat N`.
+const MAX_RESOLVE_REPEAT: u64 = 1000;
 const REPEAT_DEADLINE: Duration = Duration::from_secs(120);
+/// Bound for `wait-file`.
+const MAX_WAIT_FILE: Duration = Duration::from_secs(120);
+const DNS_PORT: u16 = 53;
 
 /// A syscall failure: errno plus, for non-errno failures, a description.
 #[derive(Debug)]
@@ -358,6 +391,31 @@ fn parse_op(text: &str) -> Result<Op, String> {
                 .ok_or_else(|| bad("N must be 1..=100000"))?;
             Action::Dns(mode, family, SocketAddr::new(ip, port), name.to_owned(), n)
         }
+        "resolve" => Action::Resolve(Box::new(parse_resolve(text, &fields).map_err(|e| bad(&e))?)),
+        "dnsraw" => {
+            exact(4)?;
+            let (proto, family) =
+                parse_dns_proto(fields[1]).ok_or_else(|| bad(DNS_PROTO_EXPECTED))?;
+            let ip = parse_ip(family, fields[2])
+                .ok_or_else(|| bad("SERVER is not an IP literal of that family"))?;
+            let bytes = parse_hex(fields[3])
+                .filter(|b| !b.is_empty() && b.len() <= usize::from(u16::MAX))
+                .ok_or_else(|| bad("HEX must be 1..=65535 bytes as pairs of hex digits"))?;
+            Action::DnsRaw(proto, family, SocketAddr::new(ip, DNS_PORT), bytes)
+        }
+        "touch" => {
+            exact(2)?;
+            Action::Touch(fields[1].into())
+        }
+        "wait-file" => {
+            exact(3)?;
+            let ms: u64 = fields[2]
+                .parse()
+                .ok()
+                .filter(|ms| Duration::from_millis(*ms) <= MAX_WAIT_FILE)
+                .ok_or_else(|| bad("MS must be 0..=120000"))?;
+            Action::WaitFile(fields[1].into(), Duration::from_millis(ms))
+        }
         "whoami" => {
             exact(1)?;
             Action::Whoami
@@ -375,6 +433,119 @@ fn parse_op(text: &str) -> Result<Op, String> {
     Ok(Op {
         text: text.trim().to_owned(),
         action,
+    })
+}
+
+const DNS_PROTO_EXPECTED: &str = "DNSPROTO must be udp4|udp6|udp4-sendto|udp6-sendto|tcp4|tcp6";
+
+fn parse_dns_proto(s: &str) -> Option<(DnsProto, Family)> {
+    let (base, proto) = match s.strip_suffix("-sendto") {
+        Some(base) => (base, DnsProto::UdpSendto),
+        None => (s, DnsProto::UdpConnect),
+    };
+    match parse_proto(base)? {
+        (Transport::Udp, f) => Some((proto, f)),
+        (Transport::Tcp, f) if proto == DnsProto::UdpConnect => Some((DnsProto::Tcp, f)),
+        _ => None,
+    }
+}
+
+/// `A`, `AAAA`, `TXT`, `MX`, `ANY` or a number.
+fn parse_qtype(s: &str) -> Option<u16> {
+    match s.to_ascii_uppercase().as_str() {
+        "A" => Some(1),
+        "MX" => Some(15),
+        "TXT" => Some(16),
+        "AAAA" => Some(28),
+        "ANY" => Some(255),
+        n => n.parse().ok(),
+    }
+}
+
+fn parse_hex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+/// A name the probe can put into a query: labels of 1..=63 bytes without whitespace, at most
+/// 253 bytes, one optional trailing dot. `{i}` stands for a number of up to 4 digits.
+fn valid_query_name(name: &str) -> bool {
+    let name = name.replace("{i}", "0000");
+    let name = name.strip_suffix('.').unwrap_or(&name);
+    !name.is_empty()
+        && name.len() <= 253
+        && name.is_ascii()
+        && name.split('.').all(|l| !l.is_empty() && l.len() <= 63)
+}
+
+/// The text after the first `n` whitespace-separated fields of `text`.
+fn rest_after(text: &str, n: usize) -> Option<&str> {
+    let mut rest = text.trim_start();
+    for _ in 0..n {
+        let end = rest.find(char::is_whitespace)?;
+        rest = rest[end..].trim_start();
+    }
+    (!rest.is_empty()).then_some(rest)
+}
+
+fn parse_resolve(text: &str, fields: &[&str]) -> Result<Resolve, String> {
+    let (proto, family) = fields
+        .get(1)
+        .and_then(|p| parse_dns_proto(p))
+        .ok_or(DNS_PROTO_EXPECTED)?;
+    let ip = fields
+        .get(2)
+        .and_then(|a| parse_ip(family, a))
+        .ok_or("SERVER must be an IP literal of that family")?;
+    let name = fields.get(3).copied().ok_or("missing NAME")?;
+    if !valid_query_name(name) {
+        return Err("NAME must be a DNS name (`{i}` allowed)".to_owned());
+    }
+    let qtype = fields
+        .get(4)
+        .and_then(|q| parse_qtype(q))
+        .ok_or("QTYPE must be A|AAAA|TXT|MX|ANY or a number")?;
+    let mut next = 5;
+    let mut repeat = 1;
+    if fields.get(next) == Some(&"repeat") {
+        repeat = fields
+            .get(next + 1)
+            .and_then(|n| n.parse().ok())
+            .filter(|n| (1..=MAX_RESOLVE_REPEAT).contains(n))
+            .ok_or("repeat N must be 1..=1000")?;
+        next += 2;
+    }
+    let mut then_connect = None;
+    if fields.get(next) == Some(&"then-connect") {
+        let family = match fields.get(next + 1).and_then(|p| parse_proto(p)) {
+            Some((Transport::Tcp, f)) => f,
+            _ => return Err("then-connect takes tcp4|tcp6".to_owned()),
+        };
+        let port: u16 = fields
+            .get(next + 2)
+            .and_then(|p| p.parse().ok())
+            .ok_or("then-connect PORT must be 0..=65535")?;
+        let data = rest_after(text, next + 3).ok_or("then-connect needs DATA")?;
+        then_connect = Some((family, port, data.as_bytes().to_vec()));
+    } else if next < fields.len() {
+        return Err(format!(
+            "unexpected {:?}: expected `repeat N` or `then-connect`",
+            fields[next]
+        ));
+    }
+    Ok(Resolve {
+        proto,
+        family,
+        server: SocketAddr::new(ip, DNS_PORT),
+        name: name.to_owned(),
+        qtype,
+        repeat,
+        then_connect,
     })
 }
 
@@ -440,6 +611,13 @@ fn run(op: &Op) -> ProbeResult {
         Action::Ping4(a) => ping4(*a),
         Action::Hammer(threads, n, inner) => return hammer(text, *threads, *n, inner),
         Action::Dns(mode, f, addr, name, n) => return dns(text, *mode, *f, *addr, name, *n),
+        Action::Resolve(r) => return resolve(text, r),
+        Action::DnsRaw(proto, f, addr, bytes) => return dns_raw(text, *proto, *f, *addr, bytes),
+        Action::Touch(path) => std::fs::File::create(path).map(drop).map_err(|e| Failure {
+            errno: e.raw_os_error(),
+            error: e.to_string(),
+        }),
+        Action::WaitFile(path, timeout) => wait_file(path, *timeout),
         Action::Cgroup => return cgroup(text),
         Action::Exit(_) => Ok(()),
     };
@@ -864,6 +1042,25 @@ mod tests {
             "dns other udp4 1.2.3.4 53 a.test 3",
             "dns socket udp4 1.2.3.4 53 bad..name 3",
             "dns socket udp4 1.2.3.4 53 a.test 0",
+            "resolve udp4 1.2.3.4 a.test",
+            "resolve udp5 1.2.3.4 a.test A",
+            "resolve tcp4-sendto 1.2.3.4 a.test A",
+            "resolve udp4 ::1 a.test A",
+            "resolve udp4 1.2.3.4 a..test A",
+            "resolve udp4 1.2.3.4 a.test QQ",
+            "resolve udp4 1.2.3.4 a.test A repeat 0",
+            "resolve udp4 1.2.3.4 a.test A repeat 1001",
+            "resolve udp4 1.2.3.4 a.test A repeat",
+            "resolve udp4 1.2.3.4 a.test A then-connect udp4 80 x",
+            "resolve udp4 1.2.3.4 a.test A then-connect tcp4 80",
+            "resolve udp4 1.2.3.4 a.test A extra",
+            "dnsraw udp4 1.2.3.4",
+            "dnsraw udp4 1.2.3.4 abc",
+            "dnsraw udp4 1.2.3.4 zz",
+            "dnsraw udp4 1.2.3.4 00 11",
+            "wait-file /tmp/x 120001",
+            "wait-file /tmp/x",
+            "touch",
         ] {
             assert!(parse_op(bad).is_err(), "{bad:?} should be rejected");
         }
@@ -888,6 +1085,143 @@ mod tests {
             }
             other => panic!("unexpected {other:?}"),
         }
+    }
+
+    fn resolve_op(text: &str) -> Resolve {
+        match parse_op(text).expect("valid op").action {
+            Action::Resolve(r) => *r,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn resolve_parses() {
+        let r = resolve_op("resolve udp4 198.18.0.2 api.example.test A");
+        assert_eq!(
+            (
+                r.proto,
+                r.family,
+                r.server,
+                r.name.as_str(),
+                r.qtype,
+                r.repeat
+            ),
+            (
+                DnsProto::UdpConnect,
+                Family::V4,
+                "198.18.0.2:53".parse().expect("literal"),
+                "api.example.test",
+                1,
+                1
+            )
+        );
+        assert!(r.then_connect.is_none());
+        let r = resolve_op(
+            "resolve udp6-sendto 198.18.0.2 n{i}.example.test. aaaa repeat 200 then-connect tcp6 8443 GET / HTTP/1.0",
+        );
+        assert_eq!(r.proto, DnsProto::UdpSendto);
+        assert_eq!(
+            r.server,
+            "[::ffff:198.18.0.2]:53"
+                .parse::<SocketAddr>()
+                .expect("literal")
+        );
+        assert_eq!((r.qtype, r.repeat), (28, 200));
+        assert_eq!(
+            r.then_connect,
+            Some((Family::V6, 8443, b"GET / HTTP/1.0".to_vec()))
+        );
+        let r = resolve_op("resolve tcp6 fd00:e9::2 x.test TXT then-connect tcp4 80 hi");
+        assert_eq!(
+            (r.proto, r.family, r.qtype),
+            (DnsProto::Tcp, Family::V6, 16)
+        );
+        assert_eq!(r.then_connect, Some((Family::V4, 80, b"hi".to_vec())));
+        assert_eq!(resolve_op("resolve udp4 1.2.3.4 x.test 65").qtype, 65);
+    }
+
+    #[test]
+    fn dnsraw_touch_and_wait_file_parse() {
+        match parse_op("dnsraw tcp4 198.18.0.2 1234ABcd")
+            .expect("valid")
+            .action
+        {
+            Action::DnsRaw(DnsProto::Tcp, Family::V4, addr, bytes) => {
+                assert_eq!(addr, "198.18.0.2:53".parse().expect("literal"));
+                assert_eq!(bytes, [0x12, 0x34, 0xab, 0xcd]);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(matches!(
+            parse_op("touch /tmp/a").expect("valid").action,
+            Action::Touch(_)
+        ));
+        assert!(matches!(
+            parse_op("wait-file /tmp/a 5000").expect("valid").action,
+            Action::WaitFile(_, d) if d == Duration::from_secs(5)
+        ));
+    }
+
+    #[test]
+    fn replies_are_read_with_compression_and_cnames() {
+        // Query for w.test A, answered by a CNAME to x.test (pointer into the question for
+        // the owner), an A and an AAAA record for x.test, and an unknown type.
+        let mut m = dns_query_typed(7, "w.test", 1);
+        m[2] |= 0x80;
+        m[7] = 4;
+        // CNAME: owner -> offset 12; rdata "x" + pointer to "test" at offset 14.
+        m.extend_from_slice(&[0xc0, 12, 0, 5, 0, 1, 0, 0, 0, 60, 0, 4, 1, b'x', 0xc0, 14]);
+        let x = u8::try_from(m.len() - 4).expect("offset");
+        m.extend_from_slice(&[0xc0, x, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 198, 18, 0, 10]);
+        m.extend_from_slice(&[0xc0, x, 0, 28, 0, 1, 0, 0, 0, 60, 0, 16]);
+        m.extend_from_slice(&[0xfd, 0, 0, 0xe9, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x10]);
+        m.extend_from_slice(&[0xc0, x, 0, 99, 0, 1, 0, 0, 0, 60, 0, 1, 0]);
+        assert_eq!(
+            parse_reply(7, &m),
+            Ok(Reply {
+                rcode: 0,
+                addrs: vec![
+                    "198.18.0.10".parse().expect("literal"),
+                    "fd00:e9::10".parse().expect("literal")
+                ]
+            })
+        );
+        assert!(parse_reply(8, &m).is_err(), "wrong id");
+        let mut nx = dns_query_typed(9, "evil.test", 1);
+        nx[2] |= 0x80;
+        nx[3] = 3;
+        assert_eq!(
+            parse_reply(9, &nx),
+            Ok(Reply {
+                rcode: 3,
+                addrs: vec![]
+            })
+        );
+        // An answer count with no records behind it, and a pointer loop, are errors.
+        nx[7] = 1;
+        assert!(parse_reply(9, &nx).is_err());
+        let mut looped = dns_query_typed(9, "a.test", 1);
+        looped[2] |= 0x80;
+        looped[7] = 1;
+        let here = u8::try_from(looped.len()).expect("offset");
+        looped.extend_from_slice(&[0x01, b'a', 0xc0, here]);
+        assert!(parse_reply(9, &looped).is_err());
+        assert!(parse_reply(9, &looped[..11]).is_err());
+    }
+
+    #[test]
+    fn then_connect_picks_the_first_address_of_its_family() {
+        let addrs: Vec<IpAddr> = ["fd00:e9::10", "198.18.0.10", "198.18.0.11"]
+            .iter()
+            .map(|a| a.parse().expect("literal"))
+            .collect();
+        assert_eq!(first_addr(Family::V4, &addrs), Some(addrs[1]));
+        assert_eq!(first_addr(Family::V6, &addrs), Some(addrs[0]));
+        assert_eq!(first_addr(Family::V6, &addrs[1..]), Some(addrs[1]));
+        assert_eq!(first_addr(Family::V4, &addrs[..1]), None);
+        assert!(valid_query_name("n{i}.race.example.test"));
+        assert!(valid_query_name("A.B.Example.Test."));
+        assert!(!valid_query_name("."));
     }
 
     #[test]
@@ -1000,6 +1334,13 @@ fn hammer(text: &str, threads: usize, n: u64, op: &Op) -> ProbeResult {
 
 /// A DNS query for `name`, type A, class IN, recursion desired.
 fn dns_query(id: u16, name: &str) -> Vec<u8> {
+    dns_query_typed(id, name, 1)
+}
+
+/// A DNS query for `name` (a trailing dot is optional), type `qtype`, class IN, recursion
+/// desired, no EDNS.
+fn dns_query_typed(id: u16, name: &str, qtype: u16) -> Vec<u8> {
+    let name = name.strip_suffix('.').unwrap_or(name);
     let mut q = Vec::with_capacity(18 + name.len());
     q.extend_from_slice(&id.to_be_bytes());
     q.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
@@ -1007,8 +1348,344 @@ fn dns_query(id: u16, name: &str) -> Vec<u8> {
         q.push(label.len() as u8);
         q.extend_from_slice(label.as_bytes());
     }
-    q.extend_from_slice(&[0, 0, 1, 0, 1]);
+    q.push(0);
+    q.extend_from_slice(&qtype.to_be_bytes());
+    q.extend_from_slice(&[0, 1]);
     q
+}
+
+/// What `resolve` reads from a reply.
+#[derive(Debug, PartialEq, Eq)]
+struct Reply {
+    rcode: u8,
+    addrs: Vec<IpAddr>,
+}
+
+/// Past a (possibly compressed) name at `pos`; `None` when it runs off the message.
+fn skip_name(msg: &[u8], mut pos: usize) -> Option<usize> {
+    // A name has at most 127 labels; the bound also stops a malformed message.
+    for _ in 0..128 {
+        let len = *msg.get(pos)?;
+        match len {
+            0 => return Some(pos + 1),
+            l if l & 0xc0 == 0xc0 => return (pos + 2 <= msg.len()).then_some(pos + 2),
+            l if l & 0xc0 == 0 => pos += 1 + usize::from(l),
+            _ => return None,
+        }
+    }
+    None
+}
+
+fn be16(msg: &[u8], pos: usize) -> Option<u16> {
+    Some(u16::from_be_bytes([*msg.get(pos)?, *msg.get(pos + 1)?]))
+}
+
+/// The rcode and the A/AAAA records of the answer section of a reply to query `id`.
+fn parse_reply(id: u16, msg: &[u8]) -> Result<Reply, String> {
+    let bad = |why: &str| format!("reply to query {id}: {why} ({} bytes)", msg.len());
+    if msg.len() < 12 {
+        return Err(bad("shorter than a header"));
+    }
+    if be16(msg, 0) != Some(id) {
+        return Err(bad("wrong id"));
+    }
+    if msg[2] & 0x80 == 0 {
+        return Err(bad("not a response"));
+    }
+    let rcode = msg[3] & 0x0f;
+    let (qd, an) = (be16(msg, 4).unwrap_or(0), be16(msg, 6).unwrap_or(0));
+    let mut pos = 12;
+    for _ in 0..qd {
+        pos = skip_name(msg, pos).ok_or_else(|| bad("bad question name"))? + 4;
+    }
+    let mut addrs = Vec::new();
+    for _ in 0..an {
+        pos = skip_name(msg, pos).ok_or_else(|| bad("bad answer name"))?;
+        let rtype = be16(msg, pos).ok_or_else(|| bad("truncated record"))?;
+        let rdlen = usize::from(be16(msg, pos + 8).ok_or_else(|| bad("truncated record"))?);
+        let rdata = msg
+            .get(pos + 10..pos + 10 + rdlen)
+            .ok_or_else(|| bad("truncated rdata"))?;
+        match (
+            rtype,
+            <[u8; 4]>::try_from(rdata),
+            <[u8; 16]>::try_from(rdata),
+        ) {
+            (1, Ok(v4), _) => addrs.push(IpAddr::from(v4)),
+            (28, _, Ok(v6)) => addrs.push(IpAddr::from(v6)),
+            _ => {}
+        }
+        pos += 10 + rdlen;
+    }
+    Ok(Reply { rcode, addrs })
+}
+
+fn socket_addr_from_c(storage: &libc::sockaddr_storage) -> Option<SocketAddr> {
+    match libc::c_int::from(storage.ss_family) {
+        libc::AF_INET => {
+            // SAFETY: the kernel wrote a sockaddr_in for AF_INET; storage is large enough and
+            // suitably aligned.
+            let sin: libc::sockaddr_in =
+                unsafe { std::ptr::read(std::ptr::from_ref(storage).cast()) };
+            Some(SocketAddr::new(
+                IpAddr::from(sin.sin_addr.s_addr.to_ne_bytes()),
+                u16::from_be(sin.sin_port),
+            ))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: as above, for sockaddr_in6.
+            let sin6: libc::sockaddr_in6 =
+                unsafe { std::ptr::read(std::ptr::from_ref(storage).cast()) };
+            Some(SocketAddr::new(
+                IpAddr::from(sin6.sin6_addr.s6_addr),
+                u16::from_be(sin6.sin6_port),
+            ))
+        }
+        _ => None,
+    }
+}
+
+/// recvfrom() one datagram (SO_RCVTIMEO bounds the wait): the bytes and the sender.
+fn recv_from(fd: RawFd) -> Result<(Vec<u8>, Option<SocketAddr>), Failure> {
+    let mut buf = vec![0u8; 65536];
+    // SAFETY: sockaddr_storage is plain data; all-zero is a valid value.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: buf and storage are valid for writes of the lengths given.
+    let n = unsafe {
+        libc::recvfrom(
+            fd,
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            0,
+            std::ptr::from_mut(&mut storage).cast(),
+            &mut len,
+        )
+    };
+    if n < 0 {
+        let f = Failure::last();
+        if f.errno == Some(libc::EAGAIN) {
+            return Err(Failure::errno(libc::ETIMEDOUT));
+        }
+        return Err(f);
+    }
+    buf.truncate(n.unsigned_abs());
+    Ok((buf, socket_addr_from_c(&storage)))
+}
+
+fn peer_addr(fd: RawFd) -> Option<SocketAddr> {
+    // SAFETY: sockaddr_storage is plain data; all-zero is a valid value.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: storage is valid for writes of len bytes.
+    let r = unsafe { libc::getpeername(fd, std::ptr::from_mut(&mut storage).cast(), &mut len) };
+    if r == 0 {
+        socket_addr_from_c(&storage)
+    } else {
+        None
+    }
+}
+
+/// Reads exactly `buf.len()` bytes (SO_RCVTIMEO bounds each read); `Ok(false)` when the peer
+/// closed first.
+fn read_exact_fd(fd: RawFd, buf: &mut [u8]) -> Result<bool, Failure> {
+    let mut done = 0;
+    while done < buf.len() {
+        let rest = &mut buf[done..];
+        // SAFETY: rest is valid for writes of its length.
+        let n = unsafe { libc::recv(fd, rest.as_mut_ptr().cast(), rest.len(), 0) };
+        if n < 0 {
+            let f = Failure::last();
+            match f.errno {
+                Some(libc::EINTR) => continue,
+                Some(libc::EAGAIN) => return Err(Failure::errno(libc::ETIMEDOUT)),
+                _ => return Err(f),
+            }
+        }
+        if n == 0 {
+            return Ok(false);
+        }
+        done += n.unsigned_abs();
+    }
+    Ok(true)
+}
+
+/// Sends `msg` to `server` the way `proto` says and returns the reply and where it came from.
+/// A TCP connection closed without a reply is an error without errno.
+fn dns_exchange(
+    proto: DnsProto,
+    f: Family,
+    server: SocketAddr,
+    msg: &[u8],
+) -> Result<(Vec<u8>, Option<SocketAddr>), Failure> {
+    let to = sock_addr(f, server);
+    match proto {
+        DnsProto::UdpConnect | DnsProto::UdpSendto => {
+            let sock = transport_socket(Transport::Udp, f)?;
+            let fd = sock.as_raw_fd();
+            set_timeout(fd, libc::SO_RCVTIMEO, IO_TIMEOUT)?;
+            if proto == DnsProto::UdpConnect {
+                connect_fd(fd, Transport::Udp, &to)?;
+                send_datagram(fd, msg, None)?;
+            } else {
+                send_datagram(fd, msg, Some(&to))?;
+            }
+            recv_from(fd)
+        }
+        DnsProto::Tcp => {
+            let sock = transport_socket(Transport::Tcp, f)?;
+            let fd = sock.as_raw_fd();
+            connect_fd(fd, Transport::Tcp, &to)?;
+            set_timeout(fd, libc::SO_SNDTIMEO, IO_TIMEOUT)?;
+            set_timeout(fd, libc::SO_RCVTIMEO, IO_TIMEOUT)?;
+            let len = u16::try_from(msg.len())
+                .map_err(|_| Failure::other("message longer than 65535 bytes".to_owned()))?;
+            let mut framed = Vec::with_capacity(2 + msg.len());
+            framed.extend_from_slice(&len.to_be_bytes());
+            framed.extend_from_slice(msg);
+            write_all(fd, &framed)?;
+            let from = peer_addr(fd);
+            let mut len = [0u8; 2];
+            if !read_exact_fd(fd, &mut len)? {
+                return Err(Failure::other("closed without a reply".to_owned()));
+            }
+            let mut reply = vec![0u8; usize::from(u16::from_be_bytes(len))];
+            if !read_exact_fd(fd, &mut reply)? {
+                return Err(Failure::other("closed in the middle of a reply".to_owned()));
+            }
+            Ok((reply, from))
+        }
+    }
+}
+
+/// The address `then-connect` goes to: for tcp4 the first IPv4 address; for tcp6 the first
+/// IPv6 address, else the first IPv4 address (mapped by `sock_addr`).
+fn first_addr(f: Family, addrs: &[IpAddr]) -> Option<IpAddr> {
+    let v4 = addrs.iter().copied().find(IpAddr::is_ipv4);
+    match f {
+        Family::V4 => v4,
+        Family::V6 => addrs.iter().copied().find(IpAddr::is_ipv6).or(v4),
+    }
+}
+
+/// A query id that differs between iterations and between probe runs.
+fn query_id(i: u64) -> u16 {
+    (std::process::id() as u16)
+        .wrapping_mul(0x9e37)
+        .wrapping_add(i as u16)
+}
+
+/// `resolve`: `r.repeat` iterations of query, answer, and (with then-connect) an immediate
+/// connection to the answered address; stops at the first failure.
+fn resolve(text: &str, r: &Resolve) -> ProbeResult {
+    let deadline = Instant::now() + REPEAT_DEADLINE;
+    let mut result = ProbeResult::ok(text);
+    let mut completed = 0;
+    let mut failure: Option<Failure> = None;
+    let mut first_rcode = None;
+    for i in 0..r.repeat {
+        let name = r.name.replace("{i}", &i.to_string());
+        let context = |f: Failure, what: &str| Failure {
+            errno: f.errno,
+            error: format!("{} ({what}, iteration {i}, {name})", f.error),
+        };
+        if Instant::now() > deadline {
+            failure = Some(context(Failure::errno(libc::ETIMEDOUT), "deadline"));
+            break;
+        }
+        let id = query_id(i);
+        let query = dns_query_typed(id, &name, r.qtype);
+        let (bytes, from) = match dns_exchange(r.proto, r.family, r.server, &query) {
+            Ok(x) => x,
+            Err(f) => {
+                failure = Some(context(f, "query"));
+                break;
+            }
+        };
+        result.from = from;
+        let reply = match parse_reply(id, &bytes) {
+            Ok(reply) => reply,
+            Err(e) => {
+                failure = Some(context(Failure::other(e), "reply"));
+                break;
+            }
+        };
+        result.rcode = Some(reply.rcode);
+        result.addrs = Some(reply.addrs.clone());
+        match first_rcode {
+            None => first_rcode = Some(reply.rcode),
+            Some(first) if first != reply.rcode => {
+                failure = Some(context(
+                    Failure::other(format!(
+                        "rcode {} where earlier replies had {first}",
+                        reply.rcode
+                    )),
+                    "reply",
+                ));
+                break;
+            }
+            Some(_) => {}
+        }
+        if let Some((family, port, data)) = &r.then_connect {
+            let Some(ip) = first_addr(*family, &reply.addrs) else {
+                failure = Some(context(
+                    Failure::other(format!(
+                        "no address to connect to in the answer (rcode {})",
+                        reply.rcode
+                    )),
+                    "then-connect",
+                ));
+                break;
+            };
+            let to = SocketAddr::new(ip, *port);
+            if let Err(f) = send_stream(Transport::Tcp, *family, to, data) {
+                failure = Some(context(f, &format!("then-connect to {to}")));
+                break;
+            }
+        }
+        completed += 1;
+    }
+    let result = match failure {
+        None => result,
+        Some(f) => ProbeResult {
+            ok: false,
+            errno: f.errno,
+            error: Some(f.error),
+            ..result
+        },
+    };
+    ProbeResult {
+        count: Some(completed),
+        ..result
+    }
+}
+
+/// `dnsraw`: one message as given, and the rcode of whatever comes back.
+fn dns_raw(text: &str, proto: DnsProto, f: Family, server: SocketAddr, msg: &[u8]) -> ProbeResult {
+    match dns_exchange(proto, f, server, msg) {
+        Ok((reply, from)) if reply.len() >= 4 => ProbeResult {
+            rcode: Some(reply[3] & 0x0f),
+            from,
+            ..ProbeResult::ok(text)
+        },
+        Ok((reply, from)) => ProbeResult {
+            from,
+            ..ProbeResult::failed(text, None, format!("a {}-byte reply", reply.len()))
+        },
+        Err(e) => ProbeResult::failed(text, e.errno, e.error),
+    }
+}
+
+/// Polls (bounded) until `path` exists.
+fn wait_file(path: &std::path::Path, timeout: Duration) -> OpResult {
+    let deadline = Instant::now() + timeout;
+    while !path.exists() {
+        if Instant::now() > deadline {
+            return Err(Failure::errno(libc::ETIMEDOUT));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(())
 }
 
 /// An answer to query `id`: a response, NOERROR, at least one answer record.
@@ -1021,19 +1698,7 @@ fn dns_answered(id: u16, reply: &[u8]) -> bool {
 }
 
 fn recv_reply(fd: RawFd) -> Result<Vec<u8>, Failure> {
-    let mut buf = vec![0u8; 1500];
-    // SAFETY: buf is valid for writes of its length.
-    let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
-    if n < 0 {
-        let f = Failure::last();
-        // SO_RCVTIMEO expiry reads as EAGAIN.
-        if f.errno == Some(libc::EAGAIN) {
-            return Err(Failure::errno(libc::ETIMEDOUT));
-        }
-        return Err(f);
-    }
-    buf.truncate(n.unsigned_abs());
-    Ok(buf)
+    recv_from(fd).map(|(reply, _)| reply)
 }
 
 fn dns_once(
