@@ -155,17 +155,16 @@ async fn start_proxy(
     };
     let servers: Vec<String> = upstream.servers().iter().map(ToString::to_string).collect();
     let proxy = Proxy::new(
-        Arc::clone(&learner),
+        learner,
         upstream,
         settings,
         metrics.dns.clone(),
         enforcer.policy().name.clone(),
     );
     let mut tasks = proxy.serve(listeners)?;
-    tasks.push(tokio::spawn(crate::dns::proxy::sweep(
-        learner,
-        Duration::from_secs(5),
-    )));
+    tasks.push(tokio::spawn(
+        Arc::clone(&proxy).sweep(Duration::from_secs(5)),
+    ));
     enforcer.set_dns_port(port)?;
     tracing::info!(
         port, ipv6, netns = %dns.netns.as_deref().map_or_else(|| "the agent's".to_owned(), |p| p.display().to_string()),

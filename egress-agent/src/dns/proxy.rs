@@ -534,14 +534,27 @@ fn qtype_name(qtype: u16) -> &'static str {
     }
 }
 
-/// Removes expired learned addresses now and then.
-pub async fn sweep(learner: Arc<Mutex<Learner>>, period: Duration) {
-    let mut tick = tokio::time::interval(period);
-    loop {
-        tick.tick().await;
-        let now = crate::resolve::boot_time_s();
-        if let Err(error) = lock(&learner).expire(now) {
-            tracing::warn!(%error, "removing expired learned addresses failed; the kernel ignores them anyway");
+impl Proxy {
+    /// Removes expired learned addresses every `period` (the kernel already ignores them; this
+    /// bounds the map) and keeps the learned-addresses gauge current.
+    pub async fn sweep(self: Arc<Self>, period: Duration) {
+        let mut tick = tokio::time::interval(period);
+        loop {
+            tick.tick().await;
+            let now = crate::resolve::boot_time_s();
+            let (expired, left) = {
+                let mut learner = lock(&self.learner);
+                (learner.expire(now), learner.len())
+            };
+            if let Err(error) = expired {
+                tracing::warn!(%error, "removing expired learned addresses failed; the kernel ignores them anyway");
+            }
+            self.metrics
+                .learned
+                .get_or_create(&PolicyLabels {
+                    policy: self.policy_name(),
+                })
+                .set(i64::try_from(left).unwrap_or(i64::MAX));
         }
     }
 }
