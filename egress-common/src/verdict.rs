@@ -236,18 +236,25 @@ mod tests {
             Dest::v4([198, 18, 0, 2], 53, Proto::Udp),
             Dest::v4([127, 0, 0, 53], 53, Proto::Udp),
             Dest::v4([8, 8, 8, 8], 53, Proto::Tcp),
-            Dest::v6([0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1], 53, Proto::Udp),
+            Dest::v6(
+                [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1],
+                53,
+                Proto::Udp,
+            ),
         ] {
             assert!(redirects_dns(&s, &dst), "{dst:?}");
             assert!(!redirects_dns(&slot(0), &dst), "no proxy: {dst:?}");
         }
         assert!(!redirects_dns(&s, &Dest::v4([8, 8, 8, 8], 853, Proto::Tcp)));
-        assert!(!redirects_dns(&s, &Dest::v4([8, 8, 8, 8], 53, Proto::Other)));
-        let no_policy = SlotConfig {
-            policy_id: 0,
-            ..s
-        };
-        assert!(!redirects_dns(&no_policy, &Dest::v4([8, 8, 8, 8], 53, Proto::Udp)));
+        assert!(!redirects_dns(
+            &s,
+            &Dest::v4([8, 8, 8, 8], 53, Proto::Other)
+        ));
+        let no_policy = SlotConfig { policy_id: 0, ..s };
+        assert!(!redirects_dns(
+            &no_policy,
+            &Dest::v4([8, 8, 8, 8], 53, Proto::Udp)
+        ));
     }
 
     #[test]
@@ -255,11 +262,26 @@ mod tests {
         let s = slot(40000);
         let mut v6 = [0u8; 16];
         v6[15] = 1;
-        assert!(is_dns_proxy(&s, &Dest::v4([127, 0, 0, 1], 40000, Proto::Udp)));
+        assert!(is_dns_proxy(
+            &s,
+            &Dest::v4([127, 0, 0, 1], 40000, Proto::Udp)
+        ));
         assert!(is_dns_proxy(&s, &Dest::v6(v6, 40000, Proto::Tcp)));
-        assert!(!is_dns_proxy(&s, &Dest::v4([127, 0, 0, 2], 40000, Proto::Udp)));
-        assert!(!is_dns_proxy(&s, &Dest::v4([127, 0, 0, 1], 40001, Proto::Udp)));
-        assert!(!is_dns_proxy(&s, &Dest::v4([198, 18, 0, 2], 40000, Proto::Udp)));
-        assert!(!is_dns_proxy(&slot(0), &Dest::v4([127, 0, 0, 1], 0, Proto::Udp)));
+        assert!(!is_dns_proxy(
+            &s,
+            &Dest::v4([127, 0, 0, 2], 40000, Proto::Udp)
+        ));
+        assert!(!is_dns_proxy(
+            &s,
+            &Dest::v4([127, 0, 0, 1], 40001, Proto::Udp)
+        ));
+        assert!(!is_dns_proxy(
+            &s,
+            &Dest::v4([198, 18, 0, 2], 40000, Proto::Udp)
+        ));
+        assert!(!is_dns_proxy(
+            &slot(0),
+            &Dest::v4([127, 0, 0, 1], 0, Proto::Udp)
+        ));
     }
 }

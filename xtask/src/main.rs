@@ -42,7 +42,8 @@ enum Cmd {
     Test,
     /// Run the MCP-NET-02 demo in local network namespaces (needs root).
     Demo,
-    /// Benchmark egress against no filter, iptables, nftables and a CONNECT proxy (needs root).
+    /// Benchmark egress against no filter, iptables, nftables and a CONNECT proxy, and its DNS
+    /// proxy against direct DNS queries (needs root).
     ///
     /// Sets up and tears down its own network namespaces and cgroups; changes nothing outside
     /// them. Prints the table, writes target/bench/latest.{md,json} and, unless --quick, the
@@ -52,6 +53,10 @@ enum Cmd {
         /// docs/benchmarks.md alone.
         #[arg(long)]
         quick: bool,
+        /// Run only one scenario: `dns` (the DNS proxy against direct queries). Writes
+        /// target/bench/dns.{md,json} and leaves docs/benchmarks.md alone.
+        #[arg(long, value_parser = ["dns"])]
+        only: Option<String>,
     },
     /// Clippy on the eBPF crate (nightly, bpfel-unknown-none, build-std=core).
     ClippyEbpf,
@@ -88,7 +93,7 @@ fn run(command: Cmd) -> anyhow::Result<()> {
         }
         Cmd::Test => test(&root, &agent_bin),
         Cmd::Demo => demo(&root, &agent_bin),
-        Cmd::Bench { quick } => bench(&root, &agent_bin, quick),
+        Cmd::Bench { quick, only } => bench(&root, &agent_bin, quick, only.as_deref()),
         Cmd::ClippyEbpf => {
             let mut clippy = Command::new("cargo");
             clippy.current_dir(&root).args([
@@ -219,7 +224,7 @@ fn demo(root: &Path, agent_bin: &Path) -> anyhow::Result<()> {
     )
 }
 
-fn bench(root: &Path, agent_bin: &Path, quick: bool) -> anyhow::Result<()> {
+fn bench(root: &Path, agent_bin: &Path, quick: bool, only: Option<&str>) -> anyhow::Result<()> {
     if !host::is_root()? {
         bail!(
             "the benchmark needs root: it creates network namespaces, veth links and cgroups, \
@@ -233,6 +238,8 @@ fn bench(root: &Path, agent_bin: &Path, quick: bool) -> anyhow::Result<()> {
     } else {
         "cargo xtask bench"
     };
+    // A partial run never rewrites the documented results.
+    let partial = quick || only.is_some();
     let mut bench = Command::new(target.join("release/egress-bench"));
     bench
         .current_dir(root)
@@ -243,7 +250,11 @@ fn bench(root: &Path, agent_bin: &Path, quick: bool) -> anyhow::Result<()> {
         .arg(target.join("bench"));
     if quick {
         bench.arg("--quick");
-    } else {
+    }
+    if let Some(only) = only {
+        bench.arg("--only").arg(only);
+    }
+    if !partial {
         bench.arg("--docs").arg(root.join("docs/benchmarks.md"));
     }
     plan::execute(
@@ -264,6 +275,8 @@ fn bench(root: &Path, agent_bin: &Path, quick: bool) -> anyhow::Result<()> {
                         "egress-bench",
                         "--bin",
                         "egress-bench-load",
+                        "--bin",
+                        "egress-dns-client",
                     ],
                 ),
             ),

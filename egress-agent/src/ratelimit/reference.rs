@@ -88,7 +88,9 @@ impl Reference {
         dst: &Dest,
         now_ns: u64,
     ) -> Decision {
-        if !matches!(decision.reason, Reason::AllowRule | Reason::AllowLearned) || !has_limits(policy) {
+        if !matches!(decision.reason, Reason::AllowRule | Reason::AllowLearned)
+            || !has_limits(policy)
+        {
             return decision;
         }
         let flow = (ip(dst), dst.port);

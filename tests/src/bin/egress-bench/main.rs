@@ -8,7 +8,8 @@
 //! cell once in a shuffled order and keeps the cell's fastest batch, and each reported figure
 //! is the median over rounds, so slow drifts of the machine hit every scenario alike. After the rounds it reads the
 //! kernel's own run time of egress's programs, runs the real agent (`egress-agent exec`)
-//! under a flood of denied connects for the events and memory figures, and writes the
+//! under a flood of denied connects for the events and memory figures, times DNS queries
+//! through the agent's DNS proxy against the same queries sent directly (`dns`), and writes the
 //! report (Markdown and JSON) to the output directory and, with `--docs`, into the marked
 //! section of docs/benchmarks.md.
 //!
@@ -25,6 +26,7 @@
 
 mod agent_runs;
 mod allowlist;
+mod dns;
 mod kernel;
 mod proxy;
 mod report;
@@ -58,8 +60,9 @@ const RATE_LIMITS: &str = "  rate_limits:
     global: {max_new_connections: 4000000000, time_window: 1}
 ";
 const USAGE: &str =
-    "usage: egress-bench [--quick] [--verbose] [--docs FILE] [--out DIR] [--command TEXT]
+    "usage: egress-bench [--quick] [--only dns] [--verbose] [--docs FILE] [--out DIR] [--command TEXT]
   --quick      fewer rounds, shorter batches, a smaller flood
+  --only dns   only the DNS proxy scenario; writes dns.md and dns.json, never --docs
   --verbose    print every cell's batches as they are measured
   --docs FILE  replace the results section of FILE (docs/benchmarks.md)
   --out DIR    where latest.md and latest.json go (default target/bench)
@@ -78,6 +81,7 @@ pub struct Settings {
     /// Rounds of the kernel run-time phase (each runs every egress scenario's operations).
     pub kernel_rounds: usize,
     pub flood: u64,
+    pub dns: dns::DnsSettings,
 }
 
 const FULL: Settings = Settings {
@@ -87,6 +91,7 @@ const FULL: Settings = Settings {
     udp_batch_ms: 3,
     kernel_rounds: 6,
     flood: 1_000_000,
+    dns: dns::FULL,
 };
 const QUICK: Settings = Settings {
     rounds: 4,
@@ -95,6 +100,7 @@ const QUICK: Settings = Settings {
     udp_batch_ms: 2,
     kernel_rounds: 3,
     flood: 200_000,
+    dns: dns::QUICK,
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
@@ -145,6 +151,7 @@ struct Args {
     settings: Settings,
     verbose: bool,
     quick: bool,
+    only_dns: bool,
     docs: Option<PathBuf>,
     out: PathBuf,
     command: String,
@@ -155,6 +162,7 @@ fn parse_args() -> Result<Args> {
         settings: FULL,
         verbose: false,
         quick: false,
+        only_dns: false,
         docs: None,
         out: egress_tests::agent::workspace_root().join("target/bench"),
         command: "target/release/egress-bench".to_owned(),
@@ -167,6 +175,10 @@ fn parse_args() -> Result<Args> {
                 args.quick = true;
             }
             "--verbose" => args.verbose = true,
+            "--only" => match it.next().as_deref() {
+                Some("dns") => args.only_dns = true,
+                other => bail!("--only takes `dns`, not {other:?}\n{USAGE}"),
+            },
             "-h" | "--help" => {
                 // Nothing has been created yet: exiting here leaves nothing behind.
                 eprintln!("{USAGE}");
@@ -261,6 +273,18 @@ fn bench(args: &Args) -> Result<()> {
 
     progress("building the world: namespaces, veth pairs, listeners");
     let mut world = World::new(&here.join("egress-bench-load"))?;
+    let dns_client = here.join("egress-dns-client");
+    if args.only_dns {
+        world.add_client("base")?;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(SEED);
+        machine.loadavg_start = report::loadavg();
+        let dns = dns::run(&world, &dns_client, &agent, s.dns, &mut rng)?;
+        machine.loadavg_end = report::loadavg();
+        let outcome = dns::DnsOutcome::Measured(Box::new(dns));
+        let markdown = report::dns_only_markdown(&machine, args.quick, &outcome, started.elapsed());
+        println!("{markdown}");
+        return write_outputs(&args.out, "dns", &markdown, &outcome);
+    }
     let lists: Vec<Allowlist> = SIZES
         .iter()
         .map(|&n| Allowlist::generate(n, SEED))
@@ -274,6 +298,7 @@ fn bench(args: &Args) -> Result<()> {
     machine.loadavg_end = report::loadavg();
     let kernel_stats = kernel_phase(&world, &setup.scenarios, &s, &mut rng)?;
     let agent_runs = agent_phase(&world, &agent, &lists, &s)?;
+    let dns = dns_phase(&world, &dns_client, &agent, &s, &mut rng)?;
 
     let results = Results::compute(
         machine,
@@ -285,21 +310,12 @@ fn bench(args: &Args) -> Result<()> {
         setup.loads,
         agent_runs,
         setup.notes,
+        dns,
         started.elapsed(),
     );
     let markdown = results.markdown();
     println!("{markdown}");
-    std::fs::create_dir_all(&args.out)
-        .with_context(|| format!("creating {}", args.out.display()))?;
-    let md_path = args.out.join("latest.md");
-    std::fs::write(&md_path, &markdown)?;
-    let json_path = args.out.join("latest.json");
-    std::fs::write(&json_path, serde_json::to_string_pretty(&results)?)?;
-    progress(&format!(
-        "results written to {} and {}",
-        md_path.display(),
-        json_path.display()
-    ));
+    write_outputs(&args.out, "latest", &markdown, &results)?;
     if let Some(docs) = &args.docs {
         report::update_docs(docs, &markdown)?;
         progress(&format!(
@@ -308,6 +324,46 @@ fn bench(args: &Args) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+/// Writes `<stem>.md` and `<stem>.json` into `out`.
+fn write_outputs(
+    out: &Path,
+    stem: &str,
+    markdown: &str,
+    json: &impl serde::Serialize,
+) -> Result<()> {
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let md_path = out.join(format!("{stem}.md"));
+    std::fs::write(&md_path, markdown)?;
+    let json_path = out.join(format!("{stem}.json"));
+    std::fs::write(&json_path, serde_json::to_string_pretty(json)?)?;
+    progress(&format!(
+        "results written to {} and {}",
+        md_path.display(),
+        json_path.display()
+    ));
+    Ok(())
+}
+
+/// The DNS proxy against direct queries. A proxy path that cannot be measured (an agent
+/// without DNS control refuses the policy) is reported in the table, like the rate-limit
+/// scenario, rather than failing the whole run; an interruption still stops it.
+fn dns_phase(
+    world: &World,
+    client: &Path,
+    agent: &Path,
+    s: &Settings,
+    rng: &mut rand::rngs::StdRng,
+) -> Result<dns::DnsOutcome> {
+    match dns::run(world, client, agent, s.dns, rng) {
+        Ok(r) => Ok(dns::DnsOutcome::Measured(Box::new(r))),
+        Err(e) => {
+            check_interrupted()?;
+            progress(&format!("DNS: not measured: {e:#}"));
+            Ok(dns::DnsOutcome::NotMeasured(format!("{e:#}")))
+        }
+    }
 }
 
 /// Gives this process, and so the workload and the agent it starts, the highest CPU

@@ -11,6 +11,7 @@ use anyhow::{Context as _, Result, bail};
 use serde::Serialize;
 
 use crate::agent_runs::AgentRun;
+use crate::dns::{AIM_ADDED_US, DnsOutcome, DnsResults};
 use crate::{OPS, Op, Settings};
 
 /// The section of docs/benchmarks.md that a run rewrites.
@@ -193,6 +194,18 @@ pub struct Target {
     pub detail: String,
 }
 
+impl Target {
+    /// `- NAME: **met**. DETAIL.`
+    fn line(&self) -> String {
+        let verdict = match self.met {
+            Some(true) => "**met**",
+            Some(false) => "**not met**",
+            None => "**not measured**",
+        };
+        format!("- {}: {verdict}. {}.", self.name, self.detail)
+    }
+}
+
 #[derive(Debug, Serialize)]
 pub struct Results {
     pub machine: Machine,
@@ -207,6 +220,7 @@ pub struct Results {
     pub loads: Vec<LoadTimes>,
     pub agent_runs: Vec<AgentRun>,
     pub notes: Vec<String>,
+    pub dns: DnsOutcome,
     pub targets: Vec<Target>,
 }
 
@@ -234,6 +248,7 @@ impl Results {
         loads: Vec<LoadTimes>,
         agent_runs: Vec<AgentRun>,
         notes: Vec<String>,
+        dns: DnsOutcome,
         duration: Duration,
     ) -> Self {
         let mut cells: BTreeMap<String, BTreeMap<String, CellStats>> = BTreeMap::new();
@@ -268,6 +283,7 @@ impl Results {
             loads,
             agent_runs,
             notes,
+            dns,
             targets: Vec::new(),
         };
         r.targets = r.evaluate_targets();
@@ -382,6 +398,9 @@ impl Results {
                 },
             ),
         });
+
+        // 4. The DNS proxy's added latency per query (issue #3's aim).
+        targets.push(dns_target(&self.dns));
         targets
     }
 
@@ -562,21 +581,11 @@ impl Results {
             );
         }
 
-        let _ = writeln!(
-            md,
-            "\n### DNS proxy\n\n\
-             | scenario | added latency | throughput |\n| --- | --- | --- |\n\
-             | DNS through egress's proxy vs direct | not yet: DNS proxy lands with the DNS-control issue | not yet |"
-        );
+        md.push_str(&dns_section(&self.dns));
 
         let _ = writeln!(md, "\n### Targets\n");
         for t in &self.targets {
-            let verdict = match t.met {
-                Some(true) => "**met**",
-                Some(false) => "**not met**",
-                None => "**not measured**",
-            };
-            let _ = writeln!(md, "- {}: {verdict}. {}.", t.name, t.detail);
+            let _ = writeln!(md, "{}", t.line());
         }
         if !self.notes.is_empty() {
             let _ = writeln!(md, "\n### Notes\n");
@@ -586,6 +595,147 @@ impl Results {
         }
         md
     }
+}
+
+/// The DNS section: both paths side by side and the proxy's added latency.
+fn dns_section(outcome: &DnsOutcome) -> String {
+    let mut md = String::from("\n### DNS proxy\n\n");
+    let r = match outcome {
+        DnsOutcome::Measured(r) => r,
+        DnsOutcome::NotMeasured(why) => {
+            let _ = writeln!(
+                md,
+                "| scenario | added latency per query | queries/s |\n| --- | --- | --- |\n\
+                 | DNS through egress's proxy vs direct | not measured: {} | not measured |",
+                why.replace('|', "\\|").replace('\n', " ")
+            );
+            return md;
+        }
+    };
+    let s = &r.settings;
+    let _ = writeln!(
+        md,
+        "dnsmasq in the remote namespace answers `{}` (A); `egress-dns-client` as uid nobody \
+         sends A queries to `{}` on a connected UDP socket, each after the previous answer \
+         ({} unrecorded, then {} recorded per run; no process is pinned to a CPU), \
+         then {} threads × {} queries for the throughput. Direct: the client alone. Through the \
+         proxy: the client under `egress-agent exec` (policy allowing the name, \
+         `allowed_resolvers: [{}]`, query budget raised out of the way); the kernel redirects \
+         its queries to the agent's proxy, which forwards them to dnsmasq and writes the \
+         answer's address into the workload's allow map before answering. {} rounds, each \
+         running both paths once in a shuffled order; figures are medians over rounds, \
+         \"added\" the median of (proxy − direct) within each round ± half its interquartile \
+         range. {} queries were answered through the proxy and {} directly; failures: {}.\n",
+        r.name,
+        r.server,
+        s.warmup,
+        s.queries,
+        s.par_threads,
+        s.par_queries,
+        r.server.ip(),
+        s.rounds,
+        thousands(r.proxy.queries as f64),
+        thousands(r.direct.queries as f64),
+        r.proxy.failures + r.direct.failures
+    );
+    let _ = writeln!(
+        md,
+        "| path | median µs | p90 µs | p99 µs | queries/s, one at a time | queries/s, {} threads | median µs, {} threads |\n\
+         | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        s.par_threads, s.par_threads
+    );
+    for (label, p) in [
+        ("direct to dnsmasq", &r.direct),
+        ("through egress's DNS proxy", &r.proxy),
+    ] {
+        let _ = writeln!(
+            md,
+            "| {label} | {:.1} | {:.1} | {:.1} | {} | {} | {:.1} |",
+            p.median_us,
+            p.p90_us,
+            p.p99_us,
+            thousands(p.seq_qps),
+            thousands(p.par_qps),
+            p.par_median_us
+        );
+    }
+    let _ = writeln!(
+        md,
+        "\nAdded by the proxy per query: **{:+.1} µs** ±{:.1} (median), {:+.1} µs at p99; \
+         throughput with {} threads: {:.2} × direct.",
+        r.added_us,
+        (r.added_p75_us - r.added_p25_us) / 2.0,
+        r.added_p99_us,
+        s.par_threads,
+        r.par_qps_ratio
+    );
+    md
+}
+
+fn dns_target(outcome: &DnsOutcome) -> Target {
+    let name = format!(
+        "the DNS proxy adds under {AIM_ADDED_US:.0} µs per query (median, against a direct query)"
+    );
+    match outcome {
+        DnsOutcome::Measured(r) => Target {
+            name,
+            met: Some(r.added_us < AIM_ADDED_US),
+            detail: dns_detail(r),
+        },
+        DnsOutcome::NotMeasured(why) => Target {
+            name,
+            met: None,
+            detail: format!("not measured: {}", why.replace('\n', " ")),
+        },
+    }
+}
+
+fn dns_detail(r: &DnsResults) -> String {
+    format!(
+        "median {:.1} µs through the proxy against {:.1} µs direct: {:+.1} µs added; {} queries/s \
+         through the proxy against {} direct with {} threads",
+        r.proxy.median_us,
+        r.direct.median_us,
+        r.added_us,
+        thousands(r.proxy.par_qps),
+        thousands(r.direct.par_qps),
+        r.settings.par_threads
+    )
+}
+
+/// The report of `egress-bench --only dns`: the run's circumstances and the DNS section.
+pub fn dns_only_markdown(
+    m: &Machine,
+    quick: bool,
+    outcome: &DnsOutcome,
+    duration: Duration,
+) -> String {
+    let mut md = String::new();
+    let _ = writeln!(md, "### This run (DNS only)\n");
+    let _ = writeln!(
+        md,
+        "- Machine: {} CPUs, {}, Linux {}, {:.0} GiB memory",
+        m.nproc, m.cpu, m.kernel, m.memory_gib
+    );
+    let _ = writeln!(
+        md,
+        "- Command: `{} --only dns`{}",
+        m.command,
+        if quick { " (quick)" } else { "" }
+    );
+    let _ = writeln!(md, "- Date: {}; checkout: `{}`", m.date, m.commit);
+    let _ = writeln!(
+        md,
+        "- The benchmark and its children run at {}. The whole run took {:.0} s.",
+        m.priority,
+        duration.as_secs_f64()
+    );
+    if let (Some(a), Some(b)) = (&m.loadavg_start, &m.loadavg_end) {
+        let _ = writeln!(md, "- Load average before / after: {a} / {b}");
+    }
+    md.push_str(&dns_section(outcome));
+    let _ = writeln!(md, "\n{}", dns_target(outcome).line());
+    md
 }
 
 fn ratio(r: f64) -> String {

@@ -278,13 +278,13 @@ pub fn run_tool_in(ns: &Netns, tool: &str, args: &[&str], input: &str) -> Result
 
 /// A copy of a binary in a fresh 0755 directory, so that uid nobody can run it wherever the
 /// checkout lives. Removed on drop.
-struct StagedBinary {
-    path: PathBuf,
+pub struct StagedBinary {
+    pub path: PathBuf,
     _dir: tempfile::TempDir,
 }
 
 impl StagedBinary {
-    fn new(binary: &Path) -> Result<Self> {
+    pub fn new(binary: &Path) -> Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("egress-bench-")
             .tempdir()
