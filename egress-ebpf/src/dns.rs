@@ -38,7 +38,7 @@ fn remember(ctx: &SockAddrContext, dst: &Dest) {
     };
     // A failed insert only means the answer shows the proxy's address; the resolver then
     // ignores it, which fails closed.
-    let _ = ORIGINS.insert(&cookie(ctx), &origin, 0);
+    let _ = ORIGINS.insert(cookie(ctx), origin, 0);
 }
 
 #[inline(always)]
@@ -129,7 +129,7 @@ pub fn restore4(ctx: &SockAddrContext, proxy: u16) {
         return;
     }
     // SAFETY: the value is copied out at once.
-    let Some(origin) = (unsafe { ORIGINS.get(&cookie(ctx)) }).copied() else {
+    let Some(origin) = (unsafe { ORIGINS.get(cookie(ctx)) }).copied() else {
         return;
     };
     if origin.family == DnsOrigin::FAMILY_V4 {
@@ -163,7 +163,7 @@ pub fn restore6(ctx: &SockAddrContext, proxy: u16) {
         return;
     }
     // SAFETY: the value is copied out at once.
-    let Some(origin) = (unsafe { ORIGINS.get(&cookie(ctx)) }).copied() else {
+    let Some(origin) = (unsafe { ORIGINS.get(cookie(ctx)) }).copied() else {
         return;
     };
     let port = u16::from_be(origin.port_be);

@@ -94,27 +94,33 @@ fn run(command: Cmd) -> anyhow::Result<()> {
         Cmd::Test => test(&root, &agent_bin),
         Cmd::Demo => demo(&root, &agent_bin),
         Cmd::Bench { quick, only } => bench(&root, &agent_bin, quick, only.as_deref()),
-        Cmd::ClippyEbpf => {
-            let mut clippy = Command::new("cargo");
-            clippy.current_dir(&root).args([
-                "+nightly",
-                "clippy",
-                "--package",
-                "egress-ebpf",
-                "--target",
-                "bpfel-unknown-none",
-                "-Z",
-                "build-std=core",
-                "--",
-                "-D",
-                "warnings",
-            ]);
-            plan::execute(
-                "clippy-ebpf",
-                vec![bootstrap(&root), Step::run("clippy-ebpf", clippy)],
-            )
-        }
+        Cmd::ClippyEbpf => plan::execute(
+            "clippy-ebpf",
+            vec![
+                bootstrap(&root),
+                Step::run("clippy-ebpf", clippy_ebpf(&root)),
+            ],
+        ),
     }
+}
+
+/// Clippy over the kernel programs (nightly, BPF target): the workspace clippy leaves them out.
+fn clippy_ebpf(root: &Path) -> Command {
+    let mut clippy = Command::new("cargo");
+    clippy.current_dir(root).args([
+        "+nightly",
+        "clippy",
+        "--package",
+        "egress-ebpf",
+        "--target",
+        "bpfel-unknown-none",
+        "-Z",
+        "build-std=core",
+        "--",
+        "-D",
+        "warnings",
+    ]);
+    clippy
 }
 
 fn test(root: &Path, agent_bin: &Path) -> anyhow::Result<()> {
@@ -167,6 +173,7 @@ fn test(root: &Path, agent_bin: &Path) -> anyhow::Result<()> {
                     ],
                 ),
             ),
+            Step::run("clippy-ebpf", clippy_ebpf(root)),
             Step::run(
                 "unit-tests",
                 cargo(
