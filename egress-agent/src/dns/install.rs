@@ -228,7 +228,10 @@ impl Learner {
             .table
             .learn(&self.view.policy, name, &rules, &addrs, deadline_s);
         let capped = writes.capped;
-        self.maps.apply(&writes)?;
+        if let Err(e) = self.maps.apply(&writes) {
+            self.table.unwrite(&writes);
+            return Err(e);
+        }
         let policy_id = self.table.policy_id();
         let kept = installable
             .into_iter()

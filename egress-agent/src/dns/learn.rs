@@ -49,6 +49,8 @@ pub struct LearnedTable {
     by_addr: HashMap<IpAddr, BTreeSet<String>>,
     /// Rule set -> port-set id, for this policy id; each set's port entries are written once.
     sets: HashMap<Vec<u32>, u32>,
+    /// The next port-set id to hand out (ids are never reused under one policy id).
+    next_set: u32,
     /// What is in the kernel map now.
     installed: BTreeMap<RuleKey, RuleValue>,
 }
@@ -61,6 +63,7 @@ impl LearnedTable {
             names: HashMap::new(),
             by_addr: HashMap::new(),
             sets: HashMap::new(),
+            next_set: LEARNED_SET_BASE,
             installed: BTreeMap::new(),
         }
     }
@@ -138,6 +141,16 @@ impl LearnedTable {
             self.refresh(policy, addr, &mut writes);
         }
         writes
+    }
+
+    /// After `w` failed to reach the kernel (in part): forgets that its entries and port sets
+    /// are there, so the next answer writes them again instead of taking them for installed.
+    pub fn unwrite(&mut self, w: &Writes) {
+        for (key, _) in &w.entries {
+            self.installed.remove(key);
+        }
+        let sets: BTreeSet<u32> = w.ports.iter().map(|(k, _)| k.set_id).collect();
+        self.sets.retain(|_, id| !sets.contains(id));
     }
 
     /// Drops every (name, address) whose deadline is before `now_s`, and the entries no name
@@ -218,7 +231,8 @@ impl LearnedTable {
         let set_id = match self.sets.get(&rules) {
             Some(id) => *id,
             None => {
-                let id = LEARNED_SET_BASE + u32::try_from(self.sets.len()).unwrap_or(0);
+                let id = self.next_set;
+                self.next_set = self.next_set.wrapping_add(1).max(LEARNED_SET_BASE);
                 self.sets.insert(rules.clone(), id);
                 writes
                     .ports

@@ -203,3 +203,21 @@ fn rebase_moves_allowed_names_to_the_new_id_and_drops_the_others() {
     assert_eq!(u32::from_be_bytes(key.policy_id), 8);
     assert_eq!(key.addr[..4], [198, 18, 1, 1]);
 }
+
+#[test]
+fn a_write_that_failed_is_written_again_by_the_next_answer() {
+    let f = Fixture::new();
+    let mut t = LearnedTable::new(7, 8);
+    let a = ip("198.18.1.1");
+    let w = t.learn(&f.policy, "api.example.test", &[0, 1], &[a], 100);
+    assert_eq!(w.entries.len(), 1);
+    assert!(!w.ports.is_empty());
+    t.unwrite(&w);
+    let again = t.learn(&f.policy, "api.example.test", &[0, 1], &[a], 100);
+    assert_eq!(again.entries.len(), 1, "the entry is written again");
+    assert!(!again.ports.is_empty(), "and its port set");
+    assert_ne!(
+        again.ports[0].0.set_id, w.ports[0].0.set_id,
+        "under a fresh set id"
+    );
+}

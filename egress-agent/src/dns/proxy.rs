@@ -160,8 +160,8 @@ impl Bucket {
     }
 }
 
-/// Bounds the refused-query log: a line each up to a number per window, then one line with
-/// how many more there were.
+/// Bounds the proxy's per-query log lines (refusals and failures): a line each up to a number
+/// per window, then one line with how many more there were.
 #[derive(Debug)]
 struct LogLimit {
     window_start: Instant,
@@ -175,7 +175,7 @@ impl LogLimit {
         if now.saturating_duration_since(self.window_start) >= LOG_WINDOW {
             if self.suppressed > 0 {
                 tracing::info!(event = "dns_refused_repeated", policy = %policy, count = self.suppressed,
-                    window_secs = LOG_WINDOW.as_secs(), "more dns queries refused than logged");
+                    window_secs = LOG_WINDOW.as_secs(), "more dns queries refused or failed than logged (all are counted)");
             }
             self.window_start = now;
             self.lines = 0;
@@ -343,6 +343,9 @@ impl Proxy {
             Ok(a) => a,
             Err(error) => {
                 self.count(&policy, "upstream_failure");
+                if !lock(&self.log).admit(&policy, Instant::now()) {
+                    return Some(query.servfail());
+                }
                 tracing::warn!(event = "dns_upstream_failure", policy = %policy, name = %q.qname,
                     qtype = qtype_name(q.qtype), %error, "upstream resolver failed; the workload gets SERVFAIL");
                 return Some(query.servfail());
@@ -372,6 +375,9 @@ impl Proxy {
             Ok(i) => i,
             Err(error) => {
                 self.count(&policy, "upstream_failure");
+                if !lock(&self.log).admit(&policy, Instant::now()) {
+                    return Some(query.servfail());
+                }
                 tracing::error!(event = "dns_install_failed", policy = %policy, name = %q.qname, %error,
                     "writing learned addresses failed; the workload gets SERVFAIL, not an address it could not reach");
                 return Some(query.servfail());
