@@ -160,7 +160,7 @@ impl Bucket {
     }
 }
 
-/// Bounds the proxy's per-query log lines (refusals and failures): a line each up to a number
+/// Bounds the proxy's per-query log lines (refusals, failures, rebinding and cap warnings): a line each up to a number
 /// per window, then one line with how many more there were.
 #[derive(Debug)]
 struct LogLimit {
@@ -388,6 +388,9 @@ impl Proxy {
         };
         for (record, why) in &installed.rejected {
             self.metrics.rebinding_blocked.get_or_create(&labels).inc();
+            if !lock(&self.log).admit(&policy, Instant::now()) {
+                continue;
+            }
             tracing::warn!(event = "dns_rebinding_blocked", policy = %policy, name = %q.qname,
                 address = %record.addr, reason = why.reason(), detail = %why,
                 "answer address not installed and removed from the answer");
@@ -397,6 +400,8 @@ impl Proxy {
                 .address_cap
                 .get_or_create(&labels)
                 .inc_by(installed.capped as u64);
+        }
+        if installed.capped > 0 && lock(&self.log).admit(&policy, Instant::now()) {
             tracing::warn!(event = "dns_address_cap", policy = %policy, name = %q.qname,
                 left_out = installed.capped, "the name holds the most addresses allowed per name; the rest of the answer was left out");
         }
