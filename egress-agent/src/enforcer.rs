@@ -11,7 +11,7 @@ use egress_common::SlotConfig;
 use tokio::time::Instant;
 
 use crate::compile::{Compiled, Deadlines, Resolved, SetIds, compile_with_deadlines};
-use crate::dns::install::{LearnedMaps, Learner};
+use crate::dns::install::{LearnedMaps, Learner, Liveness};
 use crate::loader::{LoadError, Programs};
 use crate::maps::{ApplyStats, MapSet, MapsError};
 use crate::policy::Policy;
@@ -33,6 +33,7 @@ struct Parts {
     programs: Programs,
     maps: MapSet,
     learned: LearnedMaps,
+    liveness: Liveness,
     rate: RateMaps,
     limits: CompiledLimits,
     sets: SetIds,
@@ -65,6 +66,8 @@ pub struct Enforcer {
     due: BTreeMap<String, Instant>,
     /// Addresses the DNS proxy learned, shared with its tasks.
     learner: Arc<Mutex<Learner>>,
+    /// The proxy's liveness deadline, taken by whoever runs the proxy.
+    liveness: Option<Liveness>,
 }
 
 /// Addresses kept per name until the caller sets its own cap.
@@ -108,6 +111,7 @@ impl Enforcer {
             programs.pin_maps(dir)?;
         }
         let learned = LearnedMaps::take(&mut programs)?;
+        let liveness = Liveness::take(&mut programs, slot)?;
         let mut maps = MapSet::take(&mut programs)?;
         let mut sets = SetIds::default();
         let compiled =
@@ -128,6 +132,7 @@ impl Enforcer {
             programs,
             maps,
             learned,
+            liveness,
             rate,
             limits,
             sets,
@@ -148,6 +153,7 @@ impl Enforcer {
     ) -> Result<(Self, u32), EnforcerError> {
         let mut programs = Programs::adopt(dir, slot)?;
         let mut learned = LearnedMaps::take(&mut programs)?;
+        let liveness = Liveness::take(&mut programs, slot)?;
         let mut maps = MapSet::take(&mut programs)?;
         let mut rate = RateMaps::take(&mut programs)?;
         let old = maps.slot_config(slot)?;
@@ -179,6 +185,7 @@ impl Enforcer {
             programs,
             maps,
             learned,
+            liveness,
             rate,
             limits,
             sets,
@@ -203,6 +210,7 @@ impl Enforcer {
             programs,
             maps,
             learned,
+            liveness,
             mut rate,
             limits,
             sets,
@@ -224,6 +232,7 @@ impl Enforcer {
         )));
         Ok(Enforcer {
             learner,
+            liveness: Some(liveness),
             programs,
             maps,
             policy,
@@ -265,7 +274,7 @@ impl Enforcer {
             .map_err(EnforcerError::from)
             .and_then(|stats| {
                 self.rate.apply(&CompiledLimits::default(), &limits)?;
-                lock(&self.learner).rebase(Arc::new(policy.clone()), policy_id)?;
+                lock(&self.learner).prepare(Arc::new(policy.clone()), policy_id)?;
                 let cfg = SlotConfig {
                     policy_id,
                     flags: compiled.slot_flags,
@@ -277,17 +286,15 @@ impl Enforcer {
         let mut stats = match written {
             Ok(stats) => stats,
             Err(e) => {
-                // Not switched: the old policy is in force. Learning goes back to it, and what
+                // Not switched: the old policy is in force. Learning stays with it, and what
                 // was written for the new id goes.
-                let (old_policy, old_id) = (Arc::new(self.policy.clone()), self.current.policy_id);
-                if let Err(error) = lock(&self.learner).rebase(old_policy, old_id) {
-                    tracing::warn!(%error, "re-writing learned addresses under the policy in force failed; workloads look them up again");
-                }
+                lock(&self.learner).abort();
                 self.sweep(self.current.policy_id);
                 return Err(e);
             }
         };
         // Switched: from here on the new policy is the one in force, whatever else fails.
+        lock(&self.learner).commit();
         let now = Instant::now();
         let due: BTreeMap<String, Instant> = policy_hosts(&policy)
             .into_iter()
@@ -325,6 +332,11 @@ impl Enforcer {
         if let Err(error) = lock(&self.learner).retain_policy(keep) {
             tracing::warn!(%error, policy_id = keep, "removing learned addresses of other policy ids failed; they are inert");
         }
+    }
+
+    /// The proxy's liveness deadline (once).
+    pub fn take_liveness(&mut self) -> Option<Liveness> {
+        self.liveness.take()
     }
 
     /// The learned-address state, for the DNS proxy.

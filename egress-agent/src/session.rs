@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::cli::{DnsArgs, Refusal, TelemetryArgs};
@@ -127,7 +127,14 @@ async fn start_proxy(
     enforcer: &mut Enforcer,
     dns: &DnsArgs,
     metrics: &Metrics,
-) -> Result<(Arc<Proxy>, Vec<tokio::task::JoinHandle<()>>), SessionError> {
+) -> Result<
+    (
+        Arc<Proxy>,
+        Vec<tokio::task::JoinHandle<()>>,
+        Arc<Mutex<crate::dns::install::Liveness>>,
+    ),
+    SessionError,
+> {
     let upstream = upstream(enforcer.policy(), dns)?;
     let listeners = Listeners::open(dns.netns.as_deref())?;
     let port = listeners.port;
@@ -165,13 +172,23 @@ async fn start_proxy(
     tasks.push(tokio::spawn(
         Arc::clone(&proxy).sweep(Duration::from_secs(5)),
     ));
+    let Some(mut liveness) = enforcer.take_liveness() else {
+        return Err(SessionError::Other(
+            "the DNS proxy's liveness map was already taken".into(),
+        ));
+    };
+    liveness.renew().map_err(EnforcerError::from)?;
+    let liveness = Arc::new(Mutex::new(liveness));
+    tasks.push(tokio::spawn(crate::dns::proxy::heartbeat(Arc::clone(
+        &liveness,
+    ))));
     enforcer.set_dns_port(port)?;
     tracing::info!(
         port, ipv6, netns = %dns.netns.as_deref().map_or_else(|| "the agent's".to_owned(), |p| p.display().to_string()),
         upstream = %servers.join(","),
         "DNS proxy listening on 127.0.0.1 and ::1; the workload's port-53 traffic goes to it"
     );
-    Ok((proxy, tasks))
+    Ok((proxy, tasks, liveness))
 }
 
 /// Where the instance's kernel state comes from.
@@ -275,6 +292,7 @@ pub struct Supervisor {
     server: Option<tokio::task::JoinHandle<()>>,
     proxy: Arc<Proxy>,
     proxy_tasks: Vec<tokio::task::JoinHandle<()>>,
+    liveness: Arc<Mutex<crate::dns::install::Liveness>>,
 }
 
 enum Work {
@@ -306,7 +324,7 @@ impl Supervisor {
             .policy_loads
             .get_or_create(&ResultLabels { result: "success" })
             .inc();
-        let (proxy, proxy_tasks) = start_proxy(&mut enforcer, dns, &metrics).await?;
+        let (proxy, proxy_tasks, liveness) = start_proxy(&mut enforcer, dns, &metrics).await?;
         let events = match enforcer.take_events() {
             Some(ring) => {
                 Some(EventStream::new(ring).map_err(|e| SessionError::Other(Box::new(e)))?)
@@ -331,6 +349,7 @@ impl Supervisor {
             server,
             proxy,
             proxy_tasks,
+            liveness,
         };
         s.publish_slot();
         Ok(s)
@@ -533,6 +552,15 @@ impl Supervisor {
         }
         for task in self.proxy_tasks.drain(..) {
             task.abort();
+        }
+        // The proxy is going: from now on the workload's DNS is denied, not sent to whatever
+        // takes the proxy's port next.
+        let cleared = match self.liveness.lock() {
+            Ok(mut l) => l.clear(),
+            Err(p) => p.into_inner().clear(),
+        };
+        if let Err(error) = cleared {
+            tracing::warn!(%error, "clearing the DNS proxy's liveness failed; it lapses within seconds");
         }
     }
 }

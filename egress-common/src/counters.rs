@@ -57,6 +57,15 @@ pub enum Reason {
     DenyDot = 18,
     /// A known DNS-over-HTTPS provider's address while the policy blocks DoH (`block_doh`).
     DenyDoh = 19,
+    /// A send on a connected socket that names no address (the hooks see one when control
+    /// messages come with it): its destination was judged at connect.
+    AllowConnected = 20,
+    /// A DNS query or a send to the proxy while the slot's DNS proxy is not known to be alive
+    /// (its agent stopped): denied rather than sent to whatever now holds the proxy's port.
+    DnsProxyDown = 21,
+    /// Loopback, to a port of the range DNS proxies use that is not this workload's own
+    /// proxy: another workload's proxy, which must not answer for it.
+    DenyOtherProxy = 22,
 }
 
 /// Room for more reasons without a layout change of the counter map.
@@ -69,7 +78,7 @@ pub const NUM_COUNTERS: u32 = (MAX_SLOTS + 1) * NUM_REASONS * NUM_PROTOS;
 pub const INVALID_SLOT_BLOCK: u32 = MAX_SLOTS;
 
 impl Reason {
-    pub const ALL: [Reason; 20] = [
+    pub const ALL: [Reason; 23] = [
         Reason::AllowRule,
         Reason::AllowLoopback,
         Reason::AllowSocket,
@@ -90,6 +99,9 @@ impl Reason {
         Reason::AllowLearned,
         Reason::DenyDot,
         Reason::DenyDoh,
+        Reason::AllowConnected,
+        Reason::DnsProxyDown,
+        Reason::DenyOtherProxy,
     ];
 
     #[inline(always)]
@@ -102,6 +114,7 @@ impl Reason {
                 | Reason::AllowOtherSocket
                 | Reason::RedirectDns
                 | Reason::AllowLearned
+                | Reason::AllowConnected
         )
     }
 
@@ -128,6 +141,9 @@ impl Reason {
             Reason::AllowLearned => "allowed_by_dns_answer",
             Reason::DenyDot => "dns_over_tls_blocked",
             Reason::DenyDoh => "doh_provider_blocked",
+            Reason::AllowConnected => "connected_send",
+            Reason::DnsProxyDown => "dns_proxy_down",
+            Reason::DenyOtherProxy => "dns_proxy_of_another_workload",
         }
     }
 }

@@ -26,6 +26,10 @@ pub const MAP_COUNTERS: &str = "EGRESS_COUNTERS";
 /// allowed names, each with the port set of the rules allowing the name and a deadline. Asked
 /// only when the policy tables deny for want of a rule or a port, so a deny entry always wins.
 pub const MAP_LEARNED: &str = "EGRESS_LEARNED";
+/// `Array<u32>` indexed by slot: CLOCK_BOOTTIME second until which the slot's DNS proxy is
+/// known to be alive (the agent renews it every second). Past it, DNS is denied instead of
+/// redirected, so that nothing else that takes the proxy's port can answer the workload.
+pub const MAP_DNS_ALIVE: &str = "EGRESS_DNS_ALIVE";
 /// `LruHashMap<u64, DnsOrigin>`: per socket cookie, where its last DNS query was addressed
 /// before the redirect to the proxy, so that answers appear to come from there.
 pub const MAP_DNS_ORIGIN: &str = "EGRESS_DNS_ORIGIN";
@@ -39,6 +43,11 @@ pub const MAX_DNS_ORIGINS: u32 = 1 << 14;
 
 /// The DNS port: every TCP and UDP destination with this port goes to the slot's proxy.
 pub const DNS_PORT: u16 = 53;
+/// The ports DNS proxies listen on (loopback). A workload may reach only its own proxy there:
+/// every other port of the range on loopback is refused, so that no workload can use another
+/// workload's proxy (and its policy and budget).
+pub const DNS_PROXY_PORT_FIRST: u16 = 61000;
+pub const DNS_PROXY_PORT_LAST: u16 = 61255;
 /// DNS over TLS (RFC 7858), refused everywhere when the slot has [`SLOT_BLOCK_DOT`].
 pub const DOT_PORT: u16 = 853;
 

@@ -3,9 +3,9 @@
 use crate::counters::Reason;
 use crate::dest::{Dest, Family, Proto};
 use crate::maps::{
-    ACTION_ALLOW, DNS_PORT, DOT_PORT, MAX_EXPIRED_SKIPS, PortKey, RULE_DOH_BIT,
-    RULE_KEY_FIXED_BITS, RuleKey, RuleValue, SLOT_ALLOW_LOOPBACK, SLOT_BLOCK_DOT, SlotConfig,
-    address_bits,
+    ACTION_ALLOW, DNS_PORT, DNS_PROXY_PORT_FIRST, DNS_PROXY_PORT_LAST, DOT_PORT, MAX_EXPIRED_SKIPS,
+    PortKey, RULE_DOH_BIT, RULE_KEY_FIXED_BITS, RuleKey, RuleValue, SLOT_ALLOW_LOOPBACK,
+    SLOT_BLOCK_DOT, SlotConfig, address_bits,
 };
 
 /// Lookups the decision needs. The kernel implements it over BPF maps, the agent over the
@@ -161,42 +161,66 @@ fn allowed_port<T: Tables>(
     ))
 }
 
-/// Whether a destination is the slot's proxy itself: a socket whose connect was redirected
-/// may run a send hook again with the rewritten address (a UDP socket of either family
-/// connected to a mapped address does), which must pass whatever the policy says of loopback.
-#[inline(always)]
-pub fn is_dns_proxy(slot: &SlotConfig, dst: &Dest) -> bool {
-    slot.dns_port != 0
-        && dst.port == slot.dns_port
-        && matches!(dst.proto, Proto::Tcp | Proto::Udp)
-        && match dst.family {
-            // 127.0.0.1 (a mapped ::ffff:127.0.0.1 arrives canonical).
-            Family::V4 => {
-                dst.addr[0] == 127 && dst.addr[1] == 0 && dst.addr[2] == 0 && dst.addr[3] == 1
-            }
-            // ::1
-            Family::V6 => {
-                let mut i = 0;
-                while i < 15 {
-                    if dst.addr[i] != 0 {
-                        return false;
-                    }
-                    i += 1;
-                }
-                dst.addr[15] == 1
-            }
-        }
+/// What the DNS redirect makes of a destination, before (and instead of) the policy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DnsRoute {
+    /// Not DNS: the policy decides.
+    Judge,
+    /// A DNS query (TCP or UDP to port 53, any address, loopback included: a local stub
+    /// resolver forwards anything): to the slot's proxy instead.
+    Redirect,
+    /// The slot's proxy itself (127.0.0.1 or ::1 at its port): a socket whose connect was
+    /// redirected may run a send hook again with the rewritten address. Passes whatever the
+    /// policy says of loopback.
+    Proxy,
+    /// A query or a send to the proxy while the proxy is not known to be alive: denied.
+    ProxyDown,
+    /// Loopback, at a port of the proxies' range that is not this slot's proxy: denied.
+    OtherProxy,
 }
 
-/// Whether a destination is a DNS query that goes to the slot's proxy instead: TCP or UDP to
-/// port 53 at any address, loopback included (a local stub resolver forwards anything), when
-/// the slot has a proxy and a policy.
+/// Routes a destination of a slot with a DNS proxy; `alive` is asked (it reads the clock) only
+/// for DNS and proxy destinations. A slot without a proxy or a policy is left to the policy.
 #[inline(always)]
-pub fn redirects_dns(slot: &SlotConfig, dst: &Dest) -> bool {
-    slot.dns_port != 0
-        && slot.policy_id != 0
-        && dst.port == DNS_PORT
-        && matches!(dst.proto, Proto::Tcp | Proto::Udp)
+pub fn dns_route<F: FnOnce() -> bool>(slot: &SlotConfig, dst: &Dest, alive: F) -> DnsRoute {
+    if slot.dns_port == 0 || slot.policy_id == 0 || !matches!(dst.proto, Proto::Tcp | Proto::Udp) {
+        return DnsRoute::Judge;
+    }
+    let own = dst.port == slot.dns_port && is_proxy_address(dst);
+    if dst.port == DNS_PORT || own {
+        if !alive() {
+            return DnsRoute::ProxyDown;
+        }
+        return if own {
+            DnsRoute::Proxy
+        } else {
+            DnsRoute::Redirect
+        };
+    }
+    if dst.is_loopback() && (DNS_PROXY_PORT_FIRST..=DNS_PROXY_PORT_LAST).contains(&dst.port) {
+        return DnsRoute::OtherProxy;
+    }
+    DnsRoute::Judge
+}
+
+/// 127.0.0.1 (a mapped ::ffff:127.0.0.1 arrives canonical) or ::1.
+#[inline(always)]
+fn is_proxy_address(dst: &Dest) -> bool {
+    match dst.family {
+        Family::V4 => {
+            dst.addr[0] == 127 && dst.addr[1] == 0 && dst.addr[2] == 0 && dst.addr[3] == 1
+        }
+        Family::V6 => {
+            let mut i = 0;
+            while i < 15 {
+                if dst.addr[i] != 0 {
+                    return false;
+                }
+                i += 1;
+            }
+            dst.addr[15] == 1
+        }
+    }
 }
 
 #[inline(always)]
@@ -230,8 +254,8 @@ mod tests {
     }
 
     #[test]
-    fn every_port_53_destination_goes_to_the_proxy_when_there_is_one() {
-        let s = slot(40000);
+    fn every_port_53_destination_goes_to_the_proxy_while_it_is_alive() {
+        let s = slot(61007);
         for dst in [
             Dest::v4([198, 18, 0, 2], 53, Proto::Udp),
             Dest::v4([127, 0, 0, 53], 53, Proto::Udp),
@@ -242,46 +266,75 @@ mod tests {
                 Proto::Udp,
             ),
         ] {
-            assert!(redirects_dns(&s, &dst), "{dst:?}");
-            assert!(!redirects_dns(&slot(0), &dst), "no proxy: {dst:?}");
+            assert_eq!(dns_route(&s, &dst, || true), DnsRoute::Redirect, "{dst:?}");
+            assert_eq!(
+                dns_route(&s, &dst, || false),
+                DnsRoute::ProxyDown,
+                "{dst:?}"
+            );
+            assert_eq!(
+                dns_route(&slot(0), &dst, || true),
+                DnsRoute::Judge,
+                "no proxy: {dst:?}"
+            );
         }
-        assert!(!redirects_dns(&s, &Dest::v4([8, 8, 8, 8], 853, Proto::Tcp)));
-        assert!(!redirects_dns(
-            &s,
-            &Dest::v4([8, 8, 8, 8], 53, Proto::Other)
-        ));
+        let judged = |d: Dest| dns_route(&s, &d, || panic!("the clock is read only for DNS"));
+        assert_eq!(
+            judged(Dest::v4([8, 8, 8, 8], 853, Proto::Tcp)),
+            DnsRoute::Judge
+        );
+        assert_eq!(
+            judged(Dest::v4([8, 8, 8, 8], 53, Proto::Other)),
+            DnsRoute::Judge
+        );
         let no_policy = SlotConfig { policy_id: 0, ..s };
-        assert!(!redirects_dns(
-            &no_policy,
-            &Dest::v4([8, 8, 8, 8], 53, Proto::Udp)
-        ));
+        assert_eq!(
+            dns_route(&no_policy, &Dest::v4([8, 8, 8, 8], 53, Proto::Udp), || true),
+            DnsRoute::Judge
+        );
     }
 
     #[test]
-    fn only_the_proxys_own_address_and_port_count_as_the_proxy() {
-        let s = slot(40000);
+    fn only_the_own_proxy_passes_and_other_proxies_ports_are_refused() {
+        let s = slot(61007);
         let mut v6 = [0u8; 16];
         v6[15] = 1;
-        assert!(is_dns_proxy(
-            &s,
-            &Dest::v4([127, 0, 0, 1], 40000, Proto::Udp)
-        ));
-        assert!(is_dns_proxy(&s, &Dest::v6(v6, 40000, Proto::Tcp)));
-        assert!(!is_dns_proxy(
-            &s,
-            &Dest::v4([127, 0, 0, 2], 40000, Proto::Udp)
-        ));
-        assert!(!is_dns_proxy(
-            &s,
-            &Dest::v4([127, 0, 0, 1], 40001, Proto::Udp)
-        ));
-        assert!(!is_dns_proxy(
-            &s,
-            &Dest::v4([198, 18, 0, 2], 40000, Proto::Udp)
-        ));
-        assert!(!is_dns_proxy(
-            &slot(0),
-            &Dest::v4([127, 0, 0, 1], 0, Proto::Udp)
-        ));
+        let route = |d: Dest| dns_route(&s, &d, || true);
+        assert_eq!(
+            route(Dest::v4([127, 0, 0, 1], 61007, Proto::Udp)),
+            DnsRoute::Proxy
+        );
+        assert_eq!(route(Dest::v6(v6, 61007, Proto::Tcp)), DnsRoute::Proxy);
+        assert_eq!(
+            dns_route(&s, &Dest::v4([127, 0, 0, 1], 61007, Proto::Udp), || false),
+            DnsRoute::ProxyDown
+        );
+        for port in [61000, 61008, 61255] {
+            assert_eq!(
+                route(Dest::v4([127, 0, 0, 1], port, Proto::Udp)),
+                DnsRoute::OtherProxy
+            );
+            assert_eq!(
+                route(Dest::v4([127, 0, 0, 2], port, Proto::Tcp)),
+                DnsRoute::OtherProxy
+            );
+            assert_eq!(route(Dest::v6(v6, port, Proto::Tcp)), DnsRoute::OtherProxy);
+        }
+        assert_eq!(
+            route(Dest::v4([127, 0, 0, 2], 61007, Proto::Udp)),
+            DnsRoute::OtherProxy
+        );
+        assert_eq!(
+            route(Dest::v4([127, 0, 0, 1], 60999, Proto::Udp)),
+            DnsRoute::Judge
+        );
+        assert_eq!(
+            route(Dest::v4([127, 0, 0, 1], 61256, Proto::Udp)),
+            DnsRoute::Judge
+        );
+        assert_eq!(
+            route(Dest::v4([198, 18, 0, 2], 61007, Proto::Udp)),
+            DnsRoute::Judge
+        );
     }
 }

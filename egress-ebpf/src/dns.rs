@@ -3,17 +3,100 @@
 //! workload's resolver accepts the answer as coming from the server it asked.
 
 use aya_ebpf::{
-    helpers::generated::bpf_get_socket_cookie, macros::map, maps::LruHashMap,
+    helpers::generated::{bpf_get_socket_cookie, bpf_ktime_get_boot_ns},
+    macros::map,
+    maps::{Array, LruHashMap},
     programs::SockAddrContext,
 };
 use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 use egress_common::{
     Dest, Family,
-    maps::{DnsOrigin, MAX_DNS_ORIGINS},
+    maps::{DnsOrigin, MAX_DNS_ORIGINS, MAX_SLOTS},
 };
 
 #[map(name = "EGRESS_DNS_ORIGIN")]
 static ORIGINS: LruHashMap<u64, DnsOrigin> = LruHashMap::with_max_entries(MAX_DNS_ORIGINS, 0);
+
+#[map(name = "EGRESS_DNS_ALIVE")]
+static ALIVE: Array<u32> = Array::with_max_entries(MAX_SLOTS, 0);
+
+/// Whether the slot's proxy was alive within its last renewal (the agent renews the deadline
+/// every second; a stopped agent lets it lapse within seconds, or clears it on the way out).
+#[inline(always)]
+pub fn alive() -> bool {
+    let Some(until) = ALIVE.get(crate::tables::slot()) else {
+        return false;
+    };
+    // SAFETY: reads the clock; available to every program type.
+    let now = unsafe { bpf_ktime_get_boot_ns() } / 1_000_000_000;
+    now <= u64::from(*until)
+}
+
+/// sendmsg4: a loopback destination leaves with source 127.0.0.1, which the kernel refuses
+/// to send out of any device but loopback (an interface named in ancillary data would
+/// otherwise put the packet on the wire).
+#[inline(always)]
+pub fn loopback_source4(ctx: &SockAddrContext) {
+    let sa = ctx.sock_addr;
+    // SAFETY: msg_src_ip4 is writable in sendmsg4.
+    unsafe {
+        write_volatile(
+            addr_of_mut!((*sa).msg_src_ip4),
+            u32::from_ne_bytes(LOOPBACK4),
+        )
+    };
+}
+
+/// sendmsg6: as [`loopback_source4`], with source ::1.
+#[inline(always)]
+pub fn loopback_source6(ctx: &SockAddrContext) {
+    let sa = ctx.sock_addr;
+    let one = u32::from_ne_bytes([0, 0, 0, 1]);
+    // SAFETY: msg_src_ip6 is writable in sendmsg6.
+    unsafe {
+        write_volatile(addr_of_mut!((*sa).msg_src_ip6[0]), 0);
+        write_volatile(addr_of_mut!((*sa).msg_src_ip6[1]), 0);
+        write_volatile(addr_of_mut!((*sa).msg_src_ip6[2]), 0);
+        write_volatile(addr_of_mut!((*sa).msg_src_ip6[3]), one);
+    }
+}
+
+/// Whether the socket's connected peer is loopback (for a send that names no address).
+#[inline(always)]
+pub fn peer_is_loopback(ctx: &SockAddrContext, v6: bool) -> bool {
+    let sa = ctx.sock_addr;
+    // SAFETY: the kernel passes a valid bpf_sock_addr whose `sk` is a valid socket; whole
+    // 32-bit reads of bpf_sock fields.
+    unsafe {
+        let sk = read_volatile(addr_of!((*sa).__bindgen_anon_1.sk));
+        if v6 {
+            let w = [
+                read_volatile(addr_of!((*sk).dst_ip6[0])),
+                read_volatile(addr_of!((*sk).dst_ip6[1])),
+                read_volatile(addr_of!((*sk).dst_ip6[2])),
+                read_volatile(addr_of!((*sk).dst_ip6[3])),
+            ];
+            let mapped_lo = w[0] == 0
+                && w[1] == 0
+                && w[2] == u32::from_ne_bytes([0, 0, 0xff, 0xff])
+                && w[3].to_ne_bytes()[0] == 127;
+            let lo =
+                w[0] == 0 && w[1] == 0 && w[2] == 0 && w[3] == u32::from_ne_bytes([0, 0, 0, 1]);
+            lo || mapped_lo
+        } else {
+            read_volatile(addr_of!((*sk).dst_ip4)).to_ne_bytes()[0] == 127
+        }
+    }
+}
+
+/// Whether the hook was called without an address: a send on a connected socket with
+/// ancillary data (the kernel then hands the hooks AF_UNSPEC).
+#[inline(always)]
+pub fn no_address(ctx: &SockAddrContext) -> bool {
+    let sa = ctx.sock_addr;
+    // SAFETY: a whole 32-bit context read.
+    unsafe { read_volatile(addr_of!((*sa).user_family)) == 0 }
+}
 
 const LOOPBACK4: [u8; 4] = [127, 0, 0, 1];
 

@@ -126,21 +126,49 @@ pub fn egress_setsockopt(ctx: SockoptContext) -> i32 {
 /// and a denial reported. The counter is incremented whatever happens to the event.
 #[inline(always)]
 fn judge_addr(ctx: &SockAddrContext, hook: Hook, dst: egress_common::Dest) -> i32 {
+    use egress_common::{Reason, verdict::DnsRoute};
+    let send4 = matches!(hook, Hook::Sendmsg4);
+    let send6 = matches!(hook, Hook::Sendmsg6);
     let decision = match tables::slot_config() {
         Ok(cfg) => {
-            if egress_common::verdict::redirects_dns(&cfg, &dst) {
-                match hook {
-                    Hook::Connect4 | Hook::Sendmsg4 => dns::redirect4(ctx, &dst, cfg.dns_port),
-                    _ => dns::redirect6(ctx, &dst, cfg.dns_port),
+            if (send4 || send6) && dns::no_address(ctx) {
+                // A send on a connected socket with ancillary data: the connect was judged.
+                // Its loopback peer (the proxy, say) keeps a loopback source.
+                if dns::peer_is_loopback(ctx, send6) {
+                    if send4 {
+                        dns::loopback_source4(ctx);
+                    } else {
+                        dns::loopback_source6(ctx);
+                    }
                 }
-                counters::count(egress_common::Reason::RedirectDns, dst.proto);
+                counters::count(Reason::AllowConnected, dst.proto);
                 return ALLOW;
             }
-            if egress_common::verdict::is_dns_proxy(&cfg, &dst) {
-                counters::count(egress_common::Reason::RedirectDns, dst.proto);
-                return ALLOW;
+            match egress_common::verdict::dns_route(&cfg, &dst, dns::alive) {
+                DnsRoute::Redirect => {
+                    match hook {
+                        Hook::Connect4 | Hook::Sendmsg4 => dns::redirect4(ctx, &dst, cfg.dns_port),
+                        _ => dns::redirect6(ctx, &dst, cfg.dns_port),
+                    }
+                    loopback_source(ctx, hook, &dst);
+                    counters::count(Reason::RedirectDns, dst.proto);
+                    return ALLOW;
+                }
+                DnsRoute::Proxy => {
+                    loopback_source(ctx, hook, &dst);
+                    counters::count(Reason::RedirectDns, dst.proto);
+                    return ALLOW;
+                }
+                DnsRoute::ProxyDown => egress_common::Decision {
+                    reason: Reason::DnsProxyDown,
+                    rule_id: egress_common::verdict::NO_RULE,
+                },
+                DnsRoute::OtherProxy => egress_common::Decision {
+                    reason: Reason::DenyOtherProxy,
+                    rule_id: egress_common::verdict::NO_RULE,
+                },
+                DnsRoute::Judge => tables::judge_dest(&cfg, &dst),
             }
-            tables::judge_dest(&cfg, &dst)
         }
         Err(reason) => egress_common::Decision {
             reason,
@@ -149,6 +177,9 @@ fn judge_addr(ctx: &SockAddrContext, hook: Hook, dst: egress_common::Dest) -> i3
     };
     counters::count(decision.reason, dst.proto);
     if decision.allowed() {
+        if dst.is_loopback() {
+            loopback_source(ctx, hook, &dst);
+        }
         return ALLOW;
     }
     events::emit(
@@ -156,6 +187,20 @@ fn judge_addr(ctx: &SockAddrContext, hook: Hook, dst: egress_common::Dest) -> i3
         &events::Attempt::to(hook, &dst, decision.reason, decision.rule_id),
     );
     DENY
+}
+
+/// A send to loopback (or to the proxy on loopback) gets a loopback source, so no interface
+/// named in ancillary data or a scope id can take it onto the wire. Connects need none: the
+/// options that bind a socket to a device are refused at setsockopt.
+#[inline(always)]
+fn loopback_source(ctx: &SockAddrContext, hook: Hook, dst: &egress_common::Dest) {
+    match hook {
+        Hook::Sendmsg4 => dns::loopback_source4(ctx),
+        // sendmsg6 sees IPv6 destinations (mapped ones run sendmsg4); a mapped one here
+        // would need an IPv4 source, so it is left alone.
+        Hook::Sendmsg6 if dst.family == egress_common::Family::V6 => dns::loopback_source6(ctx),
+        _ => {}
+    }
 }
 
 #[cfg(not(test))]

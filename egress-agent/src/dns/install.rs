@@ -5,10 +5,10 @@
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use aya::maps::{HashMap, MapData, MapError};
+use aya::maps::{Array, HashMap, MapData, MapError};
 use egress_common::{
     PortKey, RuleKey, RuleValue,
-    maps::{MAP_LEARNED, MAP_PORTS},
+    maps::{MAP_DNS_ALIVE, MAP_LEARNED, MAP_PORTS},
 };
 
 use super::answer::AddressRecord;
@@ -85,6 +85,42 @@ impl LearnedMaps {
             }
         }
         Ok(stale.len())
+    }
+}
+
+/// The slot's proxy liveness deadline: while it is in the future the kernel redirects DNS to
+/// the proxy; past it (the agent stopped) DNS is denied, so nothing else that takes the
+/// proxy's port can answer the workload.
+pub struct Liveness {
+    alive: Array<MapData, u32>,
+    slot: u32,
+}
+
+/// How far ahead each renewal puts the deadline, in seconds; renewals come every second.
+pub const LIVENESS_SECS: u32 = 3;
+
+impl Liveness {
+    pub fn take(programs: &mut Programs, slot: u32) -> Result<Self, MapsError> {
+        let map = programs.take_map(MAP_DNS_ALIVE)?;
+        Ok(Liveness {
+            alive: Array::try_from(map).map_err(op_err(MAP_DNS_ALIVE, "open"))?,
+            slot,
+        })
+    }
+
+    /// Proxy alive until `LIVENESS_SECS` from now.
+    pub fn renew(&mut self) -> Result<(), MapsError> {
+        let until = crate::resolve::boot_time_s().saturating_add(LIVENESS_SECS);
+        self.alive
+            .set(self.slot, until, 0)
+            .map_err(op_err(MAP_DNS_ALIVE, "set"))
+    }
+
+    /// Proxy gone: DNS is denied from now on.
+    pub fn clear(&mut self) -> Result<(), MapsError> {
+        self.alive
+            .set(self.slot, 0, 0)
+            .map_err(op_err(MAP_DNS_ALIVE, "set"))
     }
 }
 
@@ -177,6 +213,10 @@ pub struct Learner {
     table: LearnedTable,
     maps: LearnedMaps,
     view: NamePolicy,
+    /// During a reload, between writing the new policy's entries and the slot switch: the
+    /// table and view of the policy about to come into force. Answers are installed under both
+    /// ids then, so none is missing whichever id the kernel reads.
+    next: Option<(LearnedTable, NamePolicy)>,
 }
 
 impl Learner {
@@ -190,14 +230,19 @@ impl Learner {
             table: LearnedTable::new(policy_id, max_per_name),
             maps,
             view: NamePolicy::new(policy),
+            next: None,
         }
     }
 
     /// Changes the per-name address cap.
     pub fn set_max_per_name(&mut self, max_per_name: usize) {
         self.table.set_max_per_name(max_per_name);
+        if let Some((t, _)) = &mut self.next {
+            t.set_max_per_name(max_per_name);
+        }
     }
 
+    /// The policy in force (during a reload, still the old one: the kernel reads it).
     pub fn view(&self) -> &NamePolicy {
         &self.view
     }
@@ -211,41 +256,26 @@ impl Learner {
     }
 
     /// Writes the addresses of an answer to `name` that the policy lets in, before the caller
-    /// releases the answer. The name is judged again here, under the policy in force now.
-    /// On a map error nothing of this answer may be released: the caller answers SERVFAIL.
+    /// releases the answer. The name is judged again here, under the policy in force now (and,
+    /// during a reload, also under the one about to come into force). On a map error nothing
+    /// of this answer may be released: the caller answers SERVFAIL.
     pub fn install(
         &mut self,
         name: &str,
         addresses: &[AddressRecord],
         deadline_s: u32,
     ) -> Result<Installed, MapsError> {
-        let NameDecision::Allowed(rules) = self.view.decide(name) else {
-            return Ok(Installed::default());
-        };
-        let (installable, rejected) = self.view.rebind.partition(addresses);
-        let addrs: Vec<IpAddr> = installable.iter().map(|a| a.addr).collect();
-        let writes = self
-            .table
-            .learn(&self.view.policy, name, &rules, &addrs, deadline_s);
-        let capped = writes.capped;
-        if let Err(e) = self.maps.apply(&writes) {
-            self.table.unwrite(&writes);
-            return Err(e);
+        if let Some((table, view)) = &mut self.next {
+            install_into(table, &mut self.maps, view, name, addresses, deadline_s)?;
         }
-        let policy_id = self.table.policy_id();
-        let kept = installable
-            .into_iter()
-            .filter(|a| {
-                self.table
-                    .entries()
-                    .contains_key(&super::learn::rule_key(policy_id, a.addr))
-            })
-            .collect();
-        Ok(Installed {
-            kept,
-            rejected,
-            capped,
-        })
+        install_into(
+            &mut self.table,
+            &mut self.maps,
+            &self.view,
+            name,
+            addresses,
+            deadline_s,
+        )
     }
 
     /// Removes what has expired (the kernel already ignores it).
@@ -255,22 +285,71 @@ impl Learner {
         Ok(writes.removed.len())
     }
 
-    /// Writes the learned addresses again under `policy_id`, judged by `policy`, next to the
-    /// old ones (the slot still names the old id). From now on answers go under the new id.
-    pub fn rebase(&mut self, policy: Arc<Policy>, policy_id: u32) -> Result<(), MapsError> {
+    /// First half of a reload: writes the learned addresses again under `policy_id`, judged by
+    /// `policy`, next to the ones in force (the slot still names the old id). Until
+    /// [`Learner::commit`] or [`Learner::abort`], answers go under both ids.
+    pub fn prepare(&mut self, policy: Arc<Policy>, policy_id: u32) -> Result<(), MapsError> {
         let view = NamePolicy::new(policy);
-        let writes = self
-            .table
-            .rebase(&view.policy, policy_id, |name| match view.decide(name) {
-                NameDecision::Allowed(rules) => rules,
-                _ => Vec::new(),
-            });
-        self.view = view;
+        let mut table = self.table.clone();
+        let writes = table.rebase(&view.policy, policy_id, |name| match view.decide(name) {
+            NameDecision::Allowed(rules) => rules,
+            _ => Vec::new(),
+        });
+        self.next = Some((table, view));
         self.maps.apply(&writes)
+    }
+
+    /// The slot now names the prepared id: it is the one in force.
+    pub fn commit(&mut self) {
+        if let Some((table, view)) = self.next.take() {
+            self.table = table;
+            self.view = view;
+        }
+    }
+
+    /// The reload did not happen: learning stays with the policy in force. Entries written for
+    /// the abandoned id are inert and are swept with it.
+    pub fn abort(&mut self) {
+        self.next = None;
     }
 
     /// Removes learned entries of every policy id but `keep`.
     pub fn retain_policy(&mut self, keep: u32) -> Result<usize, MapsError> {
         self.maps.retain_policy(keep)
     }
+}
+
+fn install_into(
+    table: &mut LearnedTable,
+    maps: &mut LearnedMaps,
+    view: &NamePolicy,
+    name: &str,
+    addresses: &[AddressRecord],
+    deadline_s: u32,
+) -> Result<Installed, MapsError> {
+    let NameDecision::Allowed(rules) = view.decide(name) else {
+        return Ok(Installed::default());
+    };
+    let (installable, rejected) = view.rebind.partition(addresses);
+    let addrs: Vec<IpAddr> = installable.iter().map(|a| a.addr).collect();
+    let writes = table.learn(&view.policy, name, &rules, &addrs, deadline_s);
+    let capped = writes.capped;
+    if let Err(e) = maps.apply(&writes) {
+        table.unwrite(&writes);
+        return Err(e);
+    }
+    let policy_id = table.policy_id();
+    let kept = installable
+        .into_iter()
+        .filter(|a| {
+            table
+                .entries()
+                .contains_key(&super::learn::rule_key(policy_id, a.addr))
+        })
+        .collect();
+    Ok(Installed {
+        kept,
+        rejected,
+        capped,
+    })
 }

@@ -208,10 +208,9 @@ impl LearnedTable {
     /// Recomputes the entry of `addr` from the names holding it.
     fn refresh(&mut self, policy: &Policy, addr: IpAddr, writes: &mut Writes) {
         let key = rule_key(self.policy_id, addr);
-        let holders = self.by_addr.get(&addr).cloned().unwrap_or_default();
         let mut rules: BTreeSet<u32> = BTreeSet::new();
         let mut deadline = 0u32;
-        for name in &holders {
+        for name in self.by_addr.get(&addr).into_iter().flatten() {
             if let Some(entry) = self.names.get(name)
                 && let Some(d) = entry.addrs.get(&addr)
             {

@@ -13,6 +13,8 @@ use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 
+use egress_common::maps::{DNS_PROXY_PORT_FIRST, DNS_PROXY_PORT_LAST};
+
 use super::answer::{AddressRecord, CnameLink, address_response};
 use super::install::{Learner, NameDecision};
 use super::message::{QueryError, Rcode, Transport, parse_query};
@@ -32,8 +34,6 @@ const MAX_TCP_QUERIES: usize = 100;
 /// Refused-query log lines per window; the rest are summed in one line.
 const LOG_LINES_PER_WINDOW: u32 = 20;
 const LOG_WINDOW: Duration = Duration::from_secs(10);
-/// Attempts at finding a port free on both loopback addresses.
-const BIND_ATTEMPTS: usize = 16;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
@@ -45,7 +45,9 @@ pub enum ProxyError {
     },
     #[error("opening the DNS proxy's sockets: {0}")]
     Bind(#[source] std::io::Error),
-    #[error("no port was free for the DNS proxy on 127.0.0.1 after {BIND_ATTEMPTS} attempts")]
+    #[error(
+        "no port of {DNS_PROXY_PORT_FIRST}..={DNS_PROXY_PORT_LAST} was free on 127.0.0.1 (and ::1) for the DNS proxy"
+    )]
     NoPort,
 }
 
@@ -60,7 +62,9 @@ pub struct Listeners {
 }
 
 impl Listeners {
-    /// Binds UDP and TCP on 127.0.0.1 and [::1], one port for all four, inside the network
+    /// Binds UDP and TCP on 127.0.0.1 and [::1], one port of the proxies' range
+    /// (`DNS_PROXY_PORT_FIRST..=DNS_PROXY_PORT_LAST`, the only ports the kernel lets a workload
+    /// reach its own proxy on and no other's) for all four, inside the network
     /// namespace at `netns` (the caller's own when `None`). The sockets stay in that namespace
     /// whatever thread uses them later.
     pub fn open(netns: Option<&Path>) -> Result<Self, ProxyError> {
@@ -92,9 +96,14 @@ fn enter_netns(path: &Path) -> Result<(), ProxyError> {
 }
 
 fn bind_all() -> Result<Listeners, ProxyError> {
-    for _ in 0..BIND_ATTEMPTS {
-        let udp4 = std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).map_err(ProxyError::Bind)?;
-        let port = udp4.local_addr().map_err(ProxyError::Bind)?.port();
+    let first = DNS_PROXY_PORT_FIRST;
+    let count = DNS_PROXY_PORT_LAST - DNS_PROXY_PORT_FIRST + 1;
+    let start: u16 = rand::random::<u16>() % count;
+    for i in 0..count {
+        let port = first + (start + i) % count;
+        let Ok(udp4) = std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, port)) else {
+            continue;
+        };
         let Ok(tcp4) = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, port)) else {
             continue;
         };
@@ -355,6 +364,24 @@ impl Proxy {
             self.count(&policy, "allowed");
             return Some(query.with_rcode(answer.rcode));
         }
+        // An alias into a denied name (or a DoH endpoint) is that name's answer: refused.
+        let refused_link = {
+            let learner = lock(&self.learner);
+            answer
+                .chain
+                .iter()
+                .find_map(|link| match learner.view().decide(&link.target) {
+                    d @ (NameDecision::Denied(_) | NameDecision::DohProvider(_)) => {
+                        Some((link.target.clone(), d))
+                    }
+                    _ => None,
+                })
+        };
+        if let Some((target, decision)) = refused_link {
+            let detail = format!("the answer is an alias (CNAME) of `{target}`, which is refused");
+            self.refused(&policy, &q.qname, q.qtype, decision.result(), &detail);
+            return Some(self.refusal(&query));
+        }
         let ttl = self.settings.bounds.clamp(Duration::from_secs(u64::from(
             answer.min_ttl().unwrap_or(0),
         )));
@@ -566,6 +593,18 @@ impl Proxy {
                     policy: self.policy_name(),
                 })
                 .set(i64::try_from(left).unwrap_or(i64::MAX));
+        }
+    }
+}
+
+/// Renews the proxy's liveness deadline every second until aborted. A failed renewal is
+/// logged: the deadline then lapses and the workload's DNS is denied, never sent elsewhere.
+pub async fn heartbeat(liveness: Arc<Mutex<super::install::Liveness>>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        if let Err(error) = lock(&liveness).renew() {
+            tracing::error!(%error, "renewing the DNS proxy's liveness failed; the workload's DNS is denied until it succeeds");
         }
     }
 }
