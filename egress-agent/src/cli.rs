@@ -78,6 +78,21 @@ pub struct DnsArgs {
     pub dns_refusal: Refusal,
 }
 
+#[derive(Clone, Debug, Args)]
+pub struct KernelArgs {
+    /// The per-packet check that drops outgoing IPv6 packets with a routing header: `auto`
+    /// attaches it only on kernels that accept such a header in ancillary data (Mobile IPv6),
+    /// where no other check sees it; `always` attaches it everywhere.
+    #[arg(long, value_enum, default_value_t = RoutingHeaderCheck::Auto)]
+    pub routing_header_check: RoutingHeaderCheck,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum RoutingHeaderCheck {
+    Auto,
+    Always,
+}
+
 /// The answer to a query for a name the policy does not allow.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Refusal {
@@ -103,6 +118,8 @@ pub struct ExecArgs {
     pub telemetry: TelemetryArgs,
     #[command(flatten)]
     pub reload: ReloadArgs,
+    #[command(flatten)]
+    pub kernel: KernelArgs,
     /// The command to run, after `--`.
     #[arg(last = true, required = true, num_args = 1..)]
     pub command: Vec<OsString>,
@@ -122,6 +139,8 @@ pub struct RunArgs {
     pub telemetry: TelemetryArgs,
     #[command(flatten)]
     pub reload: ReloadArgs,
+    #[command(flatten)]
+    pub kernel: KernelArgs,
 }
 
 #[derive(Debug, Args)]

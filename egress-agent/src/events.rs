@@ -92,6 +92,7 @@ impl Blocked {
             Hook::Sendmsg6,
             Hook::SockCreate,
             Hook::Setsockopt,
+            Hook::SkbEgress,
         ]
         .into_iter()
         .find(|h| *h as u8 == self.event.hook)
@@ -114,6 +115,7 @@ pub fn hook_name(h: Option<Hook>) -> &'static str {
         Some(Hook::Sendmsg6) => "sendmsg6",
         Some(Hook::SockCreate) => "sock_create",
         Some(Hook::Setsockopt) => "setsockopt",
+        Some(Hook::SkbEgress) => "skb_egress",
         None => "unknown",
     }
 }

@@ -68,6 +68,9 @@ impl ExecError {
 pub async fn run(args: ExecArgs) -> Result<u8, ExecError> {
     let creds = credentials(args.user.as_deref())?;
     let policy = session::load_policy(&args.policy)?;
+    if args.kernel.routing_header_check == crate::cli::RoutingHeaderCheck::Always {
+        crate::mip6::check_always();
+    }
     let mount = cgroup::cgroup2_mount()?;
     let parent = args
         .cgroup_parent

@@ -24,6 +24,7 @@ pub mod loader;
 pub mod logging;
 pub mod maps;
 pub mod metrics;
+pub mod mip6;
 pub mod mountinfo;
 pub mod policy;
 pub mod ratelimit;

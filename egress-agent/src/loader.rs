@@ -11,7 +11,8 @@ use std::os::unix::fs::DirBuilderExt as _;
 use aya::{
     Ebpf, EbpfLoader,
     programs::{
-        CgroupAttachMode, CgroupSock, CgroupSockAddr, CgroupSockopt, ProgramError,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr,
+        CgroupSockopt, ProgramError,
         links::{FdLink, LinkError},
     },
 };
@@ -37,6 +38,8 @@ pub const SOCK_ADDR_PROGRAMS: [&str; 8] = [
 pub const SOCK_CREATE_PROGRAM: &str = "egress_sock_create";
 /// The setsockopt guard.
 pub const SOCKOPT_PROGRAM: &str = "egress_setsockopt";
+/// The per-packet routing-header check, attached only where the kernel needs it (`mip6`).
+pub const SKB_PROGRAM: &str = "egress_skb_rthdr";
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
@@ -129,6 +132,11 @@ impl Programs {
         let prog: &mut CgroupSockopt = program(&mut ebpf, SOCKOPT_PROGRAM)?;
         prog.load().map_err(|e| LoadError::Program {
             name: SOCKOPT_PROGRAM,
+            source: Box::new(e),
+        })?;
+        let prog: &mut CgroupSkb = program(&mut ebpf, SKB_PROGRAM)?;
+        prog.load().map_err(|e| LoadError::Program {
+            name: SKB_PROGRAM,
             source: Box::new(e),
         })?;
         Ok(Programs {
@@ -345,6 +353,27 @@ impl Programs {
                     .map_err(|e| attach_error(name, path, e))?;
                 pin_link(FdLink::try_from(link), dir, name)?;
             }
+        }
+        if crate::mip6::check_needed() {
+            let prog: &mut CgroupSkb = program(ebpf, SKB_PROGRAM)?;
+            let id = prog
+                .attach(
+                    &cgroup,
+                    CgroupSkbAttachType::Egress,
+                    CgroupAttachMode::Single,
+                )
+                .map_err(|e| attach_error(SKB_PROGRAM, path, e))?;
+            if let Some(dir) = &pins {
+                let link = prog
+                    .take_link(id)
+                    .map_err(|e| attach_error(SKB_PROGRAM, path, e))?;
+                pin_link(FdLink::try_from(link), dir, SKB_PROGRAM)?;
+            }
+            tracing::info!(
+                cgroup = %path.display(),
+                kernel_accepts_routing_headers = crate::mip6::routing_header_accepted(),
+                "per-packet check attached: outgoing IPv6 packets with a routing header are dropped"
+            );
         }
         Ok(())
     }

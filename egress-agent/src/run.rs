@@ -42,6 +42,9 @@ impl RunError {
 
 pub async fn run(args: RunArgs) -> Result<u8, RunError> {
     let policy = session::load_policy(&args.policy)?;
+    if args.kernel.routing_header_check == crate::cli::RoutingHeaderCheck::Always {
+        crate::mip6::check_always();
+    }
     let mount = cgroup::cgroup2_mount()?;
     let path = cgroup::validate(&args.cgroup, &mount)?;
     let loc = Location::of(&path)?;

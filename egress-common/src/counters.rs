@@ -66,6 +66,10 @@ pub enum Reason {
     /// Loopback, to a port of the range DNS proxies use that is not this workload's own
     /// proxy: another workload's proxy, which must not answer for it.
     DenyOtherProxy = 22,
+    /// An IPv6 packet with a routing header, dropped on its way out: the header would send it
+    /// to its first segment, not the address the hooks judged. Kernels with Mobile IPv6 accept
+    /// a type 2 header in ancillary data, which no socket option guard sees.
+    DenyRoutingHeader = 23,
 }
 
 /// Room for more reasons without a layout change of the counter map.
@@ -78,7 +82,7 @@ pub const NUM_COUNTERS: u32 = (MAX_SLOTS + 1) * NUM_REASONS * NUM_PROTOS;
 pub const INVALID_SLOT_BLOCK: u32 = MAX_SLOTS;
 
 impl Reason {
-    pub const ALL: [Reason; 23] = [
+    pub const ALL: [Reason; 24] = [
         Reason::AllowRule,
         Reason::AllowLoopback,
         Reason::AllowSocket,
@@ -102,6 +106,7 @@ impl Reason {
         Reason::AllowConnected,
         Reason::DnsProxyDown,
         Reason::DenyOtherProxy,
+        Reason::DenyRoutingHeader,
     ];
 
     #[inline(always)]
@@ -144,6 +149,7 @@ impl Reason {
             Reason::AllowConnected => "connected_send",
             Reason::DnsProxyDown => "dns_proxy_down",
             Reason::DenyOtherProxy => "dns_proxy_of_another_workload",
+            Reason::DenyRoutingHeader => "routing_header_dropped",
         }
     }
 }
@@ -171,4 +177,6 @@ pub enum Hook {
     SockCreate = 5,
     /// setsockopt.
     Setsockopt = 6,
+    /// A packet on its way out (the routing-header check, attached only where needed).
+    SkbEgress = 7,
 }

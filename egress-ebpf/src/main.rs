@@ -5,6 +5,7 @@
 // compare-and-exchange in core::sync::atomic.
 #![feature(asm_experimental_arch)]
 
+mod backstop;
 mod context;
 mod counters;
 mod dns;
@@ -14,8 +15,8 @@ mod sockopt;
 mod tables;
 
 use aya_ebpf::{
-    macros::{cgroup_sock, cgroup_sock_addr, cgroup_sockopt},
-    programs::{SockAddrContext, SockContext, SockoptContext},
+    macros::{cgroup_skb, cgroup_sock, cgroup_sock_addr, cgroup_sockopt},
+    programs::{SkBuffContext, SockAddrContext, SockContext, SockoptContext},
 };
 use egress_common::Hook;
 
@@ -119,6 +120,28 @@ pub fn egress_setsockopt(ctx: SockoptContext) -> i32 {
     attempt.sock_type = level as u32;
     attempt.sock_protocol = optname as u32;
     events::emit(tables::slot(), &attempt);
+    DENY
+}
+
+/// Outgoing IPv6 packets with a routing header are dropped (attached only on kernels that
+/// accept one in ancillary data; see backstop.rs).
+#[cgroup_skb(egress)]
+pub fn egress_skb_rthdr(ctx: SkBuffContext) -> i32 {
+    let Some(dst) = backstop::routing_header(&ctx) else {
+        return ALLOW;
+    };
+    let reason = egress_common::Reason::DenyRoutingHeader;
+    counters::count(reason, egress_common::Proto::Other);
+    let dest = egress_common::Dest::v6(dst, 0, egress_common::Proto::Other);
+    events::emit(
+        tables::slot(),
+        &events::Attempt::to(
+            Hook::SkbEgress,
+            &dest,
+            reason,
+            egress_common::verdict::NO_RULE,
+        ),
+    );
     DENY
 }
 
