@@ -100,7 +100,8 @@ impl SlotConfig {
 
 /// Loopback destinations (127.0.0.0/8, ::1, 0.0.0.0, ::) are allowed without a rule.
 pub const SLOT_ALLOW_LOOPBACK: u32 = 1 << 0;
-/// Inet sockets other than TCP, MPTCP and UDP may be created (their sends are still judged).
+/// Inet sockets other than TCP, MPTCP and UDP may be created. UDP-Lite sends are still
+/// judged; raw sockets (which need CAP_NET_RAW) run no address hook at all.
 pub const SLOT_ALLOW_OTHER_SOCKETS: u32 = 1 << 1;
 /// The policy has connection rate limits: allowed connections go through the rate-limit
 /// step (see [`crate::ratelimit`]).
