@@ -80,15 +80,16 @@ pub struct DnsArgs {
 
 #[derive(Clone, Debug, Args)]
 pub struct KernelArgs {
-    /// The per-packet check that drops outgoing IPv6 packets with a routing header: `auto`
-    /// attaches it only on kernels that accept such a header in ancillary data (Mobile IPv6),
-    /// where no other check sees it; `always` attaches it everywhere.
-    #[arg(long, value_enum, default_value_t = RoutingHeaderCheck::Auto)]
-    pub routing_header_check: RoutingHeaderCheck,
+    /// The per-packet check that drops outgoing IPv6 packets with a routing header and
+    /// packets to loopback leaving through another device: `auto` attaches it only on kernels
+    /// that accept a routing header in ancillary data (Mobile IPv6); `always` attaches it
+    /// everywhere, at a cost per packet (docs/dns.md).
+    #[arg(long, value_enum, default_value_t = PacketCheck::Auto)]
+    pub packet_check: PacketCheck,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum RoutingHeaderCheck {
+pub enum PacketCheck {
     Auto,
     Always,
 }

@@ -68,7 +68,7 @@ impl ExecError {
 pub async fn run(args: ExecArgs) -> Result<u8, ExecError> {
     let creds = credentials(args.user.as_deref())?;
     let policy = session::load_policy(&args.policy)?;
-    if args.kernel.routing_header_check == crate::cli::RoutingHeaderCheck::Always {
+    if args.kernel.packet_check == crate::cli::PacketCheck::Always {
         crate::mip6::check_always();
     }
     let mount = cgroup::cgroup2_mount()?;

@@ -38,8 +38,9 @@ pub const SOCK_ADDR_PROGRAMS: [&str; 8] = [
 pub const SOCK_CREATE_PROGRAM: &str = "egress_sock_create";
 /// The setsockopt guard.
 pub const SOCKOPT_PROGRAM: &str = "egress_setsockopt";
-/// The per-packet routing-header check, attached only where the kernel needs it (`mip6`).
-pub const SKB_PROGRAM: &str = "egress_skb_rthdr";
+/// The per-packet check (routing headers, loopback off the loopback device), attached where
+/// the kernel needs it or on request (`mip6`).
+pub const SKB_PROGRAM: &str = "egress_skb";
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
@@ -372,7 +373,7 @@ impl Programs {
             tracing::info!(
                 cgroup = %path.display(),
                 kernel_accepts_routing_headers = crate::mip6::routing_header_accepted(),
-                "per-packet check attached: outgoing IPv6 packets with a routing header are dropped"
+                "per-packet check attached: outgoing IPv6 packets with a routing header, and packets to loopback leaving through another device, are dropped"
             );
         }
         Ok(())

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 static ALWAYS: AtomicBool = AtomicBool::new(false);
 
-/// `--routing-header-check always`: attach the per-packet check whatever the kernel accepts.
+/// `--packet-check always`: attach the per-packet check whatever the kernel accepts.
 pub fn check_always() {
     ALWAYS.store(true, Ordering::SeqCst);
 }

@@ -42,7 +42,7 @@ impl RunError {
 
 pub async fn run(args: RunArgs) -> Result<u8, RunError> {
     let policy = session::load_policy(&args.policy)?;
-    if args.kernel.routing_header_check == crate::cli::RoutingHeaderCheck::Always {
+    if args.kernel.packet_check == crate::cli::PacketCheck::Always {
         crate::mip6::check_always();
     }
     let mount = cgroup::cgroup2_mount()?;

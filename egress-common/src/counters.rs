@@ -70,10 +70,19 @@ pub enum Reason {
     /// to its first segment, not the address the hooks judged. Kernels with Mobile IPv6 accept
     /// a type 2 header in ancillary data, which no socket option guard sees.
     DenyRoutingHeader = 23,
+    /// A packet to a loopback address on its way out of a device other than loopback (an
+    /// interface named in ancillary data or by a scope id can send it there): dropped.
+    DenyLoopbackOffDevice = 24,
+    /// A DNS query over IPv6 sent to a link-local resolver without connecting: its scope id
+    /// would send even the redirected query out of that interface. Denied.
+    DenyDnsLinkLocal = 25,
+    /// A send with ancillary data on an IPv6 UDP socket connected to loopback: the data can
+    /// name an interface that takes the packet onto the wire. Denied.
+    DenyLoopbackAncillary = 26,
 }
 
 /// Room for more reasons without a layout change of the counter map.
-pub const NUM_REASONS: u32 = 24;
+pub const NUM_REASONS: u32 = 32;
 pub const NUM_PROTOS: u32 = 3;
 /// One block of counters per slot, plus a last block for programs whose slot is out of range
 /// (a load error that the kernel side still has to count).
@@ -82,7 +91,7 @@ pub const NUM_COUNTERS: u32 = (MAX_SLOTS + 1) * NUM_REASONS * NUM_PROTOS;
 pub const INVALID_SLOT_BLOCK: u32 = MAX_SLOTS;
 
 impl Reason {
-    pub const ALL: [Reason; 24] = [
+    pub const ALL: [Reason; 27] = [
         Reason::AllowRule,
         Reason::AllowLoopback,
         Reason::AllowSocket,
@@ -107,6 +116,9 @@ impl Reason {
         Reason::DnsProxyDown,
         Reason::DenyOtherProxy,
         Reason::DenyRoutingHeader,
+        Reason::DenyLoopbackOffDevice,
+        Reason::DenyDnsLinkLocal,
+        Reason::DenyLoopbackAncillary,
     ];
 
     #[inline(always)]
@@ -150,6 +162,9 @@ impl Reason {
             Reason::DnsProxyDown => "dns_proxy_down",
             Reason::DenyOtherProxy => "dns_proxy_of_another_workload",
             Reason::DenyRoutingHeader => "routing_header_dropped",
+            Reason::DenyLoopbackOffDevice => "loopback_off_device_dropped",
+            Reason::DenyDnsLinkLocal => "dns_link_local_refused",
+            Reason::DenyLoopbackAncillary => "loopback_ancillary_refused",
         }
     }
 }

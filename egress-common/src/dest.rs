@@ -92,6 +92,12 @@ impl Dest {
         }
     }
 
+    /// IPv6 link-local (fe80::/10).
+    #[inline(always)]
+    pub const fn is_link_local(&self) -> bool {
+        matches!(self.family, Family::V6) && self.addr[0] == 0xfe && self.addr[1] & 0xc0 == 0x80
+    }
+
     /// Whether this destination reaches the local host through loopback: 127.0.0.0/8, ::1,
     /// and the unspecified addresses 0.0.0.0 and ::, which Linux connects to loopback.
     #[inline(always)]

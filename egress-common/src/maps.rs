@@ -45,9 +45,11 @@ pub const MAX_DNS_ORIGINS: u32 = 1 << 14;
 pub const DNS_PORT: u16 = 53;
 /// The ports DNS proxies listen on (loopback). A workload may reach only its own proxy there:
 /// every other port of the range on loopback is refused, so that no workload can use another
-/// workload's proxy (and its policy and budget).
-pub const DNS_PROXY_PORT_FIRST: u16 = 61000;
-pub const DNS_PROXY_PORT_LAST: u16 = 61255;
+/// workload's proxy (and its policy and budget). Privileged ports: once an agent is gone, no
+/// unprivileged process can take its proxy's port (where `ip_unprivileged_port_start` is
+/// left at its default).
+pub const DNS_PROXY_PORT_FIRST: u16 = 700;
+pub const DNS_PROXY_PORT_LAST: u16 = 799;
 /// DNS over TLS (RFC 7858), refused everywhere when the slot has [`SLOT_BLOCK_DOT`].
 pub const DOT_PORT: u16 = 853;
 

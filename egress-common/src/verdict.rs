@@ -255,7 +255,7 @@ mod tests {
 
     #[test]
     fn every_port_53_destination_goes_to_the_proxy_while_it_is_alive() {
-        let s = slot(61007);
+        let s = slot(707);
         for dst in [
             Dest::v4([198, 18, 0, 2], 53, Proto::Udp),
             Dest::v4([127, 0, 0, 53], 53, Proto::Udp),
@@ -296,20 +296,20 @@ mod tests {
 
     #[test]
     fn only_the_own_proxy_passes_and_other_proxies_ports_are_refused() {
-        let s = slot(61007);
+        let s = slot(707);
         let mut v6 = [0u8; 16];
         v6[15] = 1;
         let route = |d: Dest| dns_route(&s, &d, || true);
         assert_eq!(
-            route(Dest::v4([127, 0, 0, 1], 61007, Proto::Udp)),
+            route(Dest::v4([127, 0, 0, 1], 707, Proto::Udp)),
             DnsRoute::Proxy
         );
-        assert_eq!(route(Dest::v6(v6, 61007, Proto::Tcp)), DnsRoute::Proxy);
+        assert_eq!(route(Dest::v6(v6, 707, Proto::Tcp)), DnsRoute::Proxy);
         assert_eq!(
-            dns_route(&s, &Dest::v4([127, 0, 0, 1], 61007, Proto::Udp), || false),
+            dns_route(&s, &Dest::v4([127, 0, 0, 1], 707, Proto::Udp), || false),
             DnsRoute::ProxyDown
         );
-        for port in [61000, 61008, 61255] {
+        for port in [700, 708, 799] {
             assert_eq!(
                 route(Dest::v4([127, 0, 0, 1], port, Proto::Udp)),
                 DnsRoute::OtherProxy
@@ -321,19 +321,19 @@ mod tests {
             assert_eq!(route(Dest::v6(v6, port, Proto::Tcp)), DnsRoute::OtherProxy);
         }
         assert_eq!(
-            route(Dest::v4([127, 0, 0, 2], 61007, Proto::Udp)),
+            route(Dest::v4([127, 0, 0, 2], 707, Proto::Udp)),
             DnsRoute::OtherProxy
         );
         assert_eq!(
-            route(Dest::v4([127, 0, 0, 1], 60999, Proto::Udp)),
+            route(Dest::v4([127, 0, 0, 1], 699, Proto::Udp)),
             DnsRoute::Judge
         );
         assert_eq!(
-            route(Dest::v4([127, 0, 0, 1], 61256, Proto::Udp)),
+            route(Dest::v4([127, 0, 0, 1], 800, Proto::Udp)),
             DnsRoute::Judge
         );
         assert_eq!(
-            route(Dest::v4([198, 18, 0, 2], 61007, Proto::Udp)),
+            route(Dest::v4([198, 18, 0, 2], 707, Proto::Udp)),
             DnsRoute::Judge
         );
     }

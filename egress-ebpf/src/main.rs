@@ -44,11 +44,15 @@ pub fn egress_sendmsg6(ctx: SockAddrContext) -> i32 {
     judge_addr(&ctx, Hook::Sendmsg6, context::dest6(&ctx))
 }
 
-/// Answers from the DNS proxy appear to come from the address the query was sent to. These
-/// hooks cannot refuse anything (the kernel requires them to return 1).
+/// Answers from the DNS proxy appear to come from the address the query was sent to, while the
+/// proxy is alive (after its agent stopped, whatever answers from its port shows as itself,
+/// and resolvers drop it). These hooks cannot refuse anything (the kernel requires 1).
 #[cgroup_sock_addr(recvmsg4)]
 pub fn egress_recvmsg4(ctx: SockAddrContext) -> i32 {
-    if let Ok(cfg) = tables::slot_config() {
+    if let Ok(cfg) = tables::slot_config()
+        && cfg.dns_port != 0
+        && dns::alive()
+    {
         dns::restore4(&ctx, cfg.dns_port);
     }
     ALLOW
@@ -56,7 +60,10 @@ pub fn egress_recvmsg4(ctx: SockAddrContext) -> i32 {
 
 #[cgroup_sock_addr(recvmsg6)]
 pub fn egress_recvmsg6(ctx: SockAddrContext) -> i32 {
-    if let Ok(cfg) = tables::slot_config() {
+    if let Ok(cfg) = tables::slot_config()
+        && cfg.dns_port != 0
+        && dns::alive()
+    {
         dns::restore6(&ctx, cfg.dns_port);
     }
     ALLOW
@@ -64,7 +71,10 @@ pub fn egress_recvmsg6(ctx: SockAddrContext) -> i32 {
 
 #[cgroup_sock_addr(getpeername4)]
 pub fn egress_getpeername4(ctx: SockAddrContext) -> i32 {
-    if let Ok(cfg) = tables::slot_config() {
+    if let Ok(cfg) = tables::slot_config()
+        && cfg.dns_port != 0
+        && dns::alive()
+    {
         dns::restore4(&ctx, cfg.dns_port);
     }
     ALLOW
@@ -72,7 +82,10 @@ pub fn egress_getpeername4(ctx: SockAddrContext) -> i32 {
 
 #[cgroup_sock_addr(getpeername6)]
 pub fn egress_getpeername6(ctx: SockAddrContext) -> i32 {
-    if let Ok(cfg) = tables::slot_config() {
+    if let Ok(cfg) = tables::slot_config()
+        && cfg.dns_port != 0
+        && dns::alive()
+    {
         dns::restore6(&ctx, cfg.dns_port);
     }
     ALLOW
@@ -123,16 +136,32 @@ pub fn egress_setsockopt(ctx: SockoptContext) -> i32 {
     DENY
 }
 
-/// Outgoing IPv6 packets with a routing header are dropped (attached only on kernels that
-/// accept one in ancillary data; see backstop.rs).
+/// Per packet, on the way out: a loopback destination leaving through another device, and
+/// IPv6 routing headers, are dropped (see backstop.rs).
 #[cgroup_skb(egress)]
-pub fn egress_skb_rthdr(ctx: SkBuffContext) -> i32 {
-    let Some(dst) = backstop::routing_header(&ctx) else {
+pub fn egress_skb(ctx: SkBuffContext) -> i32 {
+    let Some(drop) = backstop::check(&ctx) else {
         return ALLOW;
     };
-    let reason = egress_common::Reason::DenyRoutingHeader;
+    let (reason, dest) = match drop {
+        backstop::Drop::LoopbackOffDevice { v6: false, dst } => (
+            egress_common::Reason::DenyLoopbackOffDevice,
+            egress_common::Dest::v4(
+                [dst[0], dst[1], dst[2], dst[3]],
+                0,
+                egress_common::Proto::Other,
+            ),
+        ),
+        backstop::Drop::LoopbackOffDevice { v6: true, dst } => (
+            egress_common::Reason::DenyLoopbackOffDevice,
+            egress_common::Dest::v6(dst, 0, egress_common::Proto::Other),
+        ),
+        backstop::Drop::RoutingHeader { dst } => (
+            egress_common::Reason::DenyRoutingHeader,
+            egress_common::Dest::v6(dst, 0, egress_common::Proto::Other),
+        ),
+    };
     counters::count(reason, egress_common::Proto::Other);
-    let dest = egress_common::Dest::v6(dst, 0, egress_common::Proto::Other);
     events::emit(
         tables::slot(),
         &events::Attempt::to(
@@ -156,18 +185,33 @@ fn judge_addr(ctx: &SockAddrContext, hook: Hook, dst: egress_common::Dest) -> i3
         Ok(cfg) => {
             if (send4 || send6) && dns::no_address(ctx) {
                 // A send on a connected socket with ancillary data: the connect was judged.
-                // Its loopback peer (the proxy, say) keeps a loopback source.
+                // A loopback peer (the proxy, say) keeps a loopback source over IPv4, which
+                // no interface named in the data can take off the host; IPv6 has no such
+                // rule, so there the send is refused.
                 if dns::peer_is_loopback(ctx, send6) {
-                    if send4 {
-                        dns::loopback_source4(ctx);
-                    } else {
-                        dns::loopback_source6(ctx);
+                    if send6 {
+                        return deny(
+                            hook,
+                            &dst,
+                            egress_common::Decision {
+                                reason: Reason::DenyLoopbackAncillary,
+                                rule_id: egress_common::verdict::NO_RULE,
+                            },
+                        );
                     }
+                    dns::loopback_source4(ctx);
                 }
                 counters::count(Reason::AllowConnected, dst.proto);
                 return ALLOW;
             }
             match egress_common::verdict::dns_route(&cfg, &dst, dns::alive) {
+                DnsRoute::Redirect if send6 && dst.is_link_local() => {
+                    // A scope id would take even the redirected query out of that interface.
+                    egress_common::Decision {
+                        reason: Reason::DenyDnsLinkLocal,
+                        rule_id: egress_common::verdict::NO_RULE,
+                    }
+                }
                 DnsRoute::Redirect => {
                     match hook {
                         Hook::Connect4 | Hook::Sendmsg4 => dns::redirect4(ctx, &dst, cfg.dns_port),
@@ -198,16 +242,23 @@ fn judge_addr(ctx: &SockAddrContext, hook: Hook, dst: egress_common::Dest) -> i3
             rule_id: egress_common::verdict::NO_RULE,
         },
     };
-    counters::count(decision.reason, dst.proto);
     if decision.allowed() {
+        counters::count(decision.reason, dst.proto);
         if dst.is_loopback() {
             loopback_source(ctx, hook, &dst);
         }
         return ALLOW;
     }
+    deny(hook, &dst, decision)
+}
+
+/// Counts and reports a denial.
+#[inline(always)]
+fn deny(hook: Hook, dst: &egress_common::Dest, decision: egress_common::Decision) -> i32 {
+    counters::count(decision.reason, dst.proto);
     events::emit(
         tables::slot(),
-        &events::Attempt::to(hook, &dst, decision.reason, decision.rule_id),
+        &events::Attempt::to(hook, dst, decision.reason, decision.rule_id),
     );
     DENY
 }

@@ -22,9 +22,10 @@
 //!                                                                per query (glibc, Go); `socket`:
 //!                                                                one unconnected socket, sendto
 //!                                                                per query; `count` = answers
-//! resolve          DNSPROTO SERVER NAME QTYPE [repeat N] [then-connect tcp4|tcp6 PORT DATA]
+//! resolve          DNSPROTO SERVER NAME QTYPE [port P] [repeat N] [then-connect tcp4|tcp6 PORT DATA]
 //!                                                                one query (QTYPE: A AAAA TXT MX ANY
-//!                                                                or a number) to SERVER port 53;
+//!                                                                or a number) to SERVER port 53 (or
+//!                                                                P);
 //!                                                                reports `rcode`, the A/AAAA `addrs`
 //!                                                                of the answer and the address the
 //!                                                                reply came `from` (recvfrom, or
@@ -44,6 +45,36 @@
 //!                                                                none does within 2 s
 //!                  DNSPROTO: udp4 udp6 (connect + send), udp4-sendto udp6-sendto (unconnected
 //!                  sendto), tcp4 tcp6 (2-byte length framing, RFC 1035 4.2.2)
+//! dnsloop          DNSPROTO SERVER NAME EVERY_MS FOR_MS [one-socket]
+//!                                                                a type-A query for NAME to SERVER
+//!                                                                port 53 every EVERY_MS (>= 10) ms
+//!                                                                for FOR_MS (<= 120000) ms, each on
+//!                                                                a fresh socket (`one-socket`: all
+//!                                                                on one UDP socket, connected once
+//!                                                                for udp4|udp6) with a 300 ms reply
+//!                                                                timeout; ok, with one `samples`
+//!                                                                entry per query (see DnsSample)
+//! dnsserve         udp4|udp6 ADDR PORT ANSWER FOR_MS [READY_PATH]
+//!                                                                a DNS server on ADDR:PORT for FOR_MS
+//!                                                                (<= 120000) ms that answers every
+//!                                                                query with one record for the
+//!                                                                address ANSWER (A or AAAA), TTL 60;
+//!                                                                creates READY_PATH once bound;
+//!                                                                `count` = queries answered, one
+//!                                                                `samples` entry per query
+//! setsockopt       tcp4|tcp6|udp4|udp6 OPTION IFNAME             a fresh socket, then one option that
+//!                                                                names the interface IFNAME:
+//!                  OPTION: bindtodevice (SO_BINDTODEVICE, the name), bindtoifindex
+//!                  (SO_BINDTOIFINDEX), ip_unicast_if (IP_UNICAST_IF, index in network order),
+//!                  ipv6_unicast_if (IPV6_UNICAST_IF), ipv6_pktinfo (sticky IPV6_PKTINFO, in6_pktinfo
+//!                  with source ::), ipv6_2292pktoptions (IPV6_2292PKTOPTIONS holding one
+//!                  IPV6_PKTINFO control message)
+//! cmsg-sendto      udp4|udp6 ADDR PORT CMSG DATA                 unconnected sendmsg with one control
+//!                                                                message
+//! cmsg-send        udp4|udp6 ADDR PORT CMSG DATA                 connect, then sendmsg without an
+//!                                                                address, with one control message
+//!                  CMSG: pktinfo=IFNAME (IP_PKTINFO / IPV6_PKTINFO: that interface, source
+//!                  unspecified), tos=N (IP_TOS / IPV6_TCLASS)
 //! touch            PATH                                          create the file (for a test to sync on)
 //! wait-file        PATH MS                                       wait until PATH exists, at most MS
 //!                                                                (<= 120000) ms; ETIMEDOUT otherwise
@@ -53,8 +84,10 @@
 //! exit             N                                             flush and exit with status N
 //! ```
 //!
-//! DATA is the rest of the op after PORT (it may contain spaces). With a `6` family an IPv4
-//! literal ADDR is used in its IPv4-mapped form `::ffff:a.b.c.d`.
+//! DATA is the rest of the op after PORT (or CMSG) (it may contain spaces). With a `6` family
+//! an IPv4 literal ADDR is used in its IPv4-mapped form `::ffff:a.b.c.d`. An IPv6 ADDR may carry
+//! a scope, `fe80::1%veth-c` or `fe80::1%2` (sin6_scope_id; a name is looked up when the op is
+//! parsed, in the probe's network namespace).
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -109,6 +142,42 @@ pub struct ProbeResult {
     /// `resolve`, `dnsraw`: where the (last) reply came from, as the workload saw it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub from: Option<SocketAddr>,
+    /// `dnsloop`: one entry per query sent; `dnsserve`: one entry per query answered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub samples: Option<Vec<DnsSample>>,
+}
+
+/// One query of a `dnsloop` (or one query a `dnsserve` answered).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DnsSample {
+    /// When the query was sent (received, for `dnsserve`): [`boot_time_ms`].
+    pub at_ms: u64,
+    /// A reply came.
+    pub ok: bool,
+    /// The failing syscall's errno (ETIMEDOUT when no reply came in time).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub errno: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rcode: Option<u8>,
+    /// The A/AAAA addresses of the reply's answer section.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addrs: Vec<IpAddr>,
+    /// Where the reply came from, as the socket reports it (UDP).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<std::net::SocketAddr>,
+}
+
+/// CLOCK_BOOTTIME in milliseconds: the clock the kernel's DNS liveness deadline uses, shared by
+/// every process on the host, so a test can compare the probe's `at_ms` with its own.
+pub fn boot_time_ms() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: ts is valid for writes; CLOCK_BOOTTIME is always available on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+    u64::try_from(ts.tv_sec).unwrap_or(0) * 1000
+        + u64::try_from(ts.tv_nsec).unwrap_or(0) / 1_000_000
 }
 
 /// DNS RCODE values the tests check.

@@ -11,7 +11,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use egress_tests::probe::{ProbeResult, errno_name};
+use egress_tests::probe::{DnsSample, ProbeResult, boot_time_ms, errno_name};
 
 const EX_USAGE: u8 = 64;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -61,6 +61,18 @@ enum Action {
     Dns(DnsMode, Family, SocketAddr, String, u64),
     Resolve(Box<Resolve>),
     DnsRaw(DnsProto, Family, SocketAddr, Vec<u8>),
+    DnsLoop(Box<DnsLoop>),
+    DnsServe(Box<DnsServe>),
+    /// A fresh socket of that kind, then one option naming the interface.
+    SetSockopt(Transport, Family, SockOption, String),
+    /// sendmsg with one control message; `connected`: connect first and name no address.
+    CmsgSend {
+        connected: bool,
+        family: Family,
+        to: SocketAddr,
+        cmsg: Cmsg,
+        data: Vec<u8>,
+    },
     Touch(std::path::PathBuf),
     WaitFile(std::path::PathBuf, Duration),
     Whoami,
@@ -106,12 +118,60 @@ struct Resolve {
     then_connect: Option<(Family, u16, Vec<u8>)>,
 }
 
+/// `dnsloop DNSPROTO SERVER NAME EVERY_MS FOR_MS`.
+#[derive(Clone, Debug)]
+struct DnsLoop {
+    proto: DnsProto,
+    family: Family,
+    server: SocketAddr,
+    name: String,
+    every: Duration,
+    total: Duration,
+    /// `one-socket`: every query on the same UDP socket (connected once for `udp4|udp6`).
+    one_socket: bool,
+}
+
+/// `dnsserve udp4|udp6 ADDR PORT ANSWER FOR_MS [READY_PATH]`.
+#[derive(Clone, Debug)]
+struct DnsServe {
+    family: Family,
+    addr: SocketAddr,
+    answer: IpAddr,
+    total: Duration,
+    ready: Option<std::path::PathBuf>,
+}
+
+/// The socket options of the `setsockopt` op: each names an interface.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum SockOption {
+    BindToDevice,
+    BindToIfindex,
+    IpUnicastIf,
+    Ipv6UnicastIf,
+    Ipv6Pktinfo,
+    Ipv6Pktoptions2292,
+}
+
+/// The control message of `cmsg-sendto` and `cmsg-send`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Cmsg {
+    /// IP_PKTINFO / IPV6_PKTINFO naming this interface, source address unspecified.
+    Pktinfo(String),
+    /// IP_TOS / IPV6_TCLASS.
+    Tos(u8),
+}
+
 /// Bounds for `hammer` and `dns`, so a mistake cannot run away.
 const MAX_THREADS: usize = 64;
 const MAX_REPEAT: u64 = 100_000;
 /// Bound for `resolve ... repeat N`.
 const MAX_RESOLVE_REPEAT: u64 = 1000;
 const REPEAT_DEADLINE: Duration = Duration::from_secs(120);
+/// Bound for `dnsloop` and `dnsserve` durations.
+const MAX_LOOP: Duration = Duration::from_secs(120);
+/// How long each `dnsloop` query waits for its reply: short, so that a query into a dead
+/// proxy port does not hide when the next one is refused.
+const DNSLOOP_REPLY_TIMEOUT: Duration = Duration::from_millis(300);
 /// Bound for `wait-file`.
 const MAX_WAIT_FILE: Duration = Duration::from_secs(120);
 const DNS_PORT: u16 = 53;
@@ -233,17 +293,18 @@ fn parse_op(text: &str) -> Result<Op, String> {
                 .ok_or_else(|| bad("missing protocol"))?,
         )
         .ok_or_else(|| bad("protocol must be tcp4|tcp6|udp4|udp6|mptcp4|mptcp6"))?;
-        let ip = parse_ip(
-            family,
-            fields.get(2).copied().ok_or_else(|| bad("missing ADDR"))?,
-        )
-        .ok_or_else(|| bad("ADDR is not an IP literal of that family"))?;
         let port: u16 = fields
             .get(3)
             .ok_or_else(|| bad("missing PORT"))?
             .parse()
             .map_err(|_| bad("PORT must be 0..=65535"))?;
-        Ok((proto, family, SocketAddr::new(ip, port)))
+        let addr = parse_sock_addr(
+            family,
+            fields.get(2).copied().ok_or_else(|| bad("missing ADDR"))?,
+            port,
+        )
+        .map_err(|e| bad(&e))?;
+        Ok((proto, family, addr))
     };
     let exact = |n: usize| {
         if fields.len() == n {
@@ -403,6 +464,102 @@ fn parse_op(text: &str) -> Result<Op, String> {
                 .ok_or_else(|| bad("HEX must be 1..=65535 bytes as pairs of hex digits"))?;
             Action::DnsRaw(proto, family, SocketAddr::new(ip, DNS_PORT), bytes)
         }
+        "dnsloop" => {
+            let one_socket = match fields.get(6) {
+                None => false,
+                Some(&"one-socket") if fields.len() == 7 => true,
+                _ => return Err(bad("expected nothing or `one-socket` after FOR_MS")),
+            };
+            let (proto, family) =
+                parse_dns_proto(fields[1]).ok_or_else(|| bad(DNS_PROTO_EXPECTED))?;
+            let ip = parse_ip(family, fields[2])
+                .ok_or_else(|| bad("SERVER is not an IP literal of that family"))?;
+            if !valid_query_name(fields[3]) || fields[3].contains("{i}") {
+                return Err(bad("NAME must be a DNS name"));
+            }
+            let every = parse_ms(fields[4])
+                .filter(|d| *d >= Duration::from_millis(10))
+                .ok_or_else(|| bad("EVERY_MS must be 10..=120000"))?;
+            if fields.len() < 6 {
+                return Err(bad("dnsloop takes DNSPROTO SERVER NAME EVERY_MS FOR_MS"));
+            }
+            let total = parse_ms(fields[5]).ok_or_else(|| bad("FOR_MS must be 0..=120000"))?;
+            if one_socket && proto == DnsProto::Tcp {
+                return Err(bad("one-socket takes a UDP DNSPROTO"));
+            }
+            Action::DnsLoop(Box::new(DnsLoop {
+                proto,
+                family,
+                server: SocketAddr::new(ip, DNS_PORT),
+                name: fields[3].to_owned(),
+                every,
+                total,
+                one_socket,
+            }))
+        }
+        "dnsserve" => {
+            if !(6..=7).contains(&fields.len()) {
+                return Err(bad(
+                    "dnsserve takes udp4|udp6 ADDR PORT ANSWER FOR_MS [READY_PATH]",
+                ));
+            }
+            let (t, family, addr) = dest()?;
+            if t != Transport::Udp {
+                return Err(bad("dnsserve takes udp4|udp6"));
+            }
+            let answer: IpAddr = fields[4]
+                .parse()
+                .map_err(|_| bad("ANSWER must be an IP literal"))?;
+            let total = parse_ms(fields[5]).ok_or_else(|| bad("FOR_MS must be 0..=120000"))?;
+            Action::DnsServe(Box::new(DnsServe {
+                family,
+                addr,
+                answer,
+                total,
+                ready: fields.get(6).map(std::path::PathBuf::from),
+            }))
+        }
+        "setsockopt" => {
+            exact(4)?;
+            let (t, family) = parse_proto(fields[1])
+                .filter(|(t, _)| *t != Transport::Mptcp)
+                .ok_or_else(|| bad("setsockopt takes tcp4|tcp6|udp4|udp6"))?;
+            let option = match fields[2] {
+                "bindtodevice" => SockOption::BindToDevice,
+                "bindtoifindex" => SockOption::BindToIfindex,
+                "ip_unicast_if" => SockOption::IpUnicastIf,
+                "ipv6_unicast_if" => SockOption::Ipv6UnicastIf,
+                "ipv6_pktinfo" => SockOption::Ipv6Pktinfo,
+                "ipv6_2292pktoptions" => SockOption::Ipv6Pktoptions2292,
+                _ => {
+                    return Err(bad(
+                        "OPTION must be bindtodevice|bindtoifindex|ip_unicast_if|ipv6_unicast_if|ipv6_pktinfo|ipv6_2292pktoptions",
+                    ));
+                }
+            };
+            if !valid_ifname(fields[3]) {
+                return Err(bad("IFNAME must be an interface name"));
+            }
+            Action::SetSockopt(t, family, option, fields[3].to_owned())
+        }
+        "cmsg-sendto" | "cmsg-send" => {
+            let (t, family, to) = dest()?;
+            if t != Transport::Udp {
+                return Err(bad("cmsg-sendto/cmsg-send take udp4|udp6"));
+            }
+            let cmsg = fields
+                .get(4)
+                .and_then(|c| parse_cmsg(c))
+                .ok_or_else(|| bad("CMSG must be pktinfo=IFNAME or tos=N"))?;
+            let data = rest_after(text, 5).ok_or_else(|| bad("missing DATA"))?;
+            Action::CmsgSend {
+                connected: name == "cmsg-send",
+                family,
+                to,
+                cmsg,
+                data: data.as_bytes().to_vec(),
+            }
+        }
         "touch" => {
             exact(2)?;
             Action::Touch(fields[1].into())
@@ -434,6 +591,66 @@ fn parse_op(text: &str) -> Result<Op, String> {
         text: text.trim().to_owned(),
         action,
     })
+}
+
+/// `MS` of the loop ops: a duration of at most [`MAX_LOOP`].
+fn parse_ms(s: &str) -> Option<Duration> {
+    s.parse()
+        .ok()
+        .map(Duration::from_millis)
+        .filter(|d| *d <= MAX_LOOP)
+}
+
+/// An interface name as the kernel takes it: 1..=15 bytes, no `/`, whitespace or NUL.
+fn valid_ifname(s: &str) -> bool {
+    (1..16).contains(&s.len())
+        && s.is_ascii()
+        && !s.contains(|c: char| c == '/' || c == ':' || c.is_whitespace() || c == '\0')
+}
+
+/// `pktinfo=IFNAME` or `tos=N`.
+fn parse_cmsg(s: &str) -> Option<Cmsg> {
+    let (kind, value) = s.split_once('=')?;
+    match kind {
+        "pktinfo" => valid_ifname(value).then(|| Cmsg::Pktinfo(value.to_owned())),
+        "tos" => value.parse().ok().map(Cmsg::Tos),
+        _ => None,
+    }
+}
+
+/// The index of interface `name` in the probe's network namespace, or a number as given.
+fn if_index(name: &str) -> Result<u32, String> {
+    if let Ok(n) = name.parse::<u32>() {
+        return Ok(n);
+    }
+    let c = std::ffi::CString::new(name).map_err(|_| format!("{name:?} holds a NUL"))?;
+    // SAFETY: c is a valid NUL-terminated string.
+    match unsafe { libc::if_nametoindex(c.as_ptr()) } {
+        0 => Err(format!(
+            "no interface {name:?} here: {}",
+            std::io::Error::last_os_error()
+        )),
+        n => Ok(n),
+    }
+}
+
+/// ADDR (with an optional IPv6 `%scope`, a name or a number) and PORT as one socket address.
+fn parse_sock_addr(family: Family, s: &str, port: u16) -> Result<SocketAddr, String> {
+    let (addr, scope) = match s.split_once('%') {
+        Some((a, scope)) => (a, Some(scope)),
+        None => (s, None),
+    };
+    let ip = parse_ip(family, addr).ok_or("ADDR is not an IP literal of that family")?;
+    match (ip, scope) {
+        (ip, None) => Ok(SocketAddr::new(ip, port)),
+        (IpAddr::V6(v6), Some(scope)) if family == Family::V6 && addr.contains(':') => {
+            let scope = if_index(scope)?;
+            Ok(SocketAddr::V6(std::net::SocketAddrV6::new(
+                v6, port, 0, scope,
+            )))
+        }
+        _ => Err("only an IPv6 ADDR takes a %scope".to_owned()),
+    }
 }
 
 const DNS_PROTO_EXPECTED: &str = "DNSPROTO must be udp4|udp6|udp4-sendto|udp6-sendto|tcp4|tcp6";
@@ -511,6 +728,15 @@ fn parse_resolve(text: &str, fields: &[&str]) -> Result<Resolve, String> {
         .and_then(|q| parse_qtype(q))
         .ok_or("QTYPE must be A|AAAA|TXT|MX|ANY or a number")?;
     let mut next = 5;
+    let mut port = DNS_PORT;
+    if fields.get(next) == Some(&"port") {
+        port = fields
+            .get(next + 1)
+            .and_then(|p| p.parse().ok())
+            .filter(|p| *p != 0)
+            .ok_or("port P must be 1..=65535")?;
+        next += 2;
+    }
     let mut repeat = 1;
     if fields.get(next) == Some(&"repeat") {
         repeat = fields
@@ -534,14 +760,14 @@ fn parse_resolve(text: &str, fields: &[&str]) -> Result<Resolve, String> {
         then_connect = Some((family, port, data.as_bytes().to_vec()));
     } else if next < fields.len() {
         return Err(format!(
-            "unexpected {:?}: expected `repeat N` or `then-connect`",
+            "unexpected {:?}: expected `port P`, `repeat N` or `then-connect`",
             fields[next]
         ));
     }
     Ok(Resolve {
         proto,
         family,
-        server: SocketAddr::new(ip, DNS_PORT),
+        server: SocketAddr::new(ip, port),
         name: name.to_owned(),
         qtype,
         repeat,
@@ -613,6 +839,16 @@ fn run(op: &Op) -> ProbeResult {
         Action::Dns(mode, f, addr, name, n) => return dns(text, *mode, *f, *addr, name, *n),
         Action::Resolve(r) => return resolve(text, r),
         Action::DnsRaw(proto, f, addr, bytes) => return dns_raw(text, *proto, *f, *addr, bytes),
+        Action::DnsLoop(l) => return dns_loop(text, l),
+        Action::DnsServe(d) => return dns_serve(text, d),
+        Action::SetSockopt(t, f, option, ifname) => set_sockopt(*t, *f, *option, ifname),
+        Action::CmsgSend {
+            connected,
+            family,
+            to,
+            cmsg,
+            data,
+        } => cmsg_send(*connected, *family, *to, cmsg, data),
         Action::Touch(path) => std::fs::File::create(path).map(drop).map_err(|e| Failure {
             errno: e.raw_os_error(),
             error: e.to_string(),
@@ -741,11 +977,11 @@ impl CSockAddr {
                 let sin6 = libc::sockaddr_in6 {
                     sin6_family: libc::AF_INET6 as libc::sa_family_t,
                     sin6_port: a.port().to_be(),
-                    sin6_flowinfo: 0,
+                    sin6_flowinfo: a.flowinfo(),
                     sin6_addr: libc::in6_addr {
                         s6_addr: a.ip().octets(),
                     },
-                    sin6_scope_id: 0,
+                    sin6_scope_id: a.scope_id(),
                 };
                 // SAFETY: sockaddr_storage is larger than and suitably aligned for sockaddr_in6.
                 unsafe { std::ptr::write(std::ptr::from_mut(&mut storage).cast(), sin6) };
@@ -1061,6 +1297,30 @@ mod tests {
             "wait-file /tmp/x 120001",
             "wait-file /tmp/x",
             "touch",
+            "resolve udp4 1.2.3.4 a.test A port",
+            "resolve udp4 1.2.3.4 a.test A port 0",
+            "resolve udp4 1.2.3.4 a.test A repeat 2 port 53",
+            "dnsloop udp4 1.2.3.4 a.test 100",
+            "dnsloop udp4 1.2.3.4 a.test 5 1000",
+            "dnsloop udp4 1.2.3.4 a.test 100 120001",
+            "dnsloop udp4 1.2.3.4 n{i}.test 100 1000",
+            "dnsloop tcp4 1.2.3.4 a.test 100 1000 one-socket",
+            "dnsloop udp4 1.2.3.4 a.test 100 1000 two-sockets",
+            "dnsserve tcp4 127.0.0.1 61000 1.2.3.4 1000",
+            "dnsserve udp4 127.0.0.1 61000 nope 1000",
+            "dnsserve udp4 127.0.0.1 61000 1.2.3.4",
+            "setsockopt udp4 bindtodevice",
+            "setsockopt udp4 so_mark lo",
+            "setsockopt mptcp4 bindtodevice lo",
+            "setsockopt udp4 bindtodevice a/b",
+            "setsockopt udp4 bindtodevice waytoolonginterfacename",
+            "cmsg-sendto tcp4 127.0.0.1 9 tos=1 x",
+            "cmsg-sendto udp4 127.0.0.1 9 tos=1",
+            "cmsg-sendto udp4 127.0.0.1 9 tos=300 x",
+            "cmsg-sendto udp4 127.0.0.1 9 ttl=1 x",
+            "cmsg-send udp4 127.0.0.1 9 pktinfo= x",
+            "sendto udp4 127.0.0.1%1 53 x",
+            "sendto udp6 fe80::1%no-such-if0 53 x",
         ] {
             assert!(parse_op(bad).is_err(), "{bad:?} should be rejected");
         }
@@ -1160,6 +1420,121 @@ mod tests {
             parse_op("wait-file /tmp/a 5000").expect("valid").action,
             Action::WaitFile(_, d) if d == Duration::from_secs(5)
         ));
+    }
+
+    #[test]
+    fn hardening_ops_parse() {
+        let r = resolve_op("resolve udp4-sendto 127.0.0.1 a.test A port 61003 repeat 3");
+        assert_eq!(
+            (r.server, r.repeat),
+            ("127.0.0.1:61003".parse().expect("literal"), 3)
+        );
+        match parse_op("dnsloop tcp6 fd00:e9::2 a.test 100 8000")
+            .expect("valid")
+            .action
+        {
+            Action::DnsLoop(l) => {
+                assert_eq!(
+                    (l.proto, l.family, l.server, l.name.as_str()),
+                    (
+                        DnsProto::Tcp,
+                        Family::V6,
+                        "[fd00:e9::2]:53".parse().expect("literal"),
+                        "a.test"
+                    )
+                );
+                assert_eq!(
+                    (l.every, l.total),
+                    (Duration::from_millis(100), Duration::from_secs(8))
+                );
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(matches!(
+            parse_op("dnsloop udp4 198.18.0.2 a.test 100 8000 one-socket").expect("valid").action,
+            Action::DnsLoop(l) if l.one_socket && l.proto == DnsProto::UdpConnect
+        ));
+        match parse_op("dnsserve udp4 127.0.0.1 61000 198.18.0.66 9000 /tmp/ready")
+            .expect("valid")
+            .action
+        {
+            Action::DnsServe(d) => {
+                assert_eq!(d.addr, "127.0.0.1:61000".parse().expect("literal"));
+                assert_eq!(d.answer, "198.18.0.66".parse::<IpAddr>().expect("literal"));
+                assert_eq!(d.ready.as_deref(), Some(std::path::Path::new("/tmp/ready")));
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(matches!(
+            parse_op("setsockopt udp6 ipv6_2292pktoptions veth-c").expect("valid").action,
+            Action::SetSockopt(
+                Transport::Udp,
+                Family::V6,
+                SockOption::Ipv6Pktoptions2292,
+                ref i
+            ) if i == "veth-c"
+        ));
+        match parse_op("cmsg-send udp4 127.0.0.1 5300 pktinfo=veth-c leak me")
+            .expect("valid")
+            .action
+        {
+            Action::CmsgSend {
+                connected,
+                family,
+                to,
+                cmsg,
+                data,
+            } => {
+                assert!(connected);
+                assert_eq!(family, Family::V4);
+                assert_eq!(to, "127.0.0.1:5300".parse().expect("literal"));
+                assert_eq!(cmsg, Cmsg::Pktinfo("veth-c".into()));
+                assert_eq!(data, b"leak me");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(matches!(
+            parse_op("cmsg-sendto udp6 ::1 53 tos=16 x")
+                .expect("valid")
+                .action,
+            Action::CmsgSend {
+                connected: false,
+                cmsg: Cmsg::Tos(16),
+                ..
+            }
+        ));
+        // A scope by number (a name is looked up in the probe's namespace when parsed).
+        match parse_op("sendto udp6 fe80::1%7 53 x")
+            .expect("valid")
+            .action
+        {
+            Action::SendTo(Family::V6, SocketAddr::V6(a), _) => {
+                assert_eq!((a.scope_id(), a.port()), (7, 53));
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        match parse_op("sendto udp6 fe80::1%lo 53 x")
+            .expect("valid")
+            .action
+        {
+            Action::SendTo(Family::V6, SocketAddr::V6(a), _) => assert_ne!(a.scope_id(), 0),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_squatter_answers_queries_only() {
+        let q = dns_query(0x4242, "a.test");
+        let reply = squat_reply(&q, "198.18.0.66".parse().expect("literal")).expect("a reply");
+        assert_eq!(
+            parse_reply(0x4242, &reply),
+            Ok(Reply {
+                rcode: 0,
+                addrs: vec!["198.18.0.66".parse().expect("literal")]
+            })
+        );
+        assert!(squat_reply(&reply, "198.18.0.66".parse().expect("literal")).is_none());
+        assert!(squat_reply(&q[..11], "198.18.0.66".parse().expect("literal")).is_none());
     }
 
     #[test]
@@ -1518,12 +1893,23 @@ fn dns_exchange(
     server: SocketAddr,
     msg: &[u8],
 ) -> Result<(Vec<u8>, Option<SocketAddr>), Failure> {
+    dns_exchange_within(proto, f, server, msg, IO_TIMEOUT)
+}
+
+/// [`dns_exchange`] with `timeout` for the reply (and for the TCP connect and writes).
+fn dns_exchange_within(
+    proto: DnsProto,
+    f: Family,
+    server: SocketAddr,
+    msg: &[u8],
+    timeout: Duration,
+) -> Result<(Vec<u8>, Option<SocketAddr>), Failure> {
     let to = sock_addr(f, server);
     match proto {
         DnsProto::UdpConnect | DnsProto::UdpSendto => {
             let sock = transport_socket(Transport::Udp, f)?;
             let fd = sock.as_raw_fd();
-            set_timeout(fd, libc::SO_RCVTIMEO, IO_TIMEOUT)?;
+            set_timeout(fd, libc::SO_RCVTIMEO, timeout)?;
             if proto == DnsProto::UdpConnect {
                 connect_fd(fd, Transport::Udp, &to)?;
                 send_datagram(fd, msg, None)?;
@@ -1536,8 +1922,8 @@ fn dns_exchange(
             let sock = transport_socket(Transport::Tcp, f)?;
             let fd = sock.as_raw_fd();
             connect_fd(fd, Transport::Tcp, &to)?;
-            set_timeout(fd, libc::SO_SNDTIMEO, IO_TIMEOUT)?;
-            set_timeout(fd, libc::SO_RCVTIMEO, IO_TIMEOUT)?;
+            set_timeout(fd, libc::SO_SNDTIMEO, timeout)?;
+            set_timeout(fd, libc::SO_RCVTIMEO, timeout)?;
             let len = u16::try_from(msg.len())
                 .map_err(|_| Failure::other("message longer than 65535 bytes".to_owned()))?;
             let mut framed = Vec::with_capacity(2 + msg.len());
@@ -1831,5 +2217,321 @@ fn ping4(to: std::net::Ipv4Addr) -> OpResult {
         unsafe { libc::sendto(fd, echo.as_ptr().cast(), echo.len(), 0, sa.ptr(), sa.len) }
             as libc::c_int,
     )?;
+    Ok(())
+}
+
+/// `dnsloop`: a query every `l.every` for `l.total`, each on a fresh socket; one sample per
+/// query, whatever became of it.
+fn dns_loop(text: &str, l: &DnsLoop) -> ProbeResult {
+    let shared = if l.one_socket {
+        match one_dns_socket(l) {
+            Ok(s) => Some(s),
+            Err(f) => return ProbeResult::failed(text, f.errno, f.error),
+        }
+    } else {
+        None
+    };
+    let to = sock_addr(l.family, l.server);
+    let start = Instant::now();
+    let mut samples = Vec::new();
+    let mut i: u32 = 0;
+    while start.elapsed() < l.total {
+        let at_ms = boot_time_ms();
+        let id = query_id(u64::from(i));
+        let query = dns_query(id, &l.name);
+        let exchanged = match &shared {
+            Some(sock) => {
+                let fd = sock.as_raw_fd();
+                let dest = (l.proto == DnsProto::UdpSendto).then_some(&to);
+                send_datagram(fd, &query, dest).and_then(|()| recv_from(fd))
+            }
+            None => dns_exchange_within(l.proto, l.family, l.server, &query, DNSLOOP_REPLY_TIMEOUT),
+        };
+        let sample = match exchanged {
+            Ok((bytes, from)) => match parse_reply(id, &bytes) {
+                Ok(reply) => DnsSample {
+                    at_ms,
+                    ok: true,
+                    rcode: Some(reply.rcode),
+                    addrs: reply.addrs,
+                    from,
+                    ..DnsSample::default()
+                },
+                Err(_) => DnsSample {
+                    at_ms,
+                    ..DnsSample::default()
+                },
+            },
+            Err(f) => DnsSample {
+                at_ms,
+                errno: f.errno,
+                ..DnsSample::default()
+            },
+        };
+        samples.push(sample);
+        i = i.saturating_add(1);
+        let next = start + l.every.saturating_mul(i);
+        std::thread::sleep(next.saturating_duration_since(Instant::now()));
+    }
+    ProbeResult {
+        count: Some(samples.iter().filter(|s| s.ok).count() as u64),
+        samples: Some(samples),
+        ..ProbeResult::ok(text)
+    }
+}
+
+/// The socket of a `dnsloop ... one-socket`: connected to the server once for `udp4|udp6`.
+fn one_dns_socket(l: &DnsLoop) -> Result<OwnedFd, Failure> {
+    let sock = transport_socket(Transport::Udp, l.family)?;
+    let fd = sock.as_raw_fd();
+    set_timeout(fd, libc::SO_RCVTIMEO, DNSLOOP_REPLY_TIMEOUT)?;
+    if l.proto == DnsProto::UdpConnect {
+        connect_fd(fd, Transport::Udp, &sock_addr(l.family, l.server))?;
+    }
+    Ok(sock)
+}
+
+/// The reply `dnsserve` gives to `query`: its header and question, one answer record for
+/// `answer` (A or AAAA) with TTL 60, nothing else. `None` for what is not a query.
+fn squat_reply(query: &[u8], answer: IpAddr) -> Option<Vec<u8>> {
+    if query.len() < 12 || query[2] & 0x80 != 0 || be16(query, 4) != Some(1) {
+        return None;
+    }
+    let question_end = skip_name(query, 12)? + 4;
+    let mut reply = query.get(..question_end)?.to_vec();
+    reply[2] = 0x80 | (query[2] & 0x01);
+    reply[3] = 0x80;
+    reply[6..12].copy_from_slice(&[0, 1, 0, 0, 0, 0]);
+    let (rtype, rdata): (u16, Vec<u8>) = match answer {
+        IpAddr::V4(a) => (1, a.octets().to_vec()),
+        IpAddr::V6(a) => (28, a.octets().to_vec()),
+    };
+    reply.extend_from_slice(&[0xc0, 12]);
+    reply.extend_from_slice(&rtype.to_be_bytes());
+    reply.extend_from_slice(&[0, 1, 0, 0, 0, 60]);
+    reply.extend_from_slice(&(rdata.len() as u16).to_be_bytes());
+    reply.extend_from_slice(&rdata);
+    Some(reply)
+}
+
+/// `dnsserve`: binds, signals readiness through the file, then answers every query for the
+/// whole duration.
+fn dns_serve(text: &str, d: &DnsServe) -> ProbeResult {
+    let fail = |f: Failure| ProbeResult::failed(text, f.errno, f.error);
+    let sock = match transport_socket(Transport::Udp, d.family) {
+        Ok(s) => s,
+        Err(f) => return fail(f),
+    };
+    let fd = sock.as_raw_fd();
+    let addr = sock_addr(d.family, d.addr);
+    // SAFETY: addr points to a valid sockaddr of addr.len bytes.
+    if let Err(f) = check(unsafe { libc::bind(fd, addr.ptr(), addr.len) }) {
+        return fail(f);
+    }
+    if let Err(f) = set_timeout(fd, libc::SO_RCVTIMEO, Duration::from_millis(50)) {
+        return fail(f);
+    }
+    if let Some(path) = &d.ready
+        && let Err(e) = std::fs::File::create(path)
+    {
+        return ProbeResult::failed(text, e.raw_os_error(), e.to_string());
+    }
+    let start = Instant::now();
+    let mut samples = Vec::new();
+    while start.elapsed() < d.total {
+        // Nothing within the receive timeout: look at the clock again.
+        let Ok((query, Some(peer))) = recv_from(fd) else {
+            continue;
+        };
+        let at_ms = boot_time_ms();
+        let Some(reply) = squat_reply(&query, d.answer) else {
+            continue;
+        };
+        let sent = send_datagram(fd, &reply, Some(&CSockAddr::new(peer)));
+        samples.push(DnsSample {
+            at_ms,
+            ok: sent.is_ok(),
+            addrs: vec![d.answer],
+            ..DnsSample::default()
+        });
+    }
+    ProbeResult {
+        count: Some(samples.iter().filter(|s| s.ok).count() as u64),
+        samples: Some(samples),
+        ..ProbeResult::ok(text)
+    }
+}
+
+/// setsockopt(fd, level, name, value) with `value`'s bytes.
+fn setsockopt_bytes(fd: RawFd, level: libc::c_int, name: libc::c_int, value: &[u8]) -> OpResult {
+    // SAFETY: value is valid for reads of its length.
+    check(unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            value.as_ptr().cast(),
+            value.len() as libc::socklen_t,
+        )
+    })
+    .map(drop)
+}
+
+/// The bytes of a plain C struct, for option values and control messages.
+fn struct_bytes<T: Copy>(value: &T) -> Vec<u8> {
+    // SAFETY: T is a plain C struct (Copy, no padding read as anything but bytes); the slice
+    // covers exactly its size.
+    unsafe {
+        std::slice::from_raw_parts(
+            std::ptr::from_ref(value).cast::<u8>(),
+            std::mem::size_of::<T>(),
+        )
+    }
+    .to_vec()
+}
+
+fn in6_pktinfo(ifindex: u32) -> libc::in6_pktinfo {
+    libc::in6_pktinfo {
+        ipi6_addr: libc::in6_addr { s6_addr: [0; 16] },
+        ipi6_ifindex: ifindex,
+    }
+}
+
+/// One control message (level, type, data) in a buffer aligned for cmsghdr.
+struct Control {
+    buf: Vec<u64>,
+    len: usize,
+}
+
+impl Control {
+    fn new(level: libc::c_int, ty: libc::c_int, data: &[u8]) -> Self {
+        let data_len = data.len() as libc::c_uint;
+        // SAFETY: CMSG_SPACE and CMSG_LEN only compute sizes.
+        let (space, len) = unsafe { (libc::CMSG_SPACE(data_len), libc::CMSG_LEN(data_len)) };
+        let space = space as usize;
+        let mut buf = vec![0u64; space.div_ceil(8)];
+        // A msghdr that describes only the buffer, for CMSG_FIRSTHDR.
+        // SAFETY: msghdr is plain data; all-zero is a valid value.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_control = buf.as_mut_ptr().cast();
+        msg.msg_controllen = space as _;
+        // SAFETY: the buffer holds CMSG_SPACE(data.len()) bytes, aligned for cmsghdr, so the
+        // first header and its data fit.
+        unsafe {
+            let cmsg = libc::CMSG_FIRSTHDR(&msg);
+            (*cmsg).cmsg_level = level;
+            (*cmsg).cmsg_type = ty;
+            (*cmsg).cmsg_len = len as _;
+            std::ptr::copy_nonoverlapping(data.as_ptr(), libc::CMSG_DATA(cmsg), data.len());
+        }
+        Self { buf, len: space }
+    }
+
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: buf holds at least len bytes.
+        unsafe { std::slice::from_raw_parts(self.buf.as_ptr().cast::<u8>(), self.len) }
+    }
+}
+
+/// `setsockopt`: a fresh socket, then the option naming `ifname`.
+fn set_sockopt(t: Transport, f: Family, option: SockOption, ifname: &str) -> OpResult {
+    let sock = transport_socket(t, f)?;
+    let fd = sock.as_raw_fd();
+    let index = if_index(ifname).map_err(Failure::other)?;
+    let int = |v: u32| (v as libc::c_int).to_ne_bytes().to_vec();
+    let (level, name, value) = match option {
+        SockOption::BindToDevice => (
+            libc::SOL_SOCKET,
+            libc::SO_BINDTODEVICE,
+            ifname.as_bytes().to_vec(),
+        ),
+        SockOption::BindToIfindex => (libc::SOL_SOCKET, libc::SO_BINDTOIFINDEX, int(index)),
+        // Both take the index in network byte order.
+        SockOption::IpUnicastIf => (libc::IPPROTO_IP, libc::IP_UNICAST_IF, int(index.to_be())),
+        SockOption::Ipv6UnicastIf => (
+            libc::IPPROTO_IPV6,
+            libc::IPV6_UNICAST_IF,
+            int(index.to_be()),
+        ),
+        SockOption::Ipv6Pktinfo => (
+            libc::IPPROTO_IPV6,
+            libc::IPV6_PKTINFO,
+            struct_bytes(&in6_pktinfo(index)),
+        ),
+        SockOption::Ipv6Pktoptions2292 => {
+            let control = Control::new(
+                libc::IPPROTO_IPV6,
+                libc::IPV6_PKTINFO,
+                &struct_bytes(&in6_pktinfo(index)),
+            );
+            (
+                libc::IPPROTO_IPV6,
+                libc::IPV6_2292PKTOPTIONS,
+                control.bytes().to_vec(),
+            )
+        }
+    };
+    setsockopt_bytes(fd, level, name, &value)
+}
+
+/// `cmsg-sendto` / `cmsg-send`: one datagram with one control message.
+fn cmsg_send(connected: bool, f: Family, to: SocketAddr, cmsg: &Cmsg, data: &[u8]) -> OpResult {
+    let sock = transport_socket(Transport::Udp, f)?;
+    let fd = sock.as_raw_fd();
+    let addr = sock_addr(f, to);
+    if connected {
+        connect_fd(fd, Transport::Udp, &addr)?;
+    }
+    let mut control = match (cmsg, f) {
+        (Cmsg::Pktinfo(ifname), Family::V4) => {
+            let index = if_index(ifname).map_err(Failure::other)?;
+            let info = libc::in_pktinfo {
+                ipi_ifindex: index as libc::c_int,
+                ipi_spec_dst: libc::in_addr { s_addr: 0 },
+                ipi_addr: libc::in_addr { s_addr: 0 },
+            };
+            Control::new(libc::IPPROTO_IP, libc::IP_PKTINFO, &struct_bytes(&info))
+        }
+        (Cmsg::Pktinfo(ifname), Family::V6) => {
+            let index = if_index(ifname).map_err(Failure::other)?;
+            Control::new(
+                libc::IPPROTO_IPV6,
+                libc::IPV6_PKTINFO,
+                &struct_bytes(&in6_pktinfo(index)),
+            )
+        }
+        (Cmsg::Tos(tos), Family::V4) => Control::new(
+            libc::IPPROTO_IP,
+            libc::IP_TOS,
+            &libc::c_int::from(*tos).to_ne_bytes(),
+        ),
+        (Cmsg::Tos(tos), Family::V6) => Control::new(
+            libc::IPPROTO_IPV6,
+            libc::IPV6_TCLASS,
+            &libc::c_int::from(*tos).to_ne_bytes(),
+        ),
+    };
+    let mut iov = libc::iovec {
+        iov_base: data.as_ptr().cast_mut().cast(),
+        iov_len: data.len(),
+    };
+    // SAFETY: msghdr is plain data; all-zero is a valid value.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.buf.as_mut_ptr().cast();
+    msg.msg_controllen = control.len as _;
+    if !connected {
+        msg.msg_name = addr.ptr().cast_mut().cast();
+        msg.msg_namelen = addr.len;
+    }
+    // SAFETY: every pointer in msg refers to a buffer that outlives the call.
+    let n = unsafe { libc::sendmsg(fd, &msg, libc::MSG_NOSIGNAL) };
+    if n < 0 {
+        return Err(Failure::last());
+    }
+    if n.unsigned_abs() != data.len() {
+        return Err(Failure::other(format!("short send: {n} of {}", data.len())));
+    }
     Ok(())
 }
