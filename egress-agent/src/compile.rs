@@ -232,6 +232,7 @@ pub fn compile_with_deadlines(
                     set_id,
                     expires_s: node.expires.flatten().unwrap_or(0),
                     inline,
+                    name_tag: 0,
                 },
             );
         }

@@ -11,7 +11,8 @@ use egress_common::SlotConfig;
 use tokio::time::Instant;
 
 use crate::compile::{Compiled, Deadlines, Resolved, SetIds, compile_with_deadlines};
-use crate::dns::install::{LearnedMaps, Learner, Liveness};
+use crate::dns::install::{LearnedMaps, Learner, Liveness, ResolverMap};
+use crate::dns::origin::Origins;
 use crate::loader::{LoadError, Programs};
 use crate::maps::{ApplyStats, MapSet, MapsError};
 use crate::policy::Policy;
@@ -34,6 +35,8 @@ struct Parts {
     maps: MapSet,
     learned: LearnedMaps,
     liveness: Liveness,
+    resolvers: ResolverMap,
+    origins: Origins,
     rate: RateMaps,
     limits: CompiledLimits,
     sets: SetIds,
@@ -68,6 +71,12 @@ pub struct Enforcer {
     learner: Arc<Mutex<Learner>>,
     /// The proxy's liveness deadline, taken by whoever runs the proxy.
     liveness: Option<Liveness>,
+    /// The resolvers the workload may address (queries to others are reported).
+    resolvers: ResolverMap,
+    /// Where redirected queries were addressed, taken by whoever runs the proxy.
+    origins: Option<Origins>,
+    /// Slot flags the enforcer sets itself, kept across reloads (the DNS resolver check).
+    own_flags: u32,
 }
 
 /// Addresses kept per name until the caller sets its own cap.
@@ -112,6 +121,8 @@ impl Enforcer {
         }
         let learned = LearnedMaps::take(&mut programs)?;
         let liveness = Liveness::take(&mut programs, slot)?;
+        let resolvers = ResolverMap::take(&mut programs, slot)?;
+        let origins = Origins::take(&mut programs)?;
         let mut maps = MapSet::take(&mut programs)?;
         let mut sets = SetIds::default();
         let compiled =
@@ -133,6 +144,8 @@ impl Enforcer {
             maps,
             learned,
             liveness,
+            resolvers,
+            origins,
             rate,
             limits,
             sets,
@@ -154,6 +167,8 @@ impl Enforcer {
         let mut programs = Programs::adopt(dir, slot)?;
         let mut learned = LearnedMaps::take(&mut programs)?;
         let liveness = Liveness::take(&mut programs, slot)?;
+        let resolvers = ResolverMap::take(&mut programs, slot)?;
+        let origins = Origins::take(&mut programs)?;
         let mut maps = MapSet::take(&mut programs)?;
         let mut rate = RateMaps::take(&mut programs)?;
         let old = maps.slot_config(slot)?;
@@ -186,6 +201,8 @@ impl Enforcer {
             maps,
             learned,
             liveness,
+            resolvers,
+            origins,
             rate,
             limits,
             sets,
@@ -211,6 +228,8 @@ impl Enforcer {
             maps,
             learned,
             liveness,
+            resolvers,
+            origins,
             mut rate,
             limits,
             sets,
@@ -233,6 +252,9 @@ impl Enforcer {
         Ok(Enforcer {
             learner,
             liveness: Some(liveness),
+            resolvers,
+            origins: Some(origins),
+            own_flags: 0,
             programs,
             maps,
             policy,
@@ -277,7 +299,7 @@ impl Enforcer {
                 lock(&self.learner).prepare(Arc::new(policy.clone()), policy_id)?;
                 let cfg = SlotConfig {
                     policy_id,
-                    flags: compiled.slot_flags,
+                    flags: compiled.slot_flags | self.own_flags,
                     ..old_cfg
                 };
                 self.maps.set_slot(slot, cfg)?;
@@ -334,6 +356,11 @@ impl Enforcer {
         }
     }
 
+    /// The record of where redirected queries were addressed (once).
+    pub fn take_origins(&mut self) -> Option<Origins> {
+        self.origins.take()
+    }
+
     /// The proxy's liveness deadline (once).
     pub fn take_liveness(&mut self) -> Option<Liveness> {
         self.liveness.take()
@@ -352,6 +379,24 @@ impl Enforcer {
             slot,
             SlotConfig {
                 dns_port: port,
+                ..cfg
+            },
+        )?;
+        Ok(())
+    }
+
+    /// Names the resolvers the workload may address its queries to (the proxy's upstream
+    /// servers); from then on a query to any other is counted and reported as a blocked
+    /// attempt. Every query goes to the proxy either way.
+    pub fn set_resolvers(&mut self, servers: &[IpAddr]) -> Result<(), EnforcerError> {
+        self.resolvers.set(servers)?;
+        self.own_flags |= egress_common::maps::SLOT_DNS_RESOLVERS;
+        let slot = self.slot();
+        let cfg = self.maps.slot_config(slot)?;
+        self.maps.set_slot(
+            slot,
+            SlotConfig {
+                flags: cfg.flags | self.own_flags,
                 ..cfg
             },
         )?;
@@ -436,7 +481,12 @@ impl Enforcer {
     }
 
     /// Looks up every host that is due and applies the answers.
-    pub async fn refresh_due(&mut self, resolver: &Arc<Resolver>) -> RefreshStats {
+    pub async fn refresh_due(
+        &mut self,
+        resolver: &Arc<Resolver>,
+        rebinding: &crate::session::RebindCounter,
+    ) -> RefreshStats {
+        let filter = crate::dns::rebind::RebindFilter::for_policy(&self.policy);
         let mut stats = RefreshStats::default();
         let now = Instant::now();
         let due: Vec<String> = self
@@ -465,10 +515,17 @@ impl Enforcer {
             match answer {
                 Ok(answer) => {
                     stats.ok += 1;
-                    let n = answer.addrs.len();
-                    match self.set_host(
+                    let addrs = crate::session::screen_lookup(
+                        &filter,
+                        rebinding,
+                        &self.policy.name,
                         &host,
                         answer.addrs,
+                    );
+                    let n = addrs.len();
+                    match self.set_host(
+                        &host,
+                        addrs,
                         now + answer.ttl,
                         crate::resolve::deadline_s(answer.ttl, &resolver.bounds()),
                     ) {
@@ -552,7 +609,7 @@ impl Enforcer {
         let slot = self.slot();
         let mut cfg = SlotConfig {
             policy_id: self.current.policy_id,
-            flags: self.current.slot_flags,
+            flags: self.current.slot_flags | self.own_flags,
             ..self.maps.slot_config(slot)?
         };
         if let std::net::IpAddr::V4(ip) = v4.ip() {

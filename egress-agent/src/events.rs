@@ -84,6 +84,19 @@ impl Blocked {
             .find(|r| *r as u32 == self.event.reason)
     }
 
+    /// The policy's reason behind a classified reason (`udp_connect_refused`).
+    pub fn cause(&self) -> Option<Reason> {
+        Reason::ALL
+            .iter()
+            .copied()
+            .find(|r| *r as u32 == self.event.cause)
+    }
+
+    /// Whether the refused attempt would have sent anything: a UDP connect does not.
+    pub fn carries_data(&self) -> bool {
+        self.reason() != Some(Reason::UdpConnectRefused)
+    }
+
     pub fn hook(&self) -> Option<Hook> {
         [
             Hook::Connect4,
@@ -346,7 +359,10 @@ impl EventLog {
     fn write(&mut self, b: &Blocked, ctx: &Context<'_>, cmdline: Option<&str>, repeats: u64) {
         self.lines += 1;
         let reason = b.reason();
-        let (rule_target, rule_purpose) = ctx.rule(reason, b.event.rule_id);
+        let carries_data = b.carries_data();
+        // The rule is named by the policy's reason, also behind a classified one.
+        let cause = b.cause().filter(|_| !carries_data);
+        let (rule_target, rule_purpose) = ctx.rule(cause.or(reason), b.event.rule_id);
         let dst = b.dst();
         let hosts = dst
             .map(|ip| ctx.hosts_of(ip).join(","))
@@ -361,10 +377,13 @@ impl EventLog {
         let repeated = (repeats > 0).then_some(repeats);
         let task = true;
         tracing::warn!(
-            event = "egress_blocked",
+            // A refused UDP connect sent nothing: reported, but not as blocked egress.
+            event = if carries_data { "egress_blocked" } else { "egress_refused_no_data" },
             policy = %ctx.policy.name,
             verdict = "deny",
             reason = reason.map_or("unknown", Reason::as_str),
+            cause = cause.map(Reason::as_str),
+            carries_data,
             hook = hook_name(b.hook()),
             protocol = proto_name(b.proto()),
             family = if b.event.family == 6 { "ipv6" } else { "ipv4" },
@@ -389,7 +408,12 @@ impl EventLog {
             repeated,
             window_secs = repeated.map(|_| self.window.as_secs_f64()),
             "{}",
-            if repeats > 0 { "egress blocked (repeated)" } else { "egress blocked" }
+            match (carries_data, repeats > 0) {
+                (true, false) => "egress blocked",
+                (true, true) => "egress blocked (repeated)",
+                (false, false) => "udp connect refused (no data sent)",
+                (false, true) => "udp connect refused (no data sent, repeated)",
+            }
         );
     }
 }
@@ -420,7 +444,7 @@ mod tests {
                 slot: 0,
                 sock_type: 0,
                 sock_protocol: 0,
-                _reserved: 0,
+                cause: Reason::DenyNoRule as u32,
             },
         }
     }

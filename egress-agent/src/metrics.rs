@@ -142,7 +142,7 @@ pub struct DnsMetrics {
 
 impl Metrics {
     /// A registry with every egress metric, reading kernel counters from `counters`.
-    pub fn new(counters: Arc<Counters>) -> (Self, Registry) {
+    pub fn new(counters: Arc<Counters>, dns: DnsMetrics) -> (Self, Registry) {
         let mut registry = Registry::default();
         let slots = Arc::new(RwLock::new(BTreeMap::new()));
         registry.register_collector(Box::new(KernelCollector {
@@ -155,7 +155,7 @@ impl Metrics {
             log_lines: Family::default(),
             events_collapsed: Family::default(),
             events_undecodable: Counter::default(),
-            dns: DnsMetrics::default(),
+            dns,
             slots,
         };
         registry.register(

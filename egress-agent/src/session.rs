@@ -1,6 +1,7 @@
 //! What `exec` and `run` share: read and gate the policy, resolve its names, start enforcing.
 
 use std::collections::BTreeMap;
+use std::net::IpAddr;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -9,11 +10,14 @@ use crate::cli::{DnsArgs, Refusal, TelemetryArgs};
 use crate::compile::{Deadlines, Resolved};
 use crate::dns::message::Rcode;
 use crate::dns::proxy::{Listeners, Proxy, Settings};
+use crate::dns::rebind::{RebindFilter, Source, report_rejection};
 use crate::dns::upstream::Upstream;
 use crate::enforcer::{Enforcer, EnforcerError};
 use crate::events::{Blocked, Context, EventLog, EventStream};
 use crate::exit;
-use crate::metrics::{Metrics, PolicyLabels, PolicyResultLabels, ResultLabels, SlotInfo};
+use crate::metrics::{
+    DnsMetrics, Metrics, PolicyLabels, PolicyResultLabels, ResultLabels, SlotInfo,
+};
 use crate::policy::{self, Policy, PolicyError, Unsupported};
 use crate::resolve::{ResolveError, Resolver, TtlBounds, deadline_s, policy_hosts};
 
@@ -161,12 +165,14 @@ async fn start_proxy(
         },
     };
     let servers: Vec<String> = upstream.servers().iter().map(ToString::to_string).collect();
+    let resolvers: Vec<IpAddr> = upstream.servers().iter().map(|s| s.ip()).collect();
     let proxy = Proxy::new(
         learner,
         upstream,
         settings,
         metrics.dns.clone(),
         enforcer.policy().name.clone(),
+        enforcer.take_origins(),
     );
     let mut tasks = proxy.serve(listeners)?;
     tasks.push(tokio::spawn(
@@ -183,6 +189,7 @@ async fn start_proxy(
         &liveness,
     ))));
     enforcer.set_dns_port(port)?;
+    enforcer.set_resolvers(&resolvers)?;
     tracing::info!(
         port, ipv6, netns = %dns.netns.as_deref().map_or_else(|| "the agent's".to_owned(), |p| p.display().to_string()),
         upstream = %servers.join(","),
@@ -205,7 +212,9 @@ pub enum Placement {
 pub async fn resolve_all(
     policy: &Policy,
     resolver: Option<&Arc<Resolver>>,
+    rebinding: &RebindCounter,
 ) -> (Resolved, BTreeMap<String, tokio::time::Instant>, Deadlines) {
+    let filter = RebindFilter::for_policy(policy);
     let mut resolved = Resolved::new();
     let mut due = BTreeMap::new();
     let mut deadlines = Deadlines::new();
@@ -225,10 +234,11 @@ pub async fn resolve_all(
         let now = tokio::time::Instant::now();
         match answer {
             Ok(a) => {
-                tracing::info!(host = %host, addresses = a.addrs.len(), ttl_secs = a.ttl.as_secs(), "host resolved");
+                let addrs = screen_lookup(&filter, rebinding, &policy.name, &host, a.addrs);
+                tracing::info!(host = %host, addresses = addrs.len(), ttl_secs = a.ttl.as_secs(), "host resolved");
                 due.insert(host.clone(), now + a.ttl);
                 deadlines.insert(host.clone(), deadline_s(a.ttl, &resolver.bounds()));
-                resolved.insert(host, a.addrs);
+                resolved.insert(host, addrs);
             }
             Err(error) => {
                 tracing::warn!(host = %host, %error, "lookup failed; the host's rules allow nothing until it resolves");
@@ -239,6 +249,42 @@ pub async fn resolve_all(
     (resolved, due, deadlines)
 }
 
+/// The counter of addresses the rebinding filter kept out, shared by every source.
+pub type RebindCounter = prometheus_client::metrics::family::Family<
+    PolicyLabels,
+    prometheus_client::metrics::counter::Counter,
+>;
+
+/// The addresses of the agent's own lookup of `host` that may be installed: the same filter,
+/// event and counter as the proxy's answers, so that an allowed name answering with the
+/// metadata service (say) opens nothing, whoever asked.
+pub fn screen_lookup(
+    filter: &RebindFilter,
+    rebinding: &RebindCounter,
+    policy: &str,
+    host: &str,
+    addrs: Vec<IpAddr>,
+) -> Vec<IpAddr> {
+    addrs
+        .into_iter()
+        .filter(|addr| match filter.check(*addr) {
+            Ok(()) => true,
+            Err(why) => {
+                report_rejection(
+                    rebinding,
+                    policy,
+                    host,
+                    *addr,
+                    &why,
+                    Source::PolicyLookup,
+                    true,
+                );
+                false
+            }
+        })
+        .collect()
+}
+
 /// Loads (or adopts) the programs for `slot` with the policy in force, its host names
 /// resolved first.
 pub async fn start(
@@ -246,6 +292,7 @@ pub async fn start(
     dns: &DnsArgs,
     slot: u32,
     placement: &Placement,
+    rebinding: &RebindCounter,
 ) -> Result<(Enforcer, Option<Arc<Resolver>>), SessionError> {
     let hosts = policy_hosts(&policy);
     let resolver = if hosts.is_empty() {
@@ -253,7 +300,7 @@ pub async fn start(
     } else {
         Some(resolver(&policy, dns)?)
     };
-    let (resolved, due, deadlines) = resolve_all(&policy, resolver.as_ref()).await;
+    let (resolved, due, deadlines) = resolve_all(&policy, resolver.as_ref(), rebinding).await;
     let mut enforcer = match placement {
         Placement::Fresh { pins: None } => Enforcer::start(policy, (resolved, deadlines), slot)?,
         Placement::Fresh { pins: Some(dir) } => {
@@ -312,14 +359,16 @@ impl Supervisor {
         placement: &Placement,
     ) -> Result<Self, SessionError> {
         let name = policy.name.clone();
-        let (mut enforcer, resolver) = match start(policy, dns, slot, placement).await {
-            Ok(v) => v,
-            Err(e) => {
-                tracing::error!(policy = %name, "policy load failed");
-                return Err(e);
-            }
-        };
-        let (metrics, registry) = Metrics::new(enforcer.maps().shared_counters());
+        let dns_metrics = DnsMetrics::default();
+        let (mut enforcer, resolver) =
+            match start(policy, dns, slot, placement, &dns_metrics.rebinding_blocked).await {
+                Ok(v) => v,
+                Err(e) => {
+                    tracing::error!(policy = %name, "policy load failed");
+                    return Err(e);
+                }
+            };
+        let (metrics, registry) = Metrics::new(enforcer.maps().shared_counters(), dns_metrics);
         metrics
             .policy_loads
             .get_or_create(&ResultLabels { result: "success" })
@@ -392,7 +441,10 @@ impl Supervisor {
         match work {
             Work::Dns => {
                 if let Some(r) = self.resolver.clone() {
-                    let stats = self.enforcer.refresh_due(&r).await;
+                    let stats = self
+                        .enforcer
+                        .refresh_due(&r, &self.metrics.dns.rebinding_blocked)
+                        .await;
                     let policy = self.enforcer.policy().name.clone();
                     let fam = &self.metrics.dns_refreshes;
                     fam.get_or_create(&PolicyResultLabels {
@@ -499,7 +551,12 @@ impl Supervisor {
                 return None;
             }
         };
-        let (resolved, due, deadlines) = resolve_all(&policy, resolver.as_ref()).await;
+        let (resolved, due, deadlines) = resolve_all(
+            &policy,
+            resolver.as_ref(),
+            &self.metrics.dns.rebinding_blocked,
+        )
+        .await;
         let name = policy.name.clone();
         match self.enforcer.reload(policy, (resolved, deadlines)) {
             Ok(stats) => {
@@ -507,6 +564,10 @@ impl Supervisor {
                     self.enforcer.postpone(&host, t);
                 }
                 self.resolver = resolver;
+                let resolvers: Vec<IpAddr> = upstream.servers().iter().map(|s| s.ip()).collect();
+                if let Err(error) = self.enforcer.set_resolvers(&resolvers) {
+                    tracing::warn!(%error, "naming the new policy's resolvers to the kernel failed; queries to them may be reported as unauthorized");
+                }
                 self.proxy.update(name.clone(), upstream);
                 self.metrics
                     .policy_loads
@@ -573,4 +634,28 @@ async fn next_batch(events: &mut Option<EventStream>) -> std::io::Result<(Vec<Bl
     let mut bad = 0;
     events.drain(|b| batch.push(b), &mut bad).await?;
     Ok((batch, bad))
+}
+
+#[cfg(test)]
+mod tests {
+    #![expect(clippy::unwrap_used, reason = "test code")]
+    use super::*;
+
+    #[test]
+    fn the_agents_own_lookups_pass_the_rebinding_filter() {
+        let policy = policy::parse_str(
+            "egress_policy:\n  default_action: DENY\n  allowed_destinations:\n    - host: api.example.com\n      ports: [443]\n      protocols: [https]\n  denied_destinations:\n    - cidr: 198.51.100.0/24\n",
+            Path::new("p.yaml"),
+        )
+        .unwrap();
+        let counter = RebindCounter::default();
+        let filter = RebindFilter::for_policy(&policy);
+        let addrs = ["169.254.169.254", "203.0.113.7", "198.51.100.9", "::1"]
+            .map(|a| a.parse::<IpAddr>().unwrap())
+            .to_vec();
+        let kept = screen_lookup(&filter, &counter, "p", "api.example.com", addrs);
+        assert_eq!(kept, vec!["203.0.113.7".parse::<IpAddr>().unwrap()]);
+        let labels = PolicyLabels { policy: "p".into() };
+        assert_eq!(counter.get_or_create(&labels).get(), 3);
+    }
 }

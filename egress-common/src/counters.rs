@@ -79,6 +79,17 @@ pub enum Reason {
     /// A send with ancillary data on an IPv6 UDP socket connected to loopback: the data can
     /// name an interface that takes the packet onto the wire. Denied.
     DenyLoopbackAncillary = 26,
+    /// A UDP `connect()` to a destination the policy does not allow. A UDP connect sends
+    /// nothing (it only names the peer: glibc's getaddrinfo connects to every answer address
+    /// to sort them, RFC 6724), so it is counted apart from attempts that would have carried
+    /// data; any datagram to that destination is judged, and refused, on its own. The event
+    /// keeps the policy's reason as its cause.
+    UdpConnectRefused = 27,
+    /// A DNS query to a resolver that is neither in `dns_policy.allowed_resolvers` (else the
+    /// proxy's upstream servers) nor on loopback (a local stub resolver is the host's own): it
+    /// went to the agent's proxy (which answers by the policy), never to that resolver. A blocked attempt, logged by the proxy with the
+    /// resolver, the query name and the process.
+    DnsUnauthorizedResolver = 28,
 }
 
 /// Room for more reasons without a layout change of the counter map.
@@ -91,7 +102,7 @@ pub const NUM_COUNTERS: u32 = (MAX_SLOTS + 1) * NUM_REASONS * NUM_PROTOS;
 pub const INVALID_SLOT_BLOCK: u32 = MAX_SLOTS;
 
 impl Reason {
-    pub const ALL: [Reason; 27] = [
+    pub const ALL: [Reason; 29] = [
         Reason::AllowRule,
         Reason::AllowLoopback,
         Reason::AllowSocket,
@@ -119,6 +130,8 @@ impl Reason {
         Reason::DenyLoopbackOffDevice,
         Reason::DenyDnsLinkLocal,
         Reason::DenyLoopbackAncillary,
+        Reason::UdpConnectRefused,
+        Reason::DnsUnauthorizedResolver,
     ];
 
     #[inline(always)]
@@ -165,6 +178,8 @@ impl Reason {
             Reason::DenyLoopbackOffDevice => "loopback_off_device_dropped",
             Reason::DenyDnsLinkLocal => "dns_link_local_refused",
             Reason::DenyLoopbackAncillary => "loopback_ancillary_refused",
+            Reason::UdpConnectRefused => "udp_connect_refused",
+            Reason::DnsUnauthorizedResolver => "dns_unauthorized_resolver",
         }
     }
 }

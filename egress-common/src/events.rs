@@ -38,7 +38,9 @@ pub struct Event {
     /// For socket creation: the socket's type and protocol as the workload asked.
     pub sock_type: u32,
     pub sock_protocol: u32,
-    pub _reserved: u32,
+    /// [`crate::Reason`] as u32: the policy's own reason when `reason` classifies the attempt
+    /// ([`crate::Reason::UdpConnectRefused`]); otherwise equal to `reason`.
+    pub cause: u32,
 }
 
 const _: () = {

@@ -50,6 +50,19 @@ pub const DNS_PORT: u16 = 53;
 /// left at its default).
 pub const DNS_PROXY_PORT_FIRST: u16 = 700;
 pub const DNS_PROXY_PORT_LAST: u16 = 799;
+/// A query to a resolver the slot does not authorize goes to the proxy at its port plus this
+/// offset (so `DNS_PROXY_PORT_FIRST + offset ..= DNS_PROXY_PORT_LAST + offset` is the proxies'
+/// second range): the proxy answers it by the policy like any other and reports the attempt.
+pub const DNS_UNAUTHORIZED_PORT_OFFSET: u16 = 100;
+/// The last port of both proxy ranges: loopback ports of `DNS_PROXY_PORT_FIRST..=` this that
+/// are not the slot's own two are refused.
+pub const DNS_PROXY_RANGE_LAST: u16 = DNS_PROXY_PORT_LAST + DNS_UNAUTHORIZED_PORT_OFFSET;
+/// `HashMap<ResolverKey, u32>`: the resolvers each slot's workload may address its queries
+/// to (`dns_policy.allowed_resolvers`, else the proxy's upstream servers). Only observability
+/// depends on it: every query goes to the proxy either way.
+pub const MAP_DNS_RESOLVERS: &str = "EGRESS_DNS_RESOLVERS";
+pub const MAX_DNS_RESOLVERS: u32 = 1 << 10;
+
 /// DNS over TLS (RFC 7858), refused everywhere when the slot has [`SLOT_BLOCK_DOT`].
 pub const DOT_PORT: u16 = 853;
 
@@ -112,7 +125,11 @@ pub const SLOT_RATE_LIMITED: u32 = 1 << 2;
 /// DNS over TLS (port 853) is refused to every destination but loopback.
 pub const SLOT_BLOCK_DOT: u32 = 1 << 3;
 
-/// Where a redirected DNS query was addressed.
+/// Queries to resolvers not in [`MAP_DNS_RESOLVERS`] are told apart (sent to the proxy's
+/// second port and counted as [`crate::Reason::DnsUnauthorizedResolver`]).
+pub const SLOT_DNS_RESOLVERS: u32 = 1 << 4;
+
+/// Where a redirected DNS query was addressed, and who sent it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DnsOrigin {
@@ -123,6 +140,36 @@ pub struct DnsOrigin {
     pub port_be: u16,
     pub family: u8,
     pub _pad: u8,
+    /// The process (thread group id) and user of the task that addressed the query.
+    pub pid: u32,
+    pub uid: u32,
+    pub comm: [u8; 16],
+}
+
+/// Key of [`MAP_DNS_RESOLVERS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ResolverKey {
+    pub slot: u32,
+    /// 4 or 6; IPv4 (also when IPv4-mapped) in the first four bytes of `addr`.
+    pub family: u8,
+    pub _pad: [u8; 3],
+    pub addr: [u8; 16],
+}
+
+impl ResolverKey {
+    #[inline(always)]
+    pub const fn for_dest(slot: u32, dst: &Dest) -> Self {
+        ResolverKey {
+            slot,
+            family: match dst.family {
+                Family::V4 => 4,
+                Family::V6 => 6,
+            },
+            _pad: [0; 3],
+            addr: dst.addr,
+        }
+    }
 }
 
 impl DnsOrigin {
@@ -218,6 +265,22 @@ pub struct RuleValue {
     /// DNS whose lifetime ran out); 0: it never expires.
     pub expires_s: u32,
     pub inline: [InlinePort; MAX_INLINE_PORTS as usize],
+    /// For an address learned from DNS: which name's budget a connection to it is charged to
+    /// under a wildcard rule's per-name limit ([`name_tag`]); 0 otherwise.
+    pub name_tag: u32,
+}
+
+/// The budget identity of a DNS name under a wildcard rule: FNV-1a of the lowercase name,
+/// never 0 (0 means "no name").
+pub fn name_tag(name: &[u8]) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    let mut i = 0;
+    while i < name.len() {
+        h ^= name[i].to_ascii_lowercase() as u32;
+        h = h.wrapping_mul(0x0100_0193);
+        i += 1;
+    }
+    if h == 0 { 1 } else { h }
 }
 
 impl RuleValue {
@@ -258,10 +321,11 @@ impl PortKey {
 
 const _: () = {
     assert!(core::mem::size_of::<SlotConfig>() == 36);
-    assert!(core::mem::size_of::<DnsOrigin>() == 20);
+    assert!(core::mem::size_of::<DnsOrigin>() == 44);
+    assert!(core::mem::size_of::<ResolverKey>() == 24);
     assert!(core::mem::size_of::<RuleKey>() == 24);
     assert!(core::mem::align_of::<RuleKey>() == 1);
-    assert!(core::mem::size_of::<RuleValue>() == 32);
+    assert!(core::mem::size_of::<RuleValue>() == 36);
     assert!(core::mem::size_of::<PortKey>() == 12);
     assert!(core::mem::align_of::<PortKey>() == 4);
 };
@@ -276,4 +340,5 @@ mod pod {
     unsafe impl aya::Pod for super::InlinePort {}
     unsafe impl aya::Pod for super::PortKey {}
     unsafe impl aya::Pod for super::DnsOrigin {}
+    unsafe impl aya::Pod for super::ResolverKey {}
 }

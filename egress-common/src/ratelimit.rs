@@ -93,6 +93,10 @@ pub struct Limit {
 }
 
 pub const LIMIT_PER_ADDRESS: u32 = 1 << 0;
+/// One bucket per DNS name (wildcard host rules): a connection to a learned address is
+/// charged to the budget of the name whose answer installed it
+/// ([`crate::RuleValue::name_tag`]).
+pub const LIMIT_PER_NAME: u32 = 1 << 1;
 
 impl Limit {
     /// `max_connections` per `window_secs` seconds (both at least 1; 0 is read as 1).
@@ -144,17 +148,26 @@ impl BucketKey {
         }
     }
 
-    /// The bucket `limit` charges for a connection to `dst`.
+    /// The bucket `limit` charges for a connection to `dst`, an address learned for the name
+    /// `name_tag` stands for (0: none).
     #[inline(always)]
-    pub const fn destination(slot: u32, limit: &Limit, dst: &Dest) -> Self {
+    pub const fn destination(slot: u32, limit: &Limit, dst: &Dest, name_tag: u32) -> Self {
         let per_address = limit.flags & LIMIT_PER_ADDRESS != 0;
+        let mut addr = if per_address { dst.addr } else { [0; 16] };
+        if !per_address && limit.flags & LIMIT_PER_NAME != 0 {
+            let t = name_tag.to_be_bytes();
+            addr[0] = t[0];
+            addr[1] = t[1];
+            addr[2] = t[2];
+            addr[3] = t[3];
+        }
         BucketKey {
             slot,
             kind: BUCKET_DESTINATION,
             family: if per_address { dst.family as u8 } else { 0 },
             _pad: [0; 2],
             budget: limit.budget,
-            addr: if per_address { dst.addr } else { [0; 16] },
+            addr,
         }
     }
 }

@@ -3,9 +3,10 @@
 use crate::counters::Reason;
 use crate::dest::{Dest, Family, Proto};
 use crate::maps::{
-    ACTION_ALLOW, DNS_PORT, DNS_PROXY_PORT_FIRST, DNS_PROXY_PORT_LAST, DOT_PORT, MAX_EXPIRED_SKIPS,
-    PortKey, RULE_DOH_BIT, RULE_KEY_FIXED_BITS, RuleKey, RuleValue, SLOT_ALLOW_LOOPBACK,
-    SLOT_BLOCK_DOT, SlotConfig, address_bits,
+    ACTION_ALLOW, DNS_PORT, DNS_PROXY_PORT_FIRST, DNS_PROXY_RANGE_LAST,
+    DNS_UNAUTHORIZED_PORT_OFFSET, DOT_PORT, MAX_EXPIRED_SKIPS, PortKey, RULE_DOH_BIT,
+    RULE_KEY_FIXED_BITS, RuleKey, RuleValue, SLOT_ALLOW_LOOPBACK, SLOT_BLOCK_DOT,
+    SLOT_DNS_RESOLVERS, SlotConfig, address_bits,
 };
 
 /// Lookups the decision needs. The kernel implements it over BPF maps, the agent over the
@@ -161,6 +162,19 @@ fn allowed_port<T: Tables>(
     ))
 }
 
+/// How a denial is counted and reported: a UDP `connect()` carries no data (it only names the
+/// peer), so its refusal is [`Reason::UdpConnectRefused`], with the policy's reason kept as
+/// the cause. The start-up probe, a UDP connect by design, stays what it is. Returns
+/// `(reason, cause)`.
+#[inline(always)]
+pub const fn classify_denial(connect: bool, dst: &Dest, reason: Reason) -> (Reason, Reason) {
+    if connect && matches!(dst.proto, Proto::Udp) && !matches!(reason, Reason::StartupProbe) {
+        (Reason::UdpConnectRefused, reason)
+    } else {
+        (reason, reason)
+    }
+}
+
 /// What the DNS redirect makes of a destination, before (and instead of) the policy.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DnsRoute {
@@ -169,6 +183,9 @@ pub enum DnsRoute {
     /// A DNS query (TCP or UDP to port 53, any address, loopback included: a local stub
     /// resolver forwards anything): to the slot's proxy instead.
     Redirect,
+    /// As [`DnsRoute::Redirect`], addressed to a resolver the slot does not authorize: to the
+    /// proxy's second port, which reports the attempt.
+    RedirectUnauthorized,
     /// The slot's proxy itself (127.0.0.1 or ::1 at its port): a socket whose connect was
     /// redirected may run a send hook again with the rewritten address. Passes whatever the
     /// policy says of loopback.
@@ -180,24 +197,34 @@ pub enum DnsRoute {
 }
 
 /// Routes a destination of a slot with a DNS proxy; `alive` is asked (it reads the clock) only
-/// for DNS and proxy destinations. A slot without a proxy or a policy is left to the policy.
+/// for DNS and proxy destinations, `authorized` (a map lookup) only for queries of a slot
+/// that tells resolvers apart. A slot without a proxy or a policy is left to the policy.
 #[inline(always)]
-pub fn dns_route<F: FnOnce() -> bool>(slot: &SlotConfig, dst: &Dest, alive: F) -> DnsRoute {
+pub fn dns_route<F: FnOnce() -> bool, A: FnOnce() -> bool>(
+    slot: &SlotConfig,
+    dst: &Dest,
+    alive: F,
+    authorized: A,
+) -> DnsRoute {
     if slot.dns_port == 0 || slot.policy_id == 0 || !matches!(dst.proto, Proto::Tcp | Proto::Udp) {
         return DnsRoute::Judge;
     }
-    let own = dst.port == slot.dns_port && is_proxy_address(dst);
+    let own = (dst.port == slot.dns_port
+        || dst.port == slot.dns_port.wrapping_add(DNS_UNAUTHORIZED_PORT_OFFSET))
+        && is_proxy_address(dst);
     if dst.port == DNS_PORT || own {
         if !alive() {
             return DnsRoute::ProxyDown;
         }
         return if own {
             DnsRoute::Proxy
+        } else if slot.flags & SLOT_DNS_RESOLVERS != 0 && !dst.is_loopback() && !authorized() {
+            DnsRoute::RedirectUnauthorized
         } else {
             DnsRoute::Redirect
         };
     }
-    if dst.is_loopback() && (DNS_PROXY_PORT_FIRST..=DNS_PROXY_PORT_LAST).contains(&dst.port) {
+    if dst.is_loopback() && (DNS_PROXY_PORT_FIRST..=DNS_PROXY_RANGE_LAST).contains(&dst.port) {
         return DnsRoute::OtherProxy;
     }
     DnsRoute::Judge
@@ -254,6 +281,28 @@ mod tests {
     }
 
     #[test]
+    fn only_udp_connects_are_classified_as_carrying_no_data() {
+        let udp = Dest::v4([198, 18, 0, 2], 443, Proto::Udp);
+        let tcp = Dest::v4([198, 18, 0, 2], 443, Proto::Tcp);
+        assert_eq!(
+            classify_denial(true, &udp, Reason::DenyPort),
+            (Reason::UdpConnectRefused, Reason::DenyPort)
+        );
+        assert_eq!(
+            classify_denial(false, &udp, Reason::DenyPort),
+            (Reason::DenyPort, Reason::DenyPort)
+        );
+        assert_eq!(
+            classify_denial(true, &tcp, Reason::DenyNoRule),
+            (Reason::DenyNoRule, Reason::DenyNoRule)
+        );
+        assert_eq!(
+            classify_denial(true, &udp, Reason::StartupProbe),
+            (Reason::StartupProbe, Reason::StartupProbe)
+        );
+    }
+
+    #[test]
     fn every_port_53_destination_goes_to_the_proxy_while_it_is_alive() {
         let s = slot(707);
         for dst in [
@@ -266,19 +315,30 @@ mod tests {
                 Proto::Udp,
             ),
         ] {
-            assert_eq!(dns_route(&s, &dst, || true), DnsRoute::Redirect, "{dst:?}");
             assert_eq!(
-                dns_route(&s, &dst, || false),
+                dns_route(&s, &dst, || true, || true),
+                DnsRoute::Redirect,
+                "{dst:?}"
+            );
+            assert_eq!(
+                dns_route(&s, &dst, || false, || true),
                 DnsRoute::ProxyDown,
                 "{dst:?}"
             );
             assert_eq!(
-                dns_route(&slot(0), &dst, || true),
+                dns_route(&slot(0), &dst, || true, || true),
                 DnsRoute::Judge,
                 "no proxy: {dst:?}"
             );
         }
-        let judged = |d: Dest| dns_route(&s, &d, || panic!("the clock is read only for DNS"));
+        let judged = |d: Dest| {
+            dns_route(
+                &s,
+                &d,
+                || panic!("the clock is read only for DNS"),
+                || panic!("resolvers are looked up only for DNS"),
+            )
+        };
         assert_eq!(
             judged(Dest::v4([8, 8, 8, 8], 853, Proto::Tcp)),
             DnsRoute::Judge
@@ -289,8 +349,49 @@ mod tests {
         );
         let no_policy = SlotConfig { policy_id: 0, ..s };
         assert_eq!(
-            dns_route(&no_policy, &Dest::v4([8, 8, 8, 8], 53, Proto::Udp), || true),
+            dns_route(
+                &no_policy,
+                &Dest::v4([8, 8, 8, 8], 53, Proto::Udp),
+                || true,
+                || true
+            ),
             DnsRoute::Judge
+        );
+    }
+
+    #[test]
+    fn queries_to_unauthorized_resolvers_are_told_apart_only_when_the_slot_asks() {
+        let dst = Dest::v4([203, 0, 113, 9], 53, Proto::Udp);
+        let plain = slot(707);
+        assert_eq!(
+            dns_route(&plain, &dst, || true, || panic!("no resolver check")),
+            DnsRoute::Redirect
+        );
+        let checked = SlotConfig {
+            flags: SLOT_DNS_RESOLVERS,
+            ..plain
+        };
+        assert_eq!(
+            dns_route(&checked, &dst, || true, || false),
+            DnsRoute::RedirectUnauthorized
+        );
+        assert_eq!(
+            dns_route(&checked, &dst, || true, || true),
+            DnsRoute::Redirect
+        );
+        assert_eq!(
+            dns_route(&checked, &dst, || false, || false),
+            DnsRoute::ProxyDown
+        );
+        // A local stub resolver is the host's own: its queries are not flagged.
+        assert_eq!(
+            dns_route(
+                &checked,
+                &Dest::v4([127, 0, 0, 53], 53, Proto::Udp),
+                || true,
+                || panic!("loopback needs no lookup")
+            ),
+            DnsRoute::Redirect
         );
     }
 
@@ -299,17 +400,27 @@ mod tests {
         let s = slot(707);
         let mut v6 = [0u8; 16];
         v6[15] = 1;
-        let route = |d: Dest| dns_route(&s, &d, || true);
+        let route = |d: Dest| dns_route(&s, &d, || true, || true);
         assert_eq!(
             route(Dest::v4([127, 0, 0, 1], 707, Proto::Udp)),
             DnsRoute::Proxy
         );
         assert_eq!(route(Dest::v6(v6, 707, Proto::Tcp)), DnsRoute::Proxy);
         assert_eq!(
-            dns_route(&s, &Dest::v4([127, 0, 0, 1], 707, Proto::Udp), || false),
+            dns_route(
+                &s,
+                &Dest::v4([127, 0, 0, 1], 707, Proto::Udp),
+                || false,
+                || true
+            ),
             DnsRoute::ProxyDown
         );
-        for port in [700, 708, 799] {
+        assert_eq!(
+            route(Dest::v4([127, 0, 0, 1], 807, Proto::Udp)),
+            DnsRoute::Proxy,
+            "the proxy's second port is its own too"
+        );
+        for port in [700, 708, 799, 800, 808, 899] {
             assert_eq!(
                 route(Dest::v4([127, 0, 0, 1], port, Proto::Udp)),
                 DnsRoute::OtherProxy
@@ -329,7 +440,7 @@ mod tests {
             DnsRoute::Judge
         );
         assert_eq!(
-            route(Dest::v4([127, 0, 0, 1], 800, Proto::Udp)),
+            route(Dest::v4([127, 0, 0, 1], 900, Proto::Udp)),
             DnsRoute::Judge
         );
         assert_eq!(

@@ -3,19 +3,37 @@
 //! workload's resolver accepts the answer as coming from the server it asked.
 
 use aya_ebpf::{
-    helpers::generated::{bpf_get_socket_cookie, bpf_ktime_get_boot_ns},
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
+        generated::{bpf_get_socket_cookie, bpf_ktime_get_boot_ns},
+    },
     macros::map,
-    maps::{Array, LruHashMap},
+    maps::{Array, HashMap, LruHashMap},
     programs::SockAddrContext,
 };
 use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 use egress_common::{
     Dest, Family,
-    maps::{DnsOrigin, MAX_DNS_ORIGINS, MAX_SLOTS},
+    maps::{
+        DNS_UNAUTHORIZED_PORT_OFFSET, DnsOrigin, MAX_DNS_ORIGINS, MAX_DNS_RESOLVERS, MAX_SLOTS,
+        ResolverKey,
+    },
 };
 
 #[map(name = "EGRESS_DNS_ORIGIN")]
 static ORIGINS: LruHashMap<u64, DnsOrigin> = LruHashMap::with_max_entries(MAX_DNS_ORIGINS, 0);
+
+#[map(name = "EGRESS_DNS_RESOLVERS")]
+static RESOLVERS: HashMap<ResolverKey, u32> =
+    HashMap::with_max_entries(MAX_DNS_RESOLVERS, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
+
+/// Whether the slot authorizes queries addressed to `dst`'s address.
+#[inline(always)]
+pub fn authorized(dst: &Dest) -> bool {
+    let key = ResolverKey::for_dest(crate::tables::slot(), dst);
+    // SAFETY: only presence is read.
+    unsafe { RESOLVERS.get(key) }.is_some()
+}
 
 #[map(name = "EGRESS_DNS_ALIVE")]
 static ALIVE: Array<u32> = Array::with_max_entries(MAX_SLOTS, 0);
@@ -118,6 +136,9 @@ fn remember(ctx: &SockAddrContext, dst: &Dest) {
             Family::V6 => DnsOrigin::FAMILY_V6,
         },
         _pad: 0,
+        pid: (bpf_get_current_pid_tgid() >> 32) as u32,
+        uid: bpf_get_current_uid_gid() as u32,
+        comm: bpf_get_current_comm().unwrap_or([0; 16]),
     };
     // A failed insert only means the answer shows the proxy's address; the resolver then
     // ignores it, which fails closed.
@@ -199,10 +220,16 @@ fn read_port(ctx: &SockAddrContext) -> u16 {
     u16::from_be(p as u16)
 }
 
+/// Whether `port` is one of the proxy's two ports.
+#[inline(always)]
+fn proxy_port(port: u16, proxy: u16) -> bool {
+    proxy != 0 && (port == proxy || port == proxy.wrapping_add(DNS_UNAUTHORIZED_PORT_OFFSET))
+}
+
 /// recvmsg4/getpeername4: an address that is the proxy's becomes the one queried.
 #[inline(always)]
 pub fn restore4(ctx: &SockAddrContext, proxy: u16) {
-    if proxy == 0 || read_port(ctx) != proxy {
+    if !proxy_port(read_port(ctx), proxy) {
         return;
     }
     let sa = ctx.sock_addr;
@@ -232,7 +259,7 @@ pub fn restore4(ctx: &SockAddrContext, proxy: u16) {
 /// recvmsg6/getpeername6: as [`restore4`], for [::1] and ::ffff:127.0.0.1.
 #[inline(always)]
 pub fn restore6(ctx: &SockAddrContext, proxy: u16) {
-    if proxy == 0 || read_port(ctx) != proxy {
+    if !proxy_port(read_port(ctx), proxy) {
         return;
     }
     let seen = crate::context::dest6(ctx);

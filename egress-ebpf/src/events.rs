@@ -18,6 +18,8 @@ static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 pub struct Attempt {
     pub hook: Hook,
     pub reason: Reason,
+    /// The policy's reason behind a classified `reason` (see `classify_denial`).
+    pub cause: Reason,
     pub rule_id: u32,
     pub proto: Proto,
     pub family: u8,
@@ -33,6 +35,7 @@ impl Attempt {
         Attempt {
             hook,
             reason,
+            cause: reason,
             rule_id,
             proto: dst.proto,
             family: dst.family as u8,
@@ -75,7 +78,7 @@ pub fn emit(slot: u32, a: &Attempt) {
         slot,
         sock_type: a.sock_type,
         sock_protocol: a.sock_protocol,
-        _reserved: 0,
+        cause: a.cause as u32,
     });
     entry.submit(0);
 }

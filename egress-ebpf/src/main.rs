@@ -101,6 +101,7 @@ pub fn egress_sock_create(ctx: SockContext) -> i32 {
     let attempt = events::Attempt {
         hook: Hook::SockCreate,
         reason: s.reason,
+        cause: s.reason,
         rule_id: egress_common::verdict::NO_RULE,
         proto: s.proto,
         family: s.family,
@@ -204,21 +205,36 @@ fn judge_addr(ctx: &SockAddrContext, hook: Hook, dst: egress_common::Dest) -> i3
                 counters::count(Reason::AllowConnected, dst.proto);
                 return ALLOW;
             }
-            match egress_common::verdict::dns_route(&cfg, &dst, dns::alive) {
-                DnsRoute::Redirect if send6 && dst.is_link_local() => {
+            match egress_common::verdict::dns_route(&cfg, &dst, dns::alive, || {
+                dns::authorized(&dst)
+            }) {
+                DnsRoute::Redirect | DnsRoute::RedirectUnauthorized
+                    if send6 && dst.is_link_local() =>
+                {
                     // A scope id would take even the redirected query out of that interface.
                     egress_common::Decision {
                         reason: Reason::DenyDnsLinkLocal,
                         rule_id: egress_common::verdict::NO_RULE,
                     }
                 }
-                DnsRoute::Redirect => {
+                route @ (DnsRoute::Redirect | DnsRoute::RedirectUnauthorized) => {
+                    // A query to a resolver the slot does not authorize goes to the proxy's
+                    // second port: answered by the policy all the same, and reported there.
+                    let (port, reason) = if matches!(route, DnsRoute::Redirect) {
+                        (cfg.dns_port, Reason::RedirectDns)
+                    } else {
+                        (
+                            cfg.dns_port
+                                .wrapping_add(egress_common::maps::DNS_UNAUTHORIZED_PORT_OFFSET),
+                            Reason::DnsUnauthorizedResolver,
+                        )
+                    };
                     match hook {
-                        Hook::Connect4 | Hook::Sendmsg4 => dns::redirect4(ctx, &dst, cfg.dns_port),
-                        _ => dns::redirect6(ctx, &dst, cfg.dns_port),
+                        Hook::Connect4 | Hook::Sendmsg4 => dns::redirect4(ctx, &dst, port),
+                        _ => dns::redirect6(ctx, &dst, port),
                     }
                     loopback_source(ctx, hook, &dst);
-                    counters::count(Reason::RedirectDns, dst.proto);
+                    counters::count(reason, dst.proto);
                     return ALLOW;
                 }
                 DnsRoute::Proxy => {
@@ -252,14 +268,15 @@ fn judge_addr(ctx: &SockAddrContext, hook: Hook, dst: egress_common::Dest) -> i3
     deny(hook, &dst, decision)
 }
 
-/// Counts and reports a denial.
+/// Counts and reports a denial (a UDP connect, which carries no data, apart).
 #[inline(always)]
 fn deny(hook: Hook, dst: &egress_common::Dest, decision: egress_common::Decision) -> i32 {
-    counters::count(decision.reason, dst.proto);
-    events::emit(
-        tables::slot(),
-        &events::Attempt::to(hook, dst, decision.reason, decision.rule_id),
-    );
+    let connect = matches!(hook, Hook::Connect4 | Hook::Connect6);
+    let (reason, cause) = egress_common::verdict::classify_denial(connect, dst, decision.reason);
+    counters::count(reason, dst.proto);
+    let mut attempt = events::Attempt::to(hook, dst, reason, decision.rule_id);
+    attempt.cause = cause;
+    events::emit(tables::slot(), &attempt);
     DENY
 }
 

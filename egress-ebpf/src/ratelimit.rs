@@ -17,9 +17,9 @@ use egress_common::{
     Decision, Dest, Proto, Reason, SlotConfig,
     maps::SLOT_RATE_LIMITED,
     ratelimit::{
-        Bucket, BucketKey, FlowKey, HAS_DESTINATION, HAS_GLOBAL, Limit, LimitKey, MAX_BUCKETS,
-        MAX_RATE_LIMITS, MAX_UDP_FLOWS, RuleLimits, Take, TatCell, UDP_FLOW_REFRESH_NS,
-        flow_is_live, fresh, refund, take,
+        Bucket, BucketKey, FlowKey, HAS_DESTINATION, HAS_GLOBAL, LIMIT_PER_NAME, Limit, LimitKey,
+        MAX_BUCKETS, MAX_RATE_LIMITS, MAX_UDP_FLOWS, RuleLimits, Take, TatCell,
+        UDP_FLOW_REFRESH_NS, flow_is_live, fresh, refund, take,
     },
 };
 
@@ -158,7 +158,15 @@ pub fn limit(slot: u32, cfg: &SlotConfig, dst: &Dest, decision: Decision) -> Dec
     // program may be reading).
     let (present, destination, global) =
         unsafe { ((*limits).present, (*limits).destination, (*limits).global) };
-    let dest_key = BucketKey::destination(slot, &destination, dst);
+    // A wildcard rule budgets per name: the learned entry says which name's budget this is.
+    let name_tag = if destination.flags & LIMIT_PER_NAME != 0
+        && matches!(decision.reason, Reason::AllowLearned)
+    {
+        crate::tables::learned_name_tag(cfg.policy_id, dst)
+    } else {
+        0
+    };
+    let dest_key = BucketKey::destination(slot, &destination, dst, name_tag);
     if present & HAS_DESTINATION != 0
         && let Err(reason) = charge(&dest_key, &destination, now, Reason::RateLimitedDestination)
     {

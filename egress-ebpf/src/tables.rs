@@ -74,6 +74,16 @@ impl Tables for Maps {
     }
 }
 
+/// The name tag of a learned address (0 when it has none). The decision that allowed the
+/// connection read the same entry; it can only have been replaced by one with the same or
+/// another name's tag since, and either is a budget of this rule.
+#[inline(always)]
+pub fn learned_name_tag(policy_id: u32, dst: &Dest) -> u32 {
+    let key = RuleKey::for_dest(policy_id, dst);
+    // SAFETY: the value is copied out at once.
+    unsafe { LEARNED.get(&key) }.map_or(0, |v| v.name_tag)
+}
+
 /// The slot's configuration, or the verdict to give when it cannot be read. A slot the agent
 /// never configured reads as all-zero and so denies through `DenyNoPolicy`.
 #[inline(always)]

@@ -311,6 +311,19 @@ impl Topology {
     /// client namespace. Only addresses in 198.18.0.0/16 or fd00:e9::/32 are accepted.
     pub fn add_remote_addr(&self, ip: IpAddr) -> Result<()> {
         let prefix = test_prefix_len(ip)?;
+        self.add_remote_host(ip, prefix)
+    }
+
+    /// The cloud metadata address 169.254.169.254, played by the remote namespace, so that a
+    /// test can show the workload cannot reach it through a name that resolves to it. Like
+    /// every test address, it exists only inside the test's namespaces.
+    pub fn add_remote_metadata_addr(&self) -> Result<IpAddr> {
+        let ip = IpAddr::V4(Ipv4Addr::new(169, 254, 169, 254));
+        self.add_remote_host(ip, 32)?;
+        Ok(ip)
+    }
+
+    fn add_remote_host(&self, ip: IpAddr, prefix: u8) -> Result<()> {
         let cidr = format!("{ip}/{prefix}");
         let mut add = vec!["addr", "add", cidr.as_str(), "dev", REMOTE_IF];
         if ip.is_ipv6() {

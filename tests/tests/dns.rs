@@ -341,6 +341,14 @@ fn an_allowed_name_resolves_and_connects_at_once_every_time() {
         .map(|q| q.name)
         .collect();
     assert_eq!(names.len(), 350, "names the upstream resolver was asked");
+    // The allowed resolver and a local stub are not unauthorized resolvers; the upstream's
+    // IPv6 address is not in allowed_resolvers, so the fifty queries sent there are.
+    let flagged = blocked(&out, "dns_unauthorized_resolver");
+    assert!(
+        !flagged.is_empty() && flagged.iter().all(|e| e["dst.ip"] == "fd00:e9::2"),
+        "{flagged:#?}"
+    );
+    assert_eq!(verdict_count(&out, "dns_unauthorized_resolver"), 50);
 }
 
 // --- 2. Only allowed names are resolved -------------------------------------------------------
@@ -472,9 +480,10 @@ fn a_query_to_another_resolver_is_answered_by_the_proxy_not_by_that_resolver() {
     let evil = "resolve udp4 198.18.0.53 evil.test A";
     let many = "dns connect udp4 198.18.0.53 53 api.example.test 20";
     let rogue_addr = "connect tcp4 198.18.0.66 8443";
+    let allowed = "resolve udp4 198.18.0.2 api.example.test A";
     let out = finished(
         &tb,
-        agent(&tb, &policy).args([udp, sendto, tcp, v6, evil, many, rogue_addr]),
+        agent(&tb, &policy).args([udp, sendto, tcp, v6, evil, many, rogue_addr, allowed]),
     );
     for op in [udp, sendto, tcp, v6] {
         assert_answer(&out, op, rcode::NOERROR, &["198.18.0.10"]);
@@ -496,6 +505,45 @@ fn a_query_to_another_resolver_is_answered_by_the_proxy_not_by_that_resolver() {
     );
     assert_forwarded(&dns, "api.example.test", &out);
     assert_not_forwarded(&dns, "evil.test", &out);
+    assert_answer(&out, allowed, rcode::NOERROR, &["198.18.0.10"]);
+
+    // Each query to the rogue resolver is a blocked attempt: one event naming the resolver,
+    // the name and the process, and an exact kernel count. The one to the allowed resolver
+    // is not flagged.
+    let attempts = blocked(&out, "dns_unauthorized_resolver");
+    let pid = out.result(udp).and_then(|r| r.pid);
+    let has = |resolver: &str, name: &str, protocol: &str| {
+        attempts.iter().any(|e| {
+            e["dst.ip"] == resolver
+                && e["dst.port"] == 53
+                && e["dns.name"] == name
+                && e["protocol"] == protocol
+                && e["comm"] == "egress-probe"
+                && (pid.is_none() || e["pid"].as_u64() == pid.map(u64::from))
+        })
+    };
+    for (resolver, name, protocol) in [
+        ("198.18.0.53", "api.example.test", "udp"),
+        ("198.18.0.53", "api.example.test", "tcp"),
+        ("fd00:e9::53", "api.example.test", "udp"),
+        ("198.18.0.53", "evil.test", "udp"),
+    ] {
+        assert!(
+            has(resolver, name, protocol),
+            "no unauthorized-resolver event for {name} via {resolver} over {protocol}: {attempts:#?}\n{}",
+            out.describe()
+        );
+    }
+    assert!(
+        attempts.iter().all(|e| e["dst.ip"] != UPSTREAM),
+        "a query to the allowed resolver was flagged: {attempts:#?}"
+    );
+    // udp, sendto, tcp, v6, evil and the connect of `many`: six redirects.
+    assert!(
+        verdict_count(&out, "dns_unauthorized_resolver") >= 6,
+        "{}",
+        out.describe()
+    );
 
     // Control: without the agent the same query reaches the rogue server and its answer.
     let control = "resolve udp4 198.18.0.53 api.example.test A";
@@ -558,11 +606,22 @@ fn dns_over_tls_is_blocked_to_every_host() {
     out.assert_ok(control);
     assert_arrived(&other, b"not-dot", &out);
     assert_nothing_arrived(&[&dot_tcp, &dot_udp, &dot_tcp6], &out);
+    // The UDP connect sends nothing: it is refused as `udp_connect_refused`, with the DoT
+    // block as its cause; every other attempt is a dns_over_tls_blocked verdict.
     assert_eq!(
         verdict_count(&out, "dns_over_tls_blocked"),
-        ops.len() as u64,
-        "one dns_over_tls_blocked verdict per attempt\n{}",
+        ops.len() as u64 - 1,
+        "one dns_over_tls_blocked verdict per attempt but the UDP connect\n{}",
         out.stderr
+    );
+    assert_eq!(verdict_count(&out, "udp_connect_refused"), 1);
+    let no_data = events(&out, "egress_refused_no_data");
+    assert!(
+        no_data.iter().any(|e| e["reason"] == "udp_connect_refused"
+            && e["cause"] == "dns_over_tls_blocked"
+            && e["carries_data"] == false
+            && e["dst.port"] == 853),
+        "{no_data:#?}"
     );
     let events = blocked(&out, "dns_over_tls_blocked");
     for hook in ["connect4", "sendmsg4", "connect6"] {

@@ -146,3 +146,75 @@ fn a_changed_answer_moves_the_allowance_to_the_new_address() {
         "the new address was reachable before the change"
     );
 }
+
+/// The agent's own lookups of the policy's host names pass the same rebinding filter as the
+/// proxy's answers: an allowed name that answers with the metadata service opens nothing,
+/// and the refusal is the same logged event.
+#[test]
+fn a_policy_host_answering_the_metadata_address_opens_nothing() {
+    let Some(tb) = Testbed::for_test(PROBE.as_ref()) else {
+        return;
+    };
+    let remote: IpAddr = REMOTE_V4.into();
+    let metadata = tb
+        .topo
+        .add_remote_metadata_addr()
+        .expect("metadata address");
+    let dns =
+        Dnsmasq::start(tb.remote(), remote, &[(NAME, remote), (NAME, metadata)]).expect("dnsmasq");
+    let api = tb
+        .listen_tcp(SocketAddr::new(remote, 8443))
+        .expect("listener");
+    let meta = tb
+        .listen_tcp(SocketAddr::new(metadata, 8443))
+        .expect("listener");
+    let policy = PolicyYaml::new().allow_host(NAME, &[8443], &["tcp"]);
+    let conf = resolv_conf(&tb, remote);
+    // Without the agent the metadata address answers: the refusal below is the filter's.
+    let bare = tb
+        .run_probe(&["send tcp4 169.254.169.254 8443 reachable"])
+        .unwrap();
+    bare.assert_ok("send tcp4 169.254.169.254 8443 reachable");
+    let out = tb
+        .agent(&policy)
+        .unwrap()
+        .agent_arg("--resolv-conf")
+        .agent_arg(&conf)
+        .json_log()
+        .args([
+            "send tcp4 198.18.0.2 8443 via-name",
+            "send tcp4 169.254.169.254 8443 metadata",
+        ])
+        .run_in(tb.client())
+        .unwrap();
+    assert_eq!(out.exit_code(), Some(0), "{}", out.describe());
+    out.assert_ok("send tcp4 198.18.0.2 8443 via-name");
+    out.assert_errno("send tcp4 169.254.169.254 8443 metadata", libc::EPERM);
+    assert!(contains(
+        &api.wait_for(b"via-name", Duration::from_secs(3)),
+        b"via-name"
+    ));
+    std::thread::sleep(SETTLE);
+    assert_eq!(
+        meta.connections(),
+        1,
+        "only the run without the agent got in"
+    );
+    assert!(
+        dns.queries().iter().any(|q| q.contains(NAME)),
+        "the agent did not look the name up"
+    );
+    let line = out
+        .stderr
+        .lines()
+        .find(|l| l.contains("dns_rebinding_blocked"))
+        .unwrap_or_else(|| panic!("no rebinding event: {}", out.stderr));
+    for field in [
+        "\"source\":\"policy_lookup\"",
+        "\"address\":\"169.254.169.254\"",
+        "\"reason\":\"special_purpose_address\"",
+        NAME,
+    ] {
+        assert!(line.contains(field), "{field} missing in {line}");
+    }
+}

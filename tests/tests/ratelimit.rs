@@ -849,3 +849,65 @@ fn kernel_rate_limits_agree_with_the_reference() {
         );
     }
 }
+
+/// "per_destination" under a wildcard is per name: 200 names below `*.wild.example.test`,
+/// each answering its own address and connected once, all succeed under 100 per hour; 101
+/// connections to one further name block the 101st. The budget is the name's, not the
+/// wildcard rule's.
+#[test]
+fn every_name_under_a_wildcard_is_its_own_destination_budget() {
+    let Some(tb) = testbed() else { return };
+    tb.topo
+        .add_remote_net("198.18.1.0/24")
+        .expect("remote range");
+    let listener = tb.listen_tcp(sa("0.0.0.0:8443")).expect("listener");
+    let upstream: IpAddr = REMOTE_V4.into();
+    let mut records: Vec<(String, IpAddr)> = (0..200)
+        .map(|i| {
+            (
+                format!("n{i}.wild.example.test"),
+                ip(&format!("198.18.1.{}", i + 1)),
+            )
+        })
+        .collect();
+    records.push(("many.wild.example.test".into(), ip("198.18.1.250")));
+    let refs: Vec<(&str, IpAddr)> = records.iter().map(|(n, a)| (n.as_str(), *a)).collect();
+    let _dns = Dnsmasq::start(tb.remote(), upstream, &refs).expect("dnsmasq");
+    let mut yaml = policy_yaml(
+        &[rule("host", "*.wild.example.test", &[8443], "tcp", None)],
+        Some((100, 3600)),
+        Some((1000, 3600)),
+    );
+    yaml.push_str("  dns_policy:\n    allowed_resolvers: [198.18.0.2]\n");
+    let each =
+        "resolve udp4 198.18.0.2 n{i}.wild.example.test A repeat 200 then-connect tcp4 8443 n";
+    let resolve = "resolve udp4 198.18.0.2 many.wild.example.test A";
+    let flood = "flood tcp4 198.18.1.250 8443 101";
+    let out = agent(&tb, &yaml)
+        .timeout(Duration::from_secs(120))
+        .args([each, resolve, flood])
+        .run_in(tb.client())
+        .expect("agent run");
+    out.assert_exit(0);
+    let r = out.assert_ok(each);
+    assert_eq!(r.count, Some(200), "{}", out.describe());
+    out.assert_ok(resolve);
+    let f = out.assert_ok(flood);
+    assert_eq!(
+        (f.attempts, f.eperm),
+        (Some(101), Some(1)),
+        "101 connections to one name: the 101st is refused\n{}",
+        out.describe()
+    );
+    std::thread::sleep(SETTLE);
+    assert_eq!(listener.connections(), 300, "{}", out.describe());
+    assert_eq!(
+        verdict_count(&out, Reason::RateLimitedDestination),
+        1,
+        "{}",
+        out.describe()
+    );
+    let events = blocked_events(&out, Reason::RateLimitedDestination);
+    assert_eq!(events.len(), 1, "{}", out.describe());
+    assert_eq!(events[0]["dst.ip"], "198.18.1.250");
+}

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use aya::maps::{Array, HashMap, MapData, MapError};
 use egress_common::{
     PortKey, RuleKey, RuleValue,
-    maps::{MAP_DNS_ALIVE, MAP_LEARNED, MAP_PORTS},
+    maps::{MAP_DNS_ALIVE, MAP_DNS_RESOLVERS, MAP_LEARNED, MAP_PORTS, ResolverKey},
 };
 
 use super::answer::AddressRecord;
@@ -124,6 +124,69 @@ impl Liveness {
     }
 }
 
+/// The resolvers the slot's workload may address its queries to. Queries to any other are
+/// still answered by the proxy, on its second port, which reports them as blocked attempts.
+pub struct ResolverMap {
+    map: HashMap<MapData, ResolverKey, u32>,
+    slot: u32,
+}
+
+impl ResolverMap {
+    pub fn take(programs: &mut Programs, slot: u32) -> Result<Self, MapsError> {
+        let map = programs.take_map(MAP_DNS_RESOLVERS)?;
+        Ok(ResolverMap {
+            map: HashMap::try_from(map).map_err(op_err(MAP_DNS_RESOLVERS, "open"))?,
+            slot,
+        })
+    }
+
+    /// Makes `servers` the slot's authorized resolvers: new ones first, then the others go.
+    pub fn set(&mut self, servers: &[IpAddr]) -> Result<(), MapsError> {
+        let want: std::collections::BTreeSet<ResolverKey> = servers
+            .iter()
+            .map(|ip| resolver_key(self.slot, *ip))
+            .collect();
+        for k in &want {
+            self.map
+                .insert(k, 1, 0)
+                .map_err(op_err(MAP_DNS_RESOLVERS, "insert"))?;
+        }
+        let stale: Vec<ResolverKey> = self
+            .map
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.slot == self.slot && !want.contains(k))
+            .collect();
+        for k in &stale {
+            match self.map.remove(k) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(MapError::SyscallError(e))
+                    if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(e) => return Err(op_err(MAP_DNS_RESOLVERS, "remove")(e)),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The key the kernel looks a query's destination up by (IPv4-mapped addresses as IPv4).
+pub fn resolver_key(slot: u32, ip: IpAddr) -> ResolverKey {
+    let (family, addr) = match ip.to_canonical() {
+        IpAddr::V4(v4) => {
+            let mut a = [0u8; 16];
+            a[..4].copy_from_slice(&v4.octets());
+            (4, a)
+        }
+        IpAddr::V6(v6) => (6, v6.octets()),
+    };
+    ResolverKey {
+        slot,
+        family,
+        _pad: [0; 3],
+        addr,
+    }
+}
+
 /// What the policy says about a queried name.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum NameDecision {
@@ -161,13 +224,9 @@ pub struct NamePolicy {
 impl NamePolicy {
     pub fn new(policy: Arc<Policy>) -> Self {
         let block_doh = policy.dns.as_ref().is_some_and(|d| d.block_doh);
-        let mut rebind = RebindFilter::from_policy(&policy);
-        if block_doh && let Some(list) = super::doh_list() {
-            rebind = rebind.with_doh(list);
-        }
         NamePolicy {
             names: NameMatcher::from_policy(&policy),
-            rebind,
+            rebind: RebindFilter::for_policy(&policy),
             block_doh,
             policy,
         }

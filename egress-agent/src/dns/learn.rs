@@ -12,7 +12,7 @@ use std::net::IpAddr;
 
 use egress_common::{
     Family, PortKey, RuleKey, RuleValue,
-    maps::{ACTION_ALLOW, address_bits},
+    maps::{ACTION_ALLOW, address_bits, name_tag},
 };
 
 use crate::compile::{inline_ports, port_entries, port_pairs};
@@ -210,14 +210,19 @@ impl LearnedTable {
         let key = rule_key(self.policy_id, addr);
         let mut rules: BTreeSet<u32> = BTreeSet::new();
         let mut deadline = 0u32;
+        // The budget a wildcard's per-name limit charges: that of the first name (in byte
+        // order) answering the address, so several names on one address share one budget.
+        let mut budget_name: Option<&str> = None;
         for name in self.by_addr.get(&addr).into_iter().flatten() {
             if let Some(entry) = self.names.get(name)
                 && let Some(d) = entry.addrs.get(&addr)
             {
                 rules.extend(entry.rules.iter().copied());
                 deadline = deadline.max(*d);
+                budget_name = budget_name.or(Some(name.as_str()));
             }
         }
+        let name_tag = budget_name.map_or(0, |n| name_tag(n.as_bytes()));
         if rules.is_empty() {
             self.by_addr.remove(&addr);
             if self.installed.remove(&key).is_some() {
@@ -251,6 +256,7 @@ impl LearnedTable {
             // A deadline of 0 would mean "never expires": never write one.
             expires_s: deadline.max(1),
             inline,
+            name_tag,
         };
         if self.installed.get(&key) != Some(&value) {
             self.installed.insert(key, value);

@@ -221,3 +221,31 @@ fn a_write_that_failed_is_written_again_by_the_next_answer() {
         "under a fresh set id"
     );
 }
+
+#[test]
+fn each_name_tags_its_addresses_and_a_shared_address_takes_the_first_names_budget() {
+    let f = Fixture::new();
+    let mut t = LearnedTable::new(7, 8);
+    let tag_of = |t: &LearnedTable, addr: &str| {
+        t.entries()
+            .get(&rule_key(7, ip(addr)))
+            .map(|v| v.name_tag)
+            .unwrap()
+    };
+    t.learn(&f.policy, "b.example.test", &[0], &[ip("198.18.1.2")], 100);
+    t.learn(&f.policy, "c.example.test", &[0], &[ip("198.18.1.3")], 100);
+    let b = tag_of(&t, "198.18.1.2");
+    let c = tag_of(&t, "198.18.1.3");
+    assert_ne!(b, 0);
+    assert_ne!(b, c, "two names, two budgets");
+    assert_eq!(
+        b,
+        name_tag(b"B.Example.Test"),
+        "case does not make a new budget"
+    );
+    // a.example.test also answers 198.18.1.3: the address now counts against the first name
+    // in byte order, so more names on one address never add budget.
+    t.learn(&f.policy, "a.example.test", &[0], &[ip("198.18.1.3")], 100);
+    assert_eq!(tag_of(&t, "198.18.1.3"), name_tag(b"a.example.test"));
+    assert_eq!(tag_of(&t, "198.18.1.2"), b);
+}

@@ -18,6 +18,7 @@ pub mod install;
 pub mod learn;
 pub mod message;
 pub mod names;
+pub mod origin;
 pub mod proxy;
 pub mod rebind;
 pub mod upstream;

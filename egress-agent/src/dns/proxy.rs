@@ -13,11 +13,15 @@ use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 
-use egress_common::maps::{DNS_PROXY_PORT_FIRST, DNS_PROXY_PORT_LAST};
+use egress_common::maps::{
+    DNS_PROXY_PORT_FIRST, DNS_PROXY_PORT_LAST, DNS_UNAUTHORIZED_PORT_OFFSET,
+};
 
 use super::answer::{AddressRecord, CnameLink, address_response};
 use super::install::{Learner, NameDecision};
 use super::message::{QueryError, Rcode, Transport, parse_query};
+use super::origin::{Diag, Origins};
+use super::rebind::{Source, report_rejection};
 use super::upstream::Upstream;
 use super::wire::rtype;
 use crate::metrics::{DnsMetrics, PolicyLabels, PolicyResultLabels};
@@ -51,14 +55,31 @@ pub enum ProxyError {
     NoPort,
 }
 
-/// The proxy's sockets, opened in the workload's network namespace.
+/// The proxy's sockets, opened in the workload's network namespace: the port queries to
+/// authorized resolvers come to, and the second port (`port + DNS_UNAUTHORIZED_PORT_OFFSET`)
+/// for queries the workload addressed to any other resolver.
 #[derive(Debug)]
 pub struct Listeners {
     pub port: u16,
     udp: Vec<std::net::UdpSocket>,
     tcp: Vec<std::net::TcpListener>,
+    udp_unauthorized: Vec<std::net::UdpSocket>,
+    tcp_unauthorized: Vec<std::net::TcpListener>,
     /// Whether [::1] could be bound (IPv6 queries fail without it, which fails closed).
     pub ipv6: bool,
+    /// Socket diagnostics in the same namespace, to find who sent a query to the second port
+    /// (`None` if it could not be opened: such queries are then reported without origin).
+    diag: Option<Diag>,
+}
+
+/// UDP and TCP on one loopback address and port, or nothing.
+fn bind_pair(
+    ip: std::net::IpAddr,
+    port: u16,
+) -> std::io::Result<(std::net::UdpSocket, std::net::TcpListener)> {
+    let udp = std::net::UdpSocket::bind((ip, port))?;
+    let tcp = std::net::TcpListener::bind((ip, port))?;
+    Ok((udp, tcp))
 }
 
 impl Listeners {
@@ -73,7 +94,13 @@ impl Listeners {
             if let Some(path) = &netns {
                 enter_netns(path)?;
             }
-            bind_all()
+            let mut listeners = bind_all()?;
+            match Diag::open() {
+                Ok(d) => listeners.diag = Some(d),
+                Err(error) => tracing::warn!(%error,
+                    "opening socket diagnostics failed; queries to unauthorized resolvers are reported without their origin"),
+            }
+            Ok(listeners)
         })
         .join();
         match opened {
@@ -101,35 +128,38 @@ fn bind_all() -> Result<Listeners, ProxyError> {
     let start: u16 = rand::random::<u16>() % count;
     for i in 0..count {
         let port = first + (start + i) % count;
-        let Ok(udp4) = std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, port)) else {
-            continue;
-        };
-        let Ok(tcp4) = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, port)) else {
+        let second = port + DNS_UNAUTHORIZED_PORT_OFFSET;
+        let v4 = Ipv4Addr::LOCALHOST.into();
+        let (Ok((udp4, tcp4)), Ok((udp4b, tcp4b))) = (bind_pair(v4, port), bind_pair(v4, second))
+        else {
             continue;
         };
         let mut l = Listeners {
             port,
             udp: vec![udp4],
             tcp: vec![tcp4],
+            udp_unauthorized: vec![udp4b],
+            tcp_unauthorized: vec![tcp4b],
             ipv6: false,
+            diag: None,
         };
-        match (
-            std::net::UdpSocket::bind((Ipv6Addr::LOCALHOST, port)),
-            std::net::TcpListener::bind((Ipv6Addr::LOCALHOST, port)),
-        ) {
-            (Ok(u), Ok(t)) => {
+        let v6 = Ipv6Addr::LOCALHOST.into();
+        match (bind_pair(v6, port), bind_pair(v6, second)) {
+            (Ok((u, t)), Ok((ub, tb))) => {
                 l.udp.push(u);
                 l.tcp.push(t);
+                l.udp_unauthorized.push(ub);
+                l.tcp_unauthorized.push(tb);
                 l.ipv6 = true;
             }
             (Err(e), _) | (_, Err(e)) if e.kind() == std::io::ErrorKind::AddrInUse => continue,
             // No IPv6 loopback (IPv6 disabled): IPv6 queries go unanswered.
             _ => {}
         }
-        for s in &l.udp {
+        for s in l.udp.iter().chain(&l.udp_unauthorized) {
             s.set_nonblocking(true).map_err(ProxyError::Bind)?;
         }
-        for s in &l.tcp {
+        for s in l.tcp.iter().chain(&l.tcp_unauthorized) {
             s.set_nonblocking(true).map_err(ProxyError::Bind)?;
         }
         return Ok(l);
@@ -211,6 +241,16 @@ pub struct Proxy {
     log: Mutex<LogLimit>,
     in_flight: Arc<Semaphore>,
     connections: Arc<Semaphore>,
+    origins: Option<Origins>,
+}
+
+/// A query that came to the proxy's second port: the workload addressed it to a resolver
+/// the slot does not authorize.
+#[derive(Clone, Copy, Debug)]
+pub struct Unauthorized {
+    /// The workload's socket as the proxy sees it, and the proxy's own address.
+    pub peer: std::net::SocketAddr,
+    pub local: std::net::SocketAddr,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -224,6 +264,7 @@ impl Proxy {
         settings: Settings,
         metrics: DnsMetrics,
         policy: String,
+        origins: Option<Origins>,
     ) -> Arc<Self> {
         let now = Instant::now();
         Arc::new(Proxy {
@@ -243,6 +284,7 @@ impl Proxy {
             }),
             in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
             connections: Arc::new(Semaphore::new(MAX_TCP_CONNECTIONS)),
+            origins,
         })
     }
 
@@ -292,12 +334,57 @@ impl Proxy {
         }
     }
 
-    /// The answer to one query from the workload, or `None` to send nothing.
-    pub async fn answer(&self, packet: &[u8], transport: Transport) -> Option<Vec<u8>> {
+    /// Reports a query the workload addressed to a resolver the slot does not authorize: a
+    /// blocked attempt (the kernel counts it as `dns_unauthorized_resolver`), logged with the
+    /// resolver, the name and the process. The query itself is answered by the policy.
+    fn report_unauthorized(
+        &self,
+        policy: &str,
+        name: &str,
+        qtype: u16,
+        transport: Transport,
+        via: Unauthorized,
+    ) {
+        if !lock(&self.log).admit(policy, Instant::now()) {
+            return;
+        }
+        let tcp = matches!(transport, Transport::Tcp);
+        let origin = match &self.origins {
+            Some(o) => o.lookup(tcp, via.peer, via.local),
+            None => Err("no record of query origins".into()),
+        };
+        let protocol = if tcp { "tcp" } else { "udp" };
+        match origin {
+            Ok(o) => tracing::warn!(event = "egress_blocked", policy = %policy, verdict = "deny",
+                reason = "dns_unauthorized_resolver", hook = "dns_proxy", protocol,
+                family = if o.resolver.is_ipv4() { "ipv4" } else { "ipv6" },
+                dst.ip = %o.resolver.ip(), dst.port = o.resolver.port(), dns.name = %name,
+                dns.qtype = qtype_name(qtype), pid = o.pid, uid = o.uid, comm = %o.comm,
+                "dns query to an unauthorized resolver blocked: answered by the agent's proxy under the policy, never sent there"),
+            Err(why) => {
+                tracing::warn!(event = "egress_blocked", policy = %policy, verdict = "deny",
+                reason = "dns_unauthorized_resolver", hook = "dns_proxy", protocol,
+                dns.name = %name, dns.qtype = qtype_name(qtype), origin_error = %why,
+                "dns query to an unauthorized resolver blocked (resolver and process unknown)")
+            }
+        }
+    }
+
+    /// The answer to one query from the workload, or `None` to send nothing. `unauthorized`
+    /// when it came to the proxy's second port.
+    pub async fn answer(
+        &self,
+        packet: &[u8],
+        transport: Transport,
+        unauthorized: Option<Unauthorized>,
+    ) -> Option<Vec<u8>> {
         let policy = self.policy_name();
         let query = match parse_query(packet, transport) {
             Ok(q) => q,
             Err(e) => {
+                if let Some(via) = unauthorized {
+                    self.report_unauthorized(&policy, "", 0, transport, via);
+                }
                 let detail = e.to_string();
                 self.refused(&policy, "", 0, "malformed", &detail);
                 return match e {
@@ -307,6 +394,9 @@ impl Proxy {
             }
         };
         let q = &query.question;
+        if let Some(via) = unauthorized {
+            self.report_unauthorized(&policy, &q.qname, q.qtype, transport, via);
+        }
         let admitted =
             lock(&self.bucket).take(self.settings.rate, self.settings.burst, Instant::now());
         if !admitted {
@@ -414,13 +504,16 @@ impl Proxy {
             policy: policy.clone(),
         };
         for (record, why) in &installed.rejected {
-            self.metrics.rebinding_blocked.get_or_create(&labels).inc();
-            if !lock(&self.log).admit(&policy, Instant::now()) {
-                continue;
-            }
-            tracing::warn!(event = "dns_rebinding_blocked", policy = %policy, name = %q.qname,
-                address = %record.addr, reason = why.reason(), detail = %why,
-                "answer address not installed and removed from the answer");
+            let log = lock(&self.log).admit(&policy, Instant::now());
+            report_rejection(
+                &self.metrics.rebinding_blocked,
+                &policy,
+                &q.qname,
+                record.addr,
+                why,
+                Source::ProxyAnswer,
+                log,
+            );
         }
         if installed.capped > 0 {
             self.metrics
@@ -470,20 +563,33 @@ impl Proxy {
         listeners: Listeners,
     ) -> Result<Vec<JoinHandle<()>>, ProxyError> {
         let mut tasks = Vec::new();
-        for s in listeners.udp {
+        if let (Some(origins), Some(diag)) = (&self.origins, listeners.diag) {
+            origins.set_diag(diag);
+        }
+        let udp = listeners.udp.into_iter().map(|s| (s, false));
+        let udp_second = listeners.udp_unauthorized.into_iter().map(|s| (s, true));
+        for (s, second) in udp.chain(udp_second) {
             let socket = Arc::new(UdpSocket::from_std(s).map_err(ProxyError::Bind)?);
             let me = Arc::clone(self);
-            tasks.push(tokio::spawn(async move { me.serve_udp(socket).await }));
+            tasks.push(tokio::spawn(
+                async move { me.serve_udp(socket, second).await },
+            ));
         }
-        for s in listeners.tcp {
+        let tcp = listeners.tcp.into_iter().map(|s| (s, false));
+        let tcp_second = listeners.tcp_unauthorized.into_iter().map(|s| (s, true));
+        for (s, second) in tcp.chain(tcp_second) {
             let listener = TcpListener::from_std(s).map_err(ProxyError::Bind)?;
             let me = Arc::clone(self);
-            tasks.push(tokio::spawn(async move { me.serve_tcp(listener).await }));
+            tasks.push(tokio::spawn(
+                async move { me.serve_tcp(listener, second).await },
+            ));
         }
         Ok(tasks)
     }
 
-    async fn serve_udp(self: Arc<Self>, socket: Arc<UdpSocket>) {
+    /// `second`: the socket is on the port for queries to unauthorized resolvers.
+    async fn serve_udp(self: Arc<Self>, socket: Arc<UdpSocket>, second: bool) {
+        let local = socket.local_addr().ok();
         let mut buf = vec![0u8; 65536];
         loop {
             let (n, peer) = match socket.recv_from(&mut buf).await {
@@ -502,8 +608,12 @@ impl Proxy {
             let packet = buf[..n].to_vec();
             let me = Arc::clone(&self);
             let socket = Arc::clone(&socket);
+            let via = match local {
+                Some(local) if second => Some(Unauthorized { peer, local }),
+                _ => None,
+            };
             tokio::spawn(async move {
-                if let Some(reply) = me.answer(&packet, Transport::Udp).await
+                if let Some(reply) = me.answer(&packet, Transport::Udp, via).await
                     && let Err(error) = socket.send_to(&reply, peer).await
                 {
                     tracing::debug!(%error, %peer, "dns proxy: sending the answer failed");
@@ -513,9 +623,9 @@ impl Proxy {
         }
     }
 
-    async fn serve_tcp(self: Arc<Self>, listener: TcpListener) {
+    async fn serve_tcp(self: Arc<Self>, listener: TcpListener, second: bool) {
         loop {
-            let (stream, _) = match listener.accept().await {
+            let (stream, peer) = match listener.accept().await {
                 Ok(v) => v,
                 Err(error) => {
                     tracing::warn!(%error, "dns proxy: accepting failed");
@@ -527,15 +637,19 @@ impl Proxy {
                 // Too many connections: close this one at once.
                 continue;
             };
+            let via = match stream.local_addr() {
+                Ok(local) if second => Some(Unauthorized { peer, local }),
+                _ => None,
+            };
             let me = Arc::clone(&self);
             tokio::spawn(async move {
-                me.serve_connection(stream).await;
+                me.serve_connection(stream, via).await;
                 drop(permit);
             });
         }
     }
 
-    async fn serve_connection(&self, mut stream: TcpStream) {
+    async fn serve_connection(&self, mut stream: TcpStream, via: Option<Unauthorized>) {
         for _ in 0..MAX_TCP_QUERIES {
             let mut len = [0u8; 2];
             match tokio::time::timeout(TCP_IDLE, stream.read_exact(&mut len)).await {
@@ -548,7 +662,7 @@ impl Proxy {
                 Ok(Ok(_)) => {}
                 _ => return,
             }
-            let Some(reply) = self.answer(&msg, Transport::Tcp).await else {
+            let Some(reply) = self.answer(&msg, Transport::Tcp, via).await else {
                 return;
             };
             let Ok(framed) = super::message::tcp_frame(&reply) else {

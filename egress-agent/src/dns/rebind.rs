@@ -18,6 +18,9 @@ use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 use super::answer::AddressRecord;
 use super::doh::DohList;
+use prometheus_client::metrics::{counter::Counter, family::Family};
+
+use crate::metrics::PolicyLabels;
 use crate::policy::{Policy, Target};
 
 /// A range that public names have no business pointing into.
@@ -166,6 +169,19 @@ impl RebindFilter {
     }
 
     /// `denied` as (rule index, network) plus [`SPECIAL_PURPOSE`].
+    /// The filter every address the agent installs under `policy` passes, whatever its
+    /// source (the agent's own lookups of the policy's host names, the proxy's answers to the
+    /// workload): the policy's denied CIDRs, the special-purpose ranges and, with `block_doh`,
+    /// the known DNS-over-HTTPS resolvers.
+    pub fn for_policy(policy: &Policy) -> Self {
+        let filter = RebindFilter::from_policy(policy);
+        let block_doh = policy.dns.as_ref().is_some_and(|d| d.block_doh);
+        match super::doh_list() {
+            Some(list) if block_doh => filter.with_doh(list),
+            _ => filter,
+        }
+    }
+
     pub fn new(denied: impl IntoIterator<Item = (usize, IpNet)>) -> Self {
         RebindFilter {
             policy: denied.into_iter().collect(),
@@ -227,6 +243,47 @@ impl RebindFilter {
 
 /// The addresses the kernel may end up connecting to for `addr`: its canonical form (IPv4 for
 /// a mapped address), plus the embedded IPv4 address of a NAT64 address.
+/// Where an address the agent was about to install came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// The agent's own lookup of a host name of the policy (at start, on refresh, on reload).
+    PolicyLookup,
+    /// An answer the DNS proxy relayed to the workload.
+    ProxyAnswer,
+}
+
+impl Source {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Source::PolicyLookup => "policy_lookup",
+            Source::ProxyAnswer => "proxy_answer",
+        }
+    }
+}
+
+/// Counts and logs one address the filter kept out: the same event and counter for every
+/// source. `log` is false when the caller's log bound is used up (the count stays exact).
+pub fn report_rejection(
+    counter: &Family<PolicyLabels, Counter>,
+    policy: &str,
+    name: &str,
+    addr: IpAddr,
+    why: &Rejection,
+    source: Source,
+    log: bool,
+) {
+    counter
+        .get_or_create(&PolicyLabels {
+            policy: policy.to_owned(),
+        })
+        .inc();
+    if log {
+        tracing::warn!(event = "dns_rebinding_blocked", policy = %policy, name = %name,
+            address = %addr, reason = why.reason(), detail = %why, source = source.as_str(),
+            "address not installed: it points into a denied or special-purpose range");
+    }
+}
+
 fn judged_as(addr: IpAddr) -> impl Iterator<Item = IpAddr> {
     let canonical = addr.to_canonical();
     let embedded = match canonical {

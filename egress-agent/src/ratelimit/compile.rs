@@ -8,11 +8,11 @@
 use std::collections::BTreeMap;
 
 use egress_common::ratelimit::{
-    HAS_DESTINATION, HAS_GLOBAL, LIMIT_PER_ADDRESS, Limit, LimitKey, RuleLimits,
+    HAS_DESTINATION, HAS_GLOBAL, LIMIT_PER_ADDRESS, LIMIT_PER_NAME, Limit, LimitKey, RuleLimits,
 };
 
 use crate::compile::canonical_net;
-use crate::policy::{Policy, RateLimit, Target};
+use crate::policy::{HostPattern, Policy, RateLimit, Target};
 
 /// The limit entries of one policy id.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -42,6 +42,7 @@ pub fn destination_limit(policy: &Policy, rule: usize) -> Option<RateLimit> {
 /// with the same limit share their budget.
 pub fn destination_identity(target: &Target, limit: RateLimit) -> String {
     let what = match target {
+        Target::Host(host @ HostPattern::Wildcard(_)) => format!("host {host} per name"),
         Target::Host(host) => format!("host {host}"),
         Target::Cidr(net) => format!("cidr {} per address", canonical_net(*net)),
     };
@@ -95,7 +96,8 @@ pub fn compile_limits(policy: &Policy, policy_id: u32) -> CompiledLimits {
         let destination = destination_limit(policy, i).map(|l| {
             let flags = match rule.target {
                 Target::Cidr(_) => LIMIT_PER_ADDRESS,
-                Target::Host(_) => 0,
+                Target::Host(HostPattern::Wildcard(_)) => LIMIT_PER_NAME,
+                Target::Host(HostPattern::Exact(_)) => 0,
             };
             limit(&destination_identity(&rule.target, l), l, flags)
         });

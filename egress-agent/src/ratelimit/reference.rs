@@ -15,7 +15,7 @@ use egress_common::{
 };
 
 use super::compile::{destination_identity, destination_limit, global_identity, has_limits};
-use crate::policy::{Policy, RateLimit, Target};
+use crate::policy::{HostPattern, Policy, RateLimit, Target};
 
 /// Credit in nanoseconds of refill: a connection costs one interval, the bucket holds
 /// `max_connections` intervals.
@@ -28,6 +28,8 @@ struct Tokens {
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 enum Budget {
     Destination(String, Option<IpAddr>),
+    /// A wildcard rule's budget for one name.
+    Name(String, String),
     Global(String),
 }
 
@@ -88,6 +90,19 @@ impl Reference {
         dst: &Dest,
         now_ns: u64,
     ) -> Decision {
+        self.judge_named(policy, decision, dst, None, now_ns)
+    }
+
+    /// As [`Reference::judge`], for a connection to an address of the DNS name `name`: under a
+    /// wildcard rule every name has its own destination budget.
+    pub fn judge_named(
+        &mut self,
+        policy: &Policy,
+        decision: Decision,
+        dst: &Dest,
+        name: Option<&str>,
+        now_ns: u64,
+    ) -> Decision {
         if !matches!(decision.reason, Reason::AllowRule | Reason::AllowLearned)
             || !has_limits(policy)
         {
@@ -106,11 +121,15 @@ impl Reference {
         let rule = decision.rule_id as usize;
         let destination = match (policy.allowed.get(rule), destination_limit(policy, rule)) {
             (Some(r), Some(l)) => {
-                let addr = matches!(r.target, Target::Cidr(_)).then(|| ip(dst));
-                Some((
-                    Budget::Destination(destination_identity(&r.target, l), addr),
-                    l,
-                ))
+                let identity = destination_identity(&r.target, l);
+                let budget = match (&r.target, name) {
+                    (Target::Cidr(_), _) => Budget::Destination(identity, Some(ip(dst))),
+                    (Target::Host(HostPattern::Wildcard(_)), Some(n)) => {
+                        Budget::Name(identity, n.to_ascii_lowercase())
+                    }
+                    _ => Budget::Destination(identity, None),
+                };
+                Some((budget, l))
             }
             _ => None,
         };
@@ -300,6 +319,38 @@ mod tests {
             judge(&mut r, &p, &tcp([198, 18, 1, 9], 443), SEC),
             Reason::RateLimitedGlobal
         );
+    }
+
+    #[test]
+    fn each_name_under_a_wildcard_has_its_own_budget() {
+        let p = parse(
+            "egress_policy:\n  default_action: DENY\n  allowed_destinations:\n    - host: \"*.example.com\"\n      ports: [443]\n      protocols: [tcp]\n  rate_limits:\n    per_destination: {max_connections: 100, time_window: 60}\n",
+        );
+        let mut r = Reference::new();
+        let allowed = Decision {
+            reason: Reason::AllowLearned,
+            rule_id: 0,
+        };
+        for i in 0..200u8 {
+            let name = format!("n{i}.example.com");
+            let d = r.judge_named(&p, allowed, &tcp([198, 18, 1, i], 443), Some(&name), SEC);
+            assert_eq!(d.reason, Reason::AllowLearned, "{name}");
+        }
+        // n0 has used one of its hundred; 99 more fit, the 100th after those does not.
+        let n0 = |r: &mut Reference| {
+            r.judge_named(
+                &p,
+                allowed,
+                &tcp([198, 18, 1, 0], 443),
+                Some("N0.example.com"),
+                SEC,
+            )
+            .reason
+        };
+        for _ in 0..99 {
+            assert_eq!(n0(&mut r), Reason::AllowLearned);
+        }
+        assert_eq!(n0(&mut r), Reason::RateLimitedDestination);
     }
 
     #[test]

@@ -707,18 +707,20 @@ fn report_dns_attempt(attempt: &DnsAttempt, seen: &DnsSeen<'_>) -> bool {
     let asked = format!("{}:53", attempt.server);
     let rogue_quiet = !attempt.rogue() || seen.rogue_new == 0;
     let upstream_saw = upstream_asked(seen.upstream, attempt.name);
+    // A query to a rogue resolver is a blocked attempt: the agent must log it as one.
+    let logged = !attempt.rogue() || unauthorized_line(seen.run, attempt).is_some();
     let (passed, expected) = match attempt.expect {
         DnsExpect::Resolves(ip) => {
             let has_ip = result
                 .and_then(|v| v["addresses"].as_array())
                 .is_some_and(|a| a.iter().any(|x| x.as_str() == Some(&ip.to_string())));
             (
-                answered && rcode == "NOERROR" && has_ip && from == asked && rogue_quiet,
+                answered && rcode == "NOERROR" && has_ip && from == asked && rogue_quiet && logged,
                 format!("answer {ip}"),
             )
         }
         DnsExpect::NxDomain => (
-            answered && rcode == "NXDOMAIN" && !upstream_saw && rogue_quiet,
+            answered && rcode == "NXDOMAIN" && !upstream_saw && rogue_quiet && logged,
             "NXDOMAIN".to_owned(),
         ),
     };
@@ -744,6 +746,25 @@ fn report_dns_attempt(attempt: &DnsAttempt, seen: &DnsSeen<'_>) -> bool {
                 format!("{} datagrams/connections arrived there", seen.rogue_new)
             }
         );
+        match unauthorized_line(seen.run, attempt) {
+            Some(line) => {
+                let field = |key: &str| line.get(key).map(json_text).unwrap_or_default();
+                println!(
+                    "        logged: event={} reason={} dst={}:{} dns.name={} pid={} comm={}",
+                    field("event"),
+                    field("reason"),
+                    field("dst.ip"),
+                    field("dst.port"),
+                    field("dns.name"),
+                    field("pid"),
+                    field("comm")
+                );
+            }
+            None => println!(
+                "        logged: no dns_unauthorized_resolver line for {} via {}",
+                attempt.name, attempt.server
+            ),
+        }
     }
     match attempt.expect {
         DnsExpect::Resolves(_) if !attempt.rogue() => {
@@ -772,6 +793,18 @@ fn report_dns_attempt(attempt: &DnsAttempt, seen: &DnsSeen<'_>) -> bool {
         println!("        client: {v}");
     }
     passed
+}
+
+/// The agent's blocked-attempt line for a query sent to a rogue resolver.
+fn unauthorized_line(run: &RunOutput, attempt: &DnsAttempt) -> Option<LogObject> {
+    let field = |f: &LogObject, key: &str| f.get(key).map(json_text);
+    log_objects(run).find(|f| {
+        field(f, "event").as_deref() == Some("egress_blocked")
+            && field(f, "reason").as_deref() == Some("dns_unauthorized_resolver")
+            && field(f, "dst.ip") == Some(attempt.server.to_string())
+            && field(f, "dns.name")
+                .is_some_and(|n| n.trim_end_matches('.').eq_ignore_ascii_case(attempt.name))
+    })
 }
 
 /// Under a refused query: the agent's `dns_refused` line for its name. Informational.
