@@ -113,6 +113,18 @@ pub struct ExecArgs {
     /// Default: `egress` at the root of the cgroup v2 hierarchy.
     #[arg(long)]
     pub cgroup_parent: Option<PathBuf>,
+    /// Directory the workload starts in (it must be able to enter it as --user).
+    /// Default: the user's home, or / when it has none it can enter.
+    #[arg(long)]
+    pub cwd: Option<PathBuf>,
+    /// Set NAME=VALUE in the workload's environment, or pass NAME from the agent's own
+    /// (repeatable; later ones win). HOME, USER, LOGNAME and SHELL are the user's.
+    #[arg(long = "env", value_name = "NAME[=VALUE]", value_parser = crate::environment::parse_env_setting)]
+    pub env: Vec<crate::environment::EnvSetting>,
+    /// Start the workload with an empty environment (plus HOME, USER, LOGNAME, SHELL, a
+    /// default PATH and what --env names) instead of the agent's.
+    #[arg(long)]
+    pub env_clear: bool,
     #[command(flatten)]
     pub dns: DnsArgs,
     #[command(flatten)]

@@ -8,6 +8,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use crate::bpffs::Kind;
 use crate::cgroup::{self, CgroupError, WorkloadCgroup};
 use crate::cli::ExecArgs;
+use crate::environment::{Account, EnvOptions, WorkDir, workload_env};
 use crate::exit;
 use crate::instance::{self, InstanceError, Location};
 use crate::reload::Watcher;
@@ -66,7 +67,7 @@ impl ExecError {
 /// Runs the workload and returns the exit code to leave with: the workload's own, or
 /// 128 + signal when a signal ended it.
 pub async fn run(args: ExecArgs) -> Result<u8, ExecError> {
-    let creds = credentials(args.user.as_deref())?;
+    let (creds, account) = credentials(args.user.as_deref())?;
     let policy = session::load_policy(&args.policy)?;
     if args.kernel.packet_check == crate::cli::PacketCheck::Always {
         crate::mip6::check_always();
@@ -94,7 +95,7 @@ pub async fn run(args: ExecArgs) -> Result<u8, ExecError> {
 
     match Supervisor::start(policy, &args.dns, &args.telemetry, EXEC_SLOT, &placement).await {
         Ok(mut sup) => {
-            let result = supervise(&mut sup, &cg, &loc, &args, creds).await;
+            let result = supervise(&mut sup, &cg, &loc, &args, creds, &account).await;
             // Anything the workload left behind dies with the cgroup, before enforcement is
             // removed; if it cannot be emptied, enforcement stays pinned.
             let emptied = cg.remove(Duration::from_secs(5));
@@ -124,6 +125,7 @@ async fn supervise(
     loc: &Location,
     args: &ExecArgs,
     creds: Credentials,
+    account: &Account,
 ) -> Result<u8, ExecError> {
     let probes = Probes::choose(sup.enforcer.compiled())?;
     sup.expect_probes(probes.v4, probes.v6)?;
@@ -144,16 +146,32 @@ async fn supervise(
         ),
         None => None,
     };
+    let inherited: Vec<(std::ffi::OsString, std::ffi::OsString)> = std::env::vars_os().collect();
+    let env = workload_env(
+        &inherited,
+        account,
+        &EnvOptions {
+            clear: args.env_clear,
+            settings: args.env.clone(),
+        },
+    );
+    let cwd = match &args.cwd {
+        Some(dir) => WorkDir::Given(dir.clone()),
+        None => WorkDir::Home(account.home.clone()),
+    };
+    let uid = creds.uid;
     let mut child = workload::spawn(
         &args.command,
         cg.open_procs()?,
         creds,
         probes,
         netns.as_ref(),
+        &env,
+        &cwd,
     )?;
     let pid = child.id().unwrap_or(0);
     tracing::info!(
-        cgroup = %cgroup_path.display(), pid, uid = creds.uid,
+        cgroup = %cgroup_path.display(), pid, uid, user = %account.name,
         probe_v4 = %probes.v4, probe_v6 = %probes.v6,
         "workload started; enforcement proven live from inside its cgroup"
     );
@@ -198,8 +216,9 @@ fn exit_code(status: std::process::ExitStatus) -> u8 {
     }
 }
 
-/// `--user`, else SUDO_UID, else nobody. Root is refused.
-fn credentials(user: Option<&str>) -> Result<Credentials, ExecError> {
+/// `--user`, else SUDO_UID, else nobody. Root is refused. With the user's supplementary
+/// groups and passwd entry.
+fn credentials(user: Option<&str>) -> Result<(Credentials, Account), ExecError> {
     use nix::unistd::{Uid, User};
     let lookup = |name: &str| -> Result<User, ExecError> {
         let found = match name.parse::<u32>() {
@@ -223,10 +242,30 @@ fn credentials(user: Option<&str>) -> Result<Credentials, ExecError> {
     if user.uid.is_root() {
         return Err(ExecError::RootWorkload);
     }
-    Ok(Credentials {
-        uid: user.uid.as_raw(),
-        gid: user.gid.as_raw(),
-    })
+    let groups = std::ffi::CString::new(user.name.as_bytes())
+        .ok()
+        .and_then(|name| nix::unistd::getgrouplist(&name, user.gid).ok())
+        .map(|g| g.into_iter().map(|g| g.as_raw()).collect())
+        .unwrap_or_else(|| vec![user.gid.as_raw()]);
+    let uid = user.uid.as_raw();
+    let runtime_dir = PathBuf::from(format!("/run/user/{uid}"));
+    let owned = std::fs::metadata(&runtime_dir)
+        .is_ok_and(|m| std::os::unix::fs::MetadataExt::uid(&m) == uid && m.is_dir());
+    let account = Account {
+        name: user.name.clone(),
+        uid,
+        home: user.dir.clone(),
+        shell: user.shell.clone(),
+        runtime_dir: owned.then_some(runtime_dir),
+    };
+    Ok((
+        Credentials {
+            uid,
+            gid: user.gid.as_raw(),
+            groups,
+        },
+        account,
+    ))
 }
 
 /// Reloads the policy and records the new policy id with the instance.

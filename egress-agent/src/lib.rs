@@ -16,6 +16,7 @@ pub mod counters;
 pub mod detach;
 pub mod dns;
 pub mod enforcer;
+pub mod environment;
 pub mod events;
 pub mod exec;
 pub mod exit;

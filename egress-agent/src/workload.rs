@@ -11,7 +11,10 @@ use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd};
 
 use egress_common::{Dest, Proto, SlotConfig, decide};
 
+use std::os::unix::ffi::OsStrExt as _;
+
 use crate::compile::Compiled;
+use crate::environment::WorkDir;
 
 /// Destinations the probe tries, in order; the first that the policy denies for UDP is used.
 /// A UDP `connect()` sends nothing, so even where enforcement were absent no packet leaves.
@@ -57,10 +60,12 @@ pub enum WorkloadError {
 }
 
 /// The user the workload runs as.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Credentials {
     pub uid: u32,
     pub gid: u32,
+    /// Supplementary groups (the user's, as `initgroups` would set them).
+    pub groups: Vec<u32>,
 }
 
 /// Probe destinations the compiled policy denies for UDP.
@@ -101,19 +106,28 @@ struct ChildPlan {
     procs_fd: RawFd,
     report_fd: RawFd,
     agent_pid: libc::pid_t,
-    creds: Credentials,
+    uid: u32,
+    gid: u32,
+    groups: Vec<libc::gid_t>,
+    /// The working directory; with `cwd_fallback`, `/` when the user cannot enter it.
+    cwd: std::ffi::CString,
+    cwd_fallback: bool,
     probe4: libc::sockaddr_in,
     probe6: libc::sockaddr_in6,
     /// The network namespace to enter, or -1 to stay in the agent's.
     netns_fd: RawFd,
 }
 
-const STAGES: [(u8, &str); 8] = [
+const STAGES: [(u8, &str); 9] = [
     (b'c', "joining the cgroup"),
     (b's', "entering the network namespace"),
     (b'p', "proving enforcement from inside the cgroup"),
     (b'g', "dropping group privileges"),
     (b'u', "dropping user privileges"),
+    (
+        b'w',
+        "changing to the working directory (as the workload's user)",
+    ),
     (b'n', "setting no_new_privs"),
     (b'd', "binding the workload's life to the agent"),
     (b'f', "closing inherited descriptors"),
@@ -130,6 +144,8 @@ pub fn spawn(
     creds: Credentials,
     probes: Probes,
     netns: Option<&std::fs::File>,
+    env: &[(OsString, OsString)],
+    cwd: &WorkDir,
 ) -> Result<tokio::process::Child, WorkloadError> {
     let (program, args) = argv.split_first().ok_or_else(|| {
         WorkloadError::Spawn(io::Error::new(
@@ -137,18 +153,35 @@ pub fn spawn(
             "no command given",
         ))
     })?;
+    let (dir, cwd_fallback) = match cwd {
+        WorkDir::Given(d) => (d, false),
+        WorkDir::Home(d) => (d, true),
+    };
+    let cwd = std::ffi::CString::new(dir.as_os_str().as_bytes()).map_err(|_| {
+        WorkloadError::Spawn(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "the working directory has a NUL byte",
+        ))
+    })?;
     let (read_end, write_end) = pipe()?;
     let plan = ChildPlan {
         procs_fd: procs.as_raw_fd(),
         report_fd: write_end.as_raw_fd(),
         agent_pid: std::process::id() as libc::pid_t,
-        creds,
+        uid: creds.uid,
+        gid: creds.gid,
+        groups: creds.groups,
+        cwd,
+        cwd_fallback,
         probe4: sockaddr4(probes.v4),
         probe6: sockaddr6(probes.v6),
         netns_fd: netns.map_or(-1, |f| f.as_raw_fd()),
     };
     let mut cmd = tokio::process::Command::new(program);
-    cmd.args(args).kill_on_drop(false);
+    cmd.args(args)
+        .env_clear()
+        .envs(env.iter().map(|(n, v)| (n, v)))
+        .kill_on_drop(false);
     // SAFETY: setup_child only makes async-signal-safe system calls on data prepared above.
     unsafe {
         cmd.pre_exec(move || setup_child(&plan));
@@ -296,11 +329,20 @@ fn setup_child(plan: &ChildPlan) -> io::Result<()> {
         )?;
 
         stage(plan, b'g');
-        check(libc::setgroups(0, std::ptr::null()) as libc::c_long)?;
-        let Credentials { uid, gid } = plan.creds;
+        check(libc::setgroups(plan.groups.len(), plan.groups.as_ptr()) as libc::c_long)?;
+        let (uid, gid) = (plan.uid, plan.gid);
         check(libc::setresgid(gid, gid, gid) as libc::c_long)?;
         stage(plan, b'u');
         check(libc::setresuid(uid, uid, uid) as libc::c_long)?;
+
+        // As the user, so that a directory it cannot enter is refused.
+        stage(plan, b'w');
+        if libc::chdir(plan.cwd.as_ptr()) != 0 {
+            if !plan.cwd_fallback {
+                return Err(io::Error::from_raw_os_error(errno()));
+            }
+            check(libc::chdir(c"/".as_ptr()) as libc::c_long)?;
+        }
 
         stage(plan, b'n');
         check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) as libc::c_long)?;

@@ -81,7 +81,7 @@ impl Tables for Maps {
 pub fn learned_name_tag(policy_id: u32, dst: &Dest) -> u32 {
     let key = RuleKey::for_dest(policy_id, dst);
     // SAFETY: the value is copied out at once.
-    unsafe { LEARNED.get(&key) }.map_or(0, |v| v.name_tag)
+    unsafe { LEARNED.get(key) }.map_or(0, |v| v.name_tag)
 }
 
 /// The slot's configuration, or the verdict to give when it cannot be read. A slot the agent

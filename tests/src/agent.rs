@@ -59,6 +59,7 @@ pub struct AgentRun {
     program: PathBuf,
     args: Vec<OsString>,
     timeout: Duration,
+    env: Vec<(OsString, OsString)>,
 }
 
 impl AgentRun {
@@ -74,6 +75,7 @@ impl AgentRun {
             program: program.to_path_buf(),
             args: Vec::new(),
             timeout: DEFAULT_TIMEOUT,
+            env: Vec::new(),
         })
     }
 
@@ -122,6 +124,14 @@ impl AgentRun {
         self.agent_arg("--netns").agent_arg(ns.path())
     }
 
+    /// A variable in the agent's own environment (as an MCP client or sudo would leave it).
+    #[must_use]
+    pub fn agent_env(mut self, name: impl AsRef<OsStr>, value: impl AsRef<OsStr>) -> Self {
+        self.env
+            .push((name.as_ref().to_owned(), value.as_ref().to_owned()));
+        self
+    }
+
     #[must_use]
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
@@ -141,6 +151,7 @@ impl AgentRun {
             .arg("--")
             .arg(&self.program)
             .args(&self.args)
+            .envs(self.env.iter().map(|(n, v)| (n, v)))
             .current_dir("/");
         cmd
     }

@@ -142,6 +142,11 @@ pub struct ProbeResult {
     /// `resolve`, `dnsraw`: where the (last) reply came from, as the workload saw it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub from: Option<SocketAddr>,
+    /// `environ` only: the process's environment and working directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub env: Option<std::collections::BTreeMap<String, String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cwd: Option<String>,
     /// `dnsloop`: one entry per query sent; `dnsserve`: one entry per query answered.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub samples: Option<Vec<DnsSample>>,

@@ -4,7 +4,11 @@
 //! loopback, in the client namespace). Each test asserts the errno the workload saw and the
 //! bytes that did or did not reach the listeners.
 
-#![expect(clippy::expect_used, reason = "test set-up failures abort the test")]
+#![expect(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    reason = "test set-up failures abort the test"
+)]
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
@@ -682,6 +686,123 @@ fn blocked_attempts_are_logged_with_the_destination() {
     assert!(
         out.stderr.contains("198.18.1.9") && out.stderr.contains("8443"),
         "agent stderr does not mention the blocked destination 198.18.1.9:8443\n{}",
+        out.describe()
+    );
+}
+
+/// nobody's passwd entry: (home, shell).
+fn nobody_entry() -> (String, String) {
+    let out = std::process::Command::new("getent")
+        .args(["passwd", "nobody"])
+        .output()
+        .expect("getent");
+    let line = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let f: Vec<&str> = line.split(':').collect();
+    assert_eq!(f.len(), 7, "passwd entry {line:?}");
+    (f[5].to_owned(), f[6].to_owned())
+}
+
+/// Under `--user`, the workload's environment names its own user, not the invoking root's,
+/// keeps what the MCP client passed, and it starts in a directory it can use: its home, else
+/// `/`, or `--cwd`; `--env-clear` and `--env` shape the rest.
+#[test]
+fn the_workload_gets_its_users_environment_and_a_usable_working_directory() {
+    let Some(tb) = testbed() else { return };
+    let (home, shell) = nobody_entry();
+    let policy = PolicyYaml::new().allow_host("198.18.0.2", &[8080], &["tcp"]);
+    let as_root_under_sudo = |run: egress_tests::agent::AgentRun| {
+        run.agent_env("HOME", "/root")
+            .agent_env("USER", "root")
+            .agent_env("LOGNAME", "root")
+            .agent_env("MAIL", "/var/mail/root")
+            .agent_env("XDG_CONFIG_HOME", "/root/.config")
+            .agent_env("GITHUB_TOKEN", "t0ken")
+            .agent_env("SSL_CERT_FILE", "/etc/ssl/certs/ca-certificates.crt")
+    };
+    let out = as_root_under_sudo(tb.agent(&policy).unwrap())
+        .arg("environ")
+        .run_in(tb.client())
+        .unwrap();
+    out.assert_exit(0);
+    let r = out.assert_ok("environ");
+    let env = r.env.clone().unwrap_or_default();
+    let get = |k: &str| env.get(k).map(String::as_str);
+    assert_eq!(get("HOME"), Some(home.as_str()), "{env:#?}");
+    assert_eq!(get("USER"), Some("nobody"));
+    assert_eq!(get("LOGNAME"), Some("nobody"));
+    assert_eq!(get("SHELL"), Some(shell.as_str()));
+    assert_eq!(get("MAIL"), None);
+    assert_eq!(get("XDG_CONFIG_HOME"), None);
+    assert_eq!(get("GITHUB_TOKEN"), Some("t0ken"));
+    assert_eq!(
+        get("SSL_CERT_FILE"),
+        Some("/etc/ssl/certs/ca-certificates.crt")
+    );
+    let expected_cwd = if Path::new(&home).is_dir() {
+        home.as_str()
+    } else {
+        "/"
+    };
+    assert_eq!(r.cwd.as_deref(), Some(expected_cwd), "{}", out.describe());
+
+    let out = tb
+        .agent(&policy)
+        .unwrap()
+        .agent_arg("--cwd")
+        .agent_arg("/tmp")
+        .agent_arg("--env-clear")
+        .agent_arg("--env")
+        .agent_arg("GITHUB_TOKEN")
+        .agent_arg("--env")
+        .agent_arg("MODE=read-only")
+        .agent_env("GITHUB_TOKEN", "t0ken")
+        .agent_env("OTHER", "x")
+        .arg("environ")
+        .run_in(tb.client())
+        .unwrap();
+    out.assert_exit(0);
+    let r = out.assert_ok("environ");
+    assert_eq!(r.cwd.as_deref(), Some("/tmp"));
+    let names: Vec<&str> = r
+        .env
+        .as_ref()
+        .map(|e| e.keys().map(String::as_str).collect())
+        .unwrap_or_default();
+    assert_eq!(
+        names,
+        [
+            "GITHUB_TOKEN",
+            "HOME",
+            "LOGNAME",
+            "MODE",
+            "PATH",
+            "SHELL",
+            "USER"
+        ],
+        "{}",
+        out.describe()
+    );
+
+    // A --cwd the user cannot enter: the workload does not start, and the agent says why.
+    let private = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(
+        private.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )
+    .unwrap();
+    let out = tb
+        .agent(&policy)
+        .unwrap()
+        .agent_arg("--cwd")
+        .agent_arg(private.path())
+        .arg("environ")
+        .run_in(tb.client())
+        .unwrap();
+    assert_ne!(out.exit_code(), Some(0), "{}", out.describe());
+    assert!(out.results.is_empty(), "{}", out.describe());
+    assert!(
+        out.stderr.contains("working directory"),
+        "{}",
         out.describe()
     );
 }

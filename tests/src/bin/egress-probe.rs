@@ -76,6 +76,8 @@ enum Action {
     Touch(std::path::PathBuf),
     WaitFile(std::path::PathBuf, Duration),
     Whoami,
+    /// The environment and working directory.
+    Environ,
     Cgroup,
     Exit(u8),
 }
@@ -577,6 +579,10 @@ fn parse_op(text: &str) -> Result<Op, String> {
             exact(1)?;
             Action::Whoami
         }
+        "environ" => {
+            exact(1)?;
+            Action::Environ
+        }
         "cgroup" => {
             exact(1)?;
             Action::Cgroup
@@ -832,6 +838,24 @@ fn run(op: &Op) -> ProbeResult {
             Ok(())
         }
         Action::Whoami => return whoami(text),
+        Action::Environ => {
+            return ProbeResult {
+                env: Some(
+                    std::env::vars_os()
+                        .map(|(n, v)| {
+                            (
+                                n.to_string_lossy().into_owned(),
+                                v.to_string_lossy().into_owned(),
+                            )
+                        })
+                        .collect(),
+                ),
+                cwd: std::env::current_dir()
+                    .ok()
+                    .map(|d| d.display().to_string()),
+                ..ProbeResult::ok(text)
+            };
+        }
         Action::Flood(f, a, n) => return flood(text, *f, *a, *n),
         Action::Srh6(via, a, data) => srh6(*via, *a, data),
         Action::Ping4(a) => ping4(*a),
