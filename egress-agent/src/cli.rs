@@ -73,6 +73,11 @@ pub struct DnsArgs {
     /// Addresses kept per allowed name learned from DNS answers.
     #[arg(long, default_value_t = 32)]
     pub dns_max_addrs_per_name: u32,
+    /// A local copy of AWS's ip-ranges.json (never downloaded by the agent). With it, the
+    /// addresses of answers admitted by an entry with `restrictions` must lie in a prefix AWS
+    /// publishes for the name's service in an allowed region; the others are not installed.
+    #[arg(long, value_name = "FILE")]
+    pub aws_ip_ranges: Option<PathBuf>,
     /// How the proxy answers a name the policy does not allow.
     #[arg(long, value_enum, default_value_t = Refusal::Nxdomain)]
     pub dns_refusal: Refusal,
@@ -160,6 +165,9 @@ pub struct RunArgs {
 pub struct CheckArgs {
     /// Policy file to validate.
     pub file: PathBuf,
+    /// Also say how the DNS proxy would judge this name (repeatable).
+    #[arg(long = "name", value_name = "HOST")]
+    pub names: Vec<String>,
 }
 
 /// Telemetry options shared by `exec` and `run`.

@@ -49,7 +49,7 @@ fn main() -> ExitCode {
                 }
                 Err(e) => fail(&e, e.exit_code()),
             },
-            cli::Command::Check(args) => match check::check(&args.file) {
+            cli::Command::Check(args) => match check::check(&args.file, &args.names) {
                 Ok(text) => {
                     let _ = std::io::stdout().write_all(text.as_bytes());
                     exit::OK

@@ -138,6 +138,11 @@ pub struct DnsMetrics {
     pub address_cap: Family<PolicyLabels, Counter>,
     /// Addresses in the learned map now.
     pub learned: Family<PolicyLabels, prometheus_client::metrics::gauge::Gauge>,
+    /// Answer addresses left out because ip-ranges.json does not place them in an allowed
+    /// service and region of a restricted entry.
+    pub aws_unproven: Family<PolicyLabels, Counter>,
+    /// Seconds since the `createDate` of the `--aws-ip-ranges` file.
+    pub aws_ip_ranges_age: prometheus_client::metrics::gauge::Gauge,
 }
 
 impl Metrics {
@@ -177,6 +182,16 @@ impl Metrics {
             "egress_dns_learned_addresses",
             "Addresses learned from DNS answers that are in the kernel's allow map now",
             m.dns.learned.clone(),
+        );
+        registry.register(
+            "egress_dns_aws_address_unproven",
+            "Addresses in answers admitted by an entry with `restrictions` that were not installed because the --aws-ip-ranges file does not place them in an allowed service and region",
+            m.dns.aws_unproven.clone(),
+        );
+        registry.register(
+            "egress_aws_ip_ranges_age_seconds",
+            "Age of the --aws-ip-ranges file: seconds since its createDate (absent without the option: 0)",
+            m.dns.aws_ip_ranges_age.clone(),
         );
         registry.register(
             "egress_policy_loads",

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use crate::cli::{DnsArgs, Refusal, TelemetryArgs};
 use crate::compile::{Deadlines, Resolved};
+use crate::dns::ip_ranges::AwsIpRanges;
 use crate::dns::message::Rcode;
 use crate::dns::proxy::{Listeners, Proxy, Settings};
 use crate::dns::rebind::{RebindFilter, Source, report_rejection};
@@ -31,6 +32,8 @@ pub enum SessionError {
         items: Vec<Unsupported>,
     },
     #[error(transparent)]
+    IpRanges(#[from] crate::dns::ip_ranges::IpRangesError),
+    #[error(transparent)]
     Resolve(#[from] ResolveError),
     #[error(transparent)]
     Enforcer(#[from] EnforcerError),
@@ -51,7 +54,9 @@ fn list(items: &[Unsupported]) -> String {
 impl SessionError {
     pub fn exit_code(&self) -> u8 {
         match self {
-            SessionError::Policy(_) | SessionError::Unsupported { .. } => exit::CONFIG,
+            SessionError::Policy(_)
+            | SessionError::Unsupported { .. }
+            | SessionError::IpRanges(_) => exit::CONFIG,
             SessionError::Resolve(
                 ResolveError::ReadConf { .. }
                 | ResolveError::ParseConf { .. }
@@ -131,6 +136,7 @@ async fn start_proxy(
     enforcer: &mut Enforcer,
     dns: &DnsArgs,
     metrics: &Metrics,
+    aws_ranges: Option<Arc<AwsIpRanges>>,
 ) -> Result<
     (
         Arc<Proxy>,
@@ -144,11 +150,19 @@ async fn start_proxy(
     let port = listeners.port;
     let ipv6 = listeners.ipv6;
     let learner = enforcer.learner();
-    match learner.lock() {
-        Ok(mut l) => l.set_max_per_name(dns.dns_max_addrs_per_name as usize),
-        Err(p) => p
-            .into_inner()
-            .set_max_per_name(dns.dns_max_addrs_per_name as usize),
+    {
+        let mut l = match learner.lock() {
+            Ok(l) => l,
+            Err(p) => p.into_inner(),
+        };
+        l.set_max_per_name(dns.dns_max_addrs_per_name as usize);
+        l.set_aws_ranges(aws_ranges.clone());
+    }
+    if let Some(ranges) = &aws_ranges {
+        metrics
+            .dns
+            .aws_ip_ranges_age
+            .set(ranges.age_seconds(std::time::SystemTime::now()));
     }
     let bounds = TtlBounds {
         floor: Duration::from_secs(dns.dns_min_ttl.max(1)),
@@ -196,6 +210,18 @@ async fn start_proxy(
         "DNS proxy listening on 127.0.0.1 and ::1; the workload's port-53 traffic goes to it"
     );
     Ok((proxy, tasks, liveness))
+}
+
+/// The `--aws-ip-ranges` file, when given.
+pub fn load_aws_ranges(dns: &DnsArgs) -> Result<Option<Arc<AwsIpRanges>>, SessionError> {
+    let Some(path) = &dns.aws_ip_ranges else {
+        return Ok(None);
+    };
+    let ranges = AwsIpRanges::load(path)?;
+    let age = ranges.age_seconds(std::time::SystemTime::now());
+    tracing::info!(file = %path.display(), prefixes = ranges.len(), age_secs = age,
+        "AWS ip-ranges loaded: addresses admitted by `restrictions` must lie in its S3 and DYNAMODB prefixes");
+    Ok(Some(Arc::new(ranges)))
 }
 
 /// Where the instance's kernel state comes from.
@@ -359,6 +385,8 @@ impl Supervisor {
         placement: &Placement,
     ) -> Result<Self, SessionError> {
         let name = policy.name.clone();
+        // Read before anything is loaded: a bad file is a configuration error.
+        let aws_ranges = load_aws_ranges(dns)?;
         let dns_metrics = DnsMetrics::default();
         let (mut enforcer, resolver) =
             match start(policy, dns, slot, placement, &dns_metrics.rebinding_blocked).await {
@@ -373,7 +401,8 @@ impl Supervisor {
             .policy_loads
             .get_or_create(&ResultLabels { result: "success" })
             .inc();
-        let (proxy, proxy_tasks, liveness) = start_proxy(&mut enforcer, dns, &metrics).await?;
+        let (proxy, proxy_tasks, liveness) =
+            start_proxy(&mut enforcer, dns, &metrics, aws_ranges).await?;
         let events = match enforcer.take_events() {
             Some(ring) => {
                 Some(EventStream::new(ring).map_err(|e| SessionError::Other(Box::new(e)))?)

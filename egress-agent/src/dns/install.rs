@@ -12,12 +12,14 @@ use egress_common::{
 };
 
 use super::answer::AddressRecord;
+use super::ip_ranges::AwsIpRanges;
 use super::learn::{LearnedTable, Writes};
 use super::names::{NameMatcher, NameVerdict};
 use super::rebind::{RebindFilter, Rejection};
 use crate::loader::Programs;
 use crate::maps::MapsError;
-use crate::policy::Policy;
+use crate::policy::aws::{self, Admission, RestrictionMiss};
+use crate::policy::{AwsService, Policy, Restrictions};
 
 fn op_err(map: &'static str, op: &'static str) -> impl FnOnce(MapError) -> MapsError {
     move |e| MapsError::Op {
@@ -198,6 +200,9 @@ pub enum NameDecision {
     Denied(usize),
     /// A known DNS-over-HTTPS endpoint, with `block_doh`.
     DohProvider(String),
+    /// Matched only by entries with `restrictions`, none of which admits it; `rule` is the
+    /// first of them and `miss` why it does not.
+    Restricted { rule: usize, miss: RestrictionMiss },
 }
 
 impl NameDecision {
@@ -208,7 +213,24 @@ impl NameDecision {
             NameDecision::NotAllowed => "not_allowed",
             NameDecision::Denied(_) => "denied",
             NameDecision::DohProvider(_) => "doh_provider",
+            NameDecision::Restricted { miss, .. } => miss.result(),
         }
+    }
+}
+
+/// The log detail of a name refused by `restrictions`.
+pub fn restriction_detail(rule: usize, miss: &RestrictionMiss) -> String {
+    let at = format!("allowed_destinations[{rule}].restrictions");
+    match miss {
+        RestrictionMiss::Region(region) => {
+            format!("{at}: an endpoint in region {region}, which is not listed")
+        }
+        RestrictionMiss::Service(service) => {
+            format!("{at}: an endpoint of {service}, which is not listed")
+        }
+        RestrictionMiss::Unclassified => format!(
+            "{at}: not an endpoint name of a known service and region (regionless names need --aws-ip-ranges)"
+        ),
     }
 }
 
@@ -219,6 +241,40 @@ pub struct NamePolicy {
     names: NameMatcher,
     rebind: RebindFilter,
     block_doh: bool,
+    /// AWS's published ranges (`--aws-ip-ranges`): addresses admitted by a restricted entry
+    /// must lie in them.
+    aws_ranges: Option<Arc<AwsIpRanges>>,
+}
+
+/// Why an address of an admitted answer was left out by the address check of `restrictions`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Unproven {
+    pub rule: usize,
+    pub service: AwsService,
+    pub region: Option<String>,
+}
+
+impl std::fmt::Display for Unproven {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "not in a prefix AWS publishes for {} in {} (allowed_destinations[{}].restrictions, \
+             --aws-ip-ranges)",
+            self.service.ip_ranges_name(),
+            self.region
+                .as_deref()
+                .unwrap_or("a region the entry allows"),
+            self.rule
+        )
+    }
+}
+
+/// The rules and addresses of an answer that the address check keeps.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Admitted {
+    pub rules: Vec<u32>,
+    pub addrs: Vec<AddressRecord>,
+    pub unproven: Vec<(AddressRecord, Unproven)>,
 }
 
 impl NamePolicy {
@@ -229,11 +285,25 @@ impl NamePolicy {
             rebind: RebindFilter::for_policy(&policy),
             block_doh,
             policy,
+            aws_ranges: None,
         }
     }
 
+    /// With AWS's published ranges: restricted entries then admit only addresses in them (and
+    /// regionless bucket names whose addresses prove an allowed region).
+    #[must_use]
+    pub fn with_aws_ranges(mut self, ranges: Option<Arc<AwsIpRanges>>) -> Self {
+        self.aws_ranges = ranges;
+        self
+    }
+
+    pub fn aws_ranges(&self) -> Option<&Arc<AwsIpRanges>> {
+        self.aws_ranges.as_ref()
+    }
+
     /// Deny wins, then a DoH endpoint (with `block_doh`) is refused even where a wildcard
-    /// allows it, then the allow rules.
+    /// allows it, then the allow rules. An entry with `restrictions` counts only if it admits
+    /// the name; other entries matching the name allow it regardless (the union of rules).
     pub fn decide(&self, name: &str) -> NameDecision {
         match self.names.lookup(name) {
             NameVerdict::Denied { rule } => NameDecision::Denied(rule),
@@ -244,16 +314,130 @@ impl NamePolicy {
                     return NameDecision::DohProvider(p.name.clone());
                 }
                 match verdict {
-                    NameVerdict::Allowed { rules } => NameDecision::Allowed(
-                        rules
-                            .into_iter()
-                            .map(|r| u32::try_from(r).unwrap_or(u32::MAX))
-                            .collect(),
-                    ),
+                    NameVerdict::Allowed { rules } => self.restricted(name, rules),
                     _ => NameDecision::NotAllowed,
                 }
             }
         }
+    }
+
+    /// Drops the restricted entries that do not admit `name` from `rules`.
+    fn restricted(&self, name: &str, rules: Vec<usize>) -> NameDecision {
+        let mut endpoint = None;
+        let mut kept = Vec::new();
+        let mut first_miss = None;
+        for rule in rules {
+            let Some(r) = self.restrictions(rule) else {
+                kept.push(rule);
+                continue;
+            };
+            let ep = endpoint.get_or_insert_with(|| aws::classify(name));
+            match r.admits(ep.as_ref()) {
+                Ok(Admission::Admitted) => kept.push(rule),
+                Ok(Admission::NeedsRegionProof) if self.aws_ranges.is_some() => kept.push(rule),
+                Ok(Admission::NeedsRegionProof) => {
+                    first_miss.get_or_insert((rule, RestrictionMiss::Unclassified));
+                }
+                Err(miss) => {
+                    first_miss.get_or_insert((rule, miss));
+                }
+            }
+        }
+        match (kept.is_empty(), first_miss) {
+            (true, Some((rule, miss))) => NameDecision::Restricted { rule, miss },
+            (true, None) => NameDecision::NotAllowed,
+            (false, _) => NameDecision::Allowed(
+                kept.into_iter()
+                    .map(|r| u32::try_from(r).unwrap_or(u32::MAX))
+                    .collect(),
+            ),
+        }
+    }
+
+    fn restrictions(&self, rule: usize) -> Option<&Restrictions> {
+        self.policy.allowed.get(rule)?.restrictions.as_ref()
+    }
+
+    /// The address check of `restrictions`, for an answer to `name` allowed by `rules`. Without
+    /// ip-ranges, or without a restricted rule among `rules`, every address is kept with every
+    /// rule. With them, a restricted rule holds only for addresses AWS publishes for the name's
+    /// service in its region (for a regionless name: in a region the rule allows):
+    /// - an address no rule holds for is left out (and reported);
+    /// - the answer keeps the rules that hold for every address kept, so an address never
+    ///   carries the ports of a restricted rule it did not prove. When unrestricted rules
+    ///   keep an unproven address, the restricted ones that do not hold for it drop out.
+    pub fn admit(&self, name: &str, rules: &[u32], addrs: Vec<AddressRecord>) -> Admitted {
+        let restricted: Vec<(u32, &Restrictions)> = rules
+            .iter()
+            .filter_map(|&r| Some((r, self.restrictions(usize::try_from(r).ok()?)?)))
+            .collect();
+        let (Some(ranges), false) = (&self.aws_ranges, restricted.is_empty()) else {
+            return Admitted {
+                rules: rules.to_vec(),
+                addrs,
+                unproven: Vec::new(),
+            };
+        };
+        let endpoint = aws::classify(name);
+        let open: Vec<u32> = rules
+            .iter()
+            .copied()
+            .filter(|r| !restricted.iter().any(|(x, _)| x == r))
+            .collect();
+        // Which restricted rules hold for each address.
+        let holds = |addr: IpAddr| -> Vec<u32> {
+            let Some(ep) = &endpoint else {
+                return Vec::new();
+            };
+            restricted
+                .iter()
+                .filter(|(_, r)| {
+                    ranges.proves(addr, ep.service, |region| match &ep.region {
+                        Some(own) => own == region,
+                        None => r.allows_region(region),
+                    })
+                })
+                .map(|(rule, _)| *rule)
+                .collect()
+        };
+        let judged: Vec<(AddressRecord, Vec<u32>)> =
+            addrs.into_iter().map(|a| (a, holds(a.addr))).collect();
+        let mut out = Admitted::default();
+        let keep_unproven = !open.is_empty();
+        // When only restricted rules allow the name, keep the addresses the first rule that
+        // proves any proves, so one rule set holds for all of them.
+        let anchor = if keep_unproven {
+            None
+        } else {
+            judged.iter().find_map(|(_, h)| h.first().copied())
+        };
+        for (record, h) in judged {
+            let kept = if keep_unproven {
+                true
+            } else {
+                anchor.is_some_and(|a| h.contains(&a))
+            };
+            if kept {
+                out.addrs.push(record);
+            } else {
+                let rule = restricted.first().map_or(0, |(rule, _)| *rule);
+                out.unproven.push((
+                    record,
+                    Unproven {
+                        rule: usize::try_from(rule).unwrap_or(usize::MAX),
+                        service: endpoint.as_ref().map_or(AwsService::S3, |e| e.service),
+                        region: endpoint.as_ref().and_then(|e| e.region.clone()),
+                    },
+                ));
+            }
+        }
+        let kept_holds: Vec<Vec<u32>> = out.addrs.iter().map(|a| holds(a.addr)).collect();
+        out.rules = rules
+            .iter()
+            .copied()
+            .filter(|r| open.contains(r) || kept_holds.iter().all(|h| h.contains(r)))
+            .collect();
+        out
     }
 }
 
@@ -263,6 +447,8 @@ pub struct Installed {
     /// Addresses in the map now (the ones the workload may be told).
     pub kept: Vec<AddressRecord>,
     pub rejected: Vec<(AddressRecord, Rejection)>,
+    /// Left out by the address check of `restrictions` (`--aws-ip-ranges`).
+    pub unproven: Vec<(AddressRecord, Unproven)>,
     /// Left out by the per-name cap.
     pub capped: usize,
 }
@@ -290,6 +476,14 @@ impl Learner {
             maps,
             view: NamePolicy::new(policy),
             next: None,
+        }
+    }
+
+    /// Uses AWS's published ranges for the address check of `restrictions` from now on.
+    pub fn set_aws_ranges(&mut self, ranges: Option<Arc<AwsIpRanges>>) {
+        self.view = self.view.clone().with_aws_ranges(ranges.clone());
+        if let Some((_, v)) = &mut self.next {
+            *v = v.clone().with_aws_ranges(ranges);
         }
     }
 
@@ -348,11 +542,23 @@ impl Learner {
     /// `policy`, next to the ones in force (the slot still names the old id). Until
     /// [`Learner::commit`] or [`Learner::abort`], answers go under both ids.
     pub fn prepare(&mut self, policy: Arc<Policy>, policy_id: u32) -> Result<(), MapsError> {
-        let view = NamePolicy::new(policy);
+        let view = NamePolicy::new(policy).with_aws_ranges(self.view.aws_ranges.clone());
         let mut table = self.table.clone();
-        let writes = table.rebase(&view.policy, policy_id, |name| match view.decide(name) {
-            NameDecision::Allowed(rules) => rules,
-            _ => Vec::new(),
+        let writes = table.rebase(&view.policy, policy_id, |name, addrs| {
+            match view.decide(name) {
+                NameDecision::Allowed(rules) => {
+                    let records = addrs
+                        .iter()
+                        .map(|&addr| AddressRecord { addr, ttl: 0 })
+                        .collect();
+                    let admitted = view.admit(name, &rules, records);
+                    (
+                        admitted.rules,
+                        admitted.addrs.into_iter().map(|a| a.addr).collect(),
+                    )
+                }
+                _ => (Vec::new(), Vec::new()),
+            }
         });
         self.next = Some((table, view));
         self.maps.apply(&writes)
@@ -390,6 +596,18 @@ fn install_into(
         return Ok(Installed::default());
     };
     let (installable, rejected) = view.rebind.partition(addresses);
+    let Admitted {
+        rules,
+        addrs: installable,
+        unproven,
+    } = view.admit(name, &rules, installable);
+    if installable.is_empty() && !unproven.is_empty() {
+        return Ok(Installed {
+            rejected,
+            unproven,
+            ..Installed::default()
+        });
+    }
     let addrs: Vec<IpAddr> = installable.iter().map(|a| a.addr).collect();
     let writes = table.learn(&view.policy, name, &rules, &addrs, deadline_s);
     let capped = writes.capped;
@@ -409,6 +627,11 @@ fn install_into(
     Ok(Installed {
         kept,
         rejected,
+        unproven,
         capped,
     })
 }
+
+#[cfg(test)]
+#[path = "install_tests.rs"]
+mod tests;

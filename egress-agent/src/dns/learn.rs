@@ -177,25 +177,29 @@ impl LearnedTable {
         writes
     }
 
-    /// The same names under a new policy and policy id: each name's rules are asked again
-    /// (`rules_for`, empty when the new policy no longer allows the name), and every entry is
-    /// written anew under `policy_id`. The old id's entries are left for the caller to sweep
-    /// once the slot has switched.
+    /// The same names under a new policy and policy id: each name's rules, and which of its
+    /// addresses stay, are asked again (`admit(name, addresses)`; no rules when the new policy
+    /// no longer allows the name), and every entry is written anew under `policy_id`. The old
+    /// id's entries are left for the caller to sweep once the slot has switched.
     pub fn rebase(
         &mut self,
         policy: &Policy,
         policy_id: u32,
-        mut rules_for: impl FnMut(&str) -> Vec<u32>,
+        mut admit: impl FnMut(&str, &[IpAddr]) -> (Vec<u32>, Vec<IpAddr>),
     ) -> Writes {
         let names = std::mem::take(&mut self.names);
         let mut fresh = LearnedTable::new(policy_id, self.max_per_name);
         let mut writes = Writes::default();
         for (name, entry) in names {
-            let rules = rules_for(&name);
+            let addrs: Vec<IpAddr> = entry.addrs.keys().copied().collect();
+            let (rules, kept) = admit(&name, &addrs);
             if rules.is_empty() {
                 continue;
             }
             for (addr, deadline) in entry.addrs {
+                if !kept.contains(&addr) {
+                    continue;
+                }
                 let w = fresh.learn(policy, &name, &rules, &[addr], deadline);
                 writes.ports.extend(w.ports);
                 writes.entries.extend(w.entries);

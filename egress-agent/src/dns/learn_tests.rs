@@ -190,11 +190,11 @@ fn rebase_moves_allowed_names_to_the_new_id_and_drops_the_others() {
     let mut t = LearnedTable::new(7, 8);
     t.learn(&f.policy, "a.example.test", &[0], &[ip("198.18.1.1")], 100);
     t.learn(&f.policy, "b.example.test", &[0], &[ip("198.18.1.2")], 100);
-    let w = t.rebase(&f.policy, 8, |name| {
+    let w = t.rebase(&f.policy, 8, |name, addrs| {
         if name == "a.example.test" {
-            vec![0]
+            (vec![0], addrs.to_vec())
         } else {
-            Vec::new()
+            (Vec::new(), Vec::new())
         }
     });
     assert_eq!(w.entries.len(), 1);

@@ -8,6 +8,8 @@
 //! - `names`: the policy's allowed and denied hosts (exact and `*.suffix`; deny wins), and the
 //!   public-suffix check for wildcards.
 //! - `rebind`: which answer addresses may enter the allow map.
+//! - `ip_ranges`: AWS's published address ranges (a local ip-ranges.json), the address check
+//!   of `restrictions`.
 //! - `doh`: the known DNS-over-HTTPS resolvers (`egress-agent/data/doh-providers.yaml`).
 //!
 //! The proxy itself (sockets, rate limits, the allow-map updates) is not here.
@@ -15,6 +17,7 @@
 pub mod answer;
 pub mod doh;
 pub mod install;
+pub mod ip_ranges;
 pub mod learn;
 pub mod message;
 pub mod names;

@@ -18,7 +18,7 @@ use egress_common::maps::{
 };
 
 use super::answer::{AddressRecord, CnameLink, address_response};
-use super::install::{Learner, NameDecision};
+use super::install::{Learner, NameDecision, restriction_detail};
 use super::message::{QueryError, Rcode, Transport, parse_query};
 use super::origin::{Diag, Origins};
 use super::rebind::{Source, report_rejection};
@@ -422,6 +422,11 @@ impl Proxy {
                 self.refused(&policy, &q.qname, q.qtype, decision.result(), &detail);
                 return Some(self.refusal(&query));
             }
+            NameDecision::Restricted { rule, miss } => {
+                let detail = restriction_detail(*rule, miss);
+                self.refused(&policy, &q.qname, q.qtype, decision.result(), &detail);
+                return Some(self.refusal(&query));
+            }
             NameDecision::NotAllowed => {
                 self.refused(
                     &policy,
@@ -514,6 +519,24 @@ impl Proxy {
                 Source::ProxyAnswer,
                 log,
             );
+        }
+        for (record, why) in &installed.unproven {
+            self.metrics.aws_unproven.get_or_create(&labels).inc();
+            if !lock(&self.log).admit(&policy, Instant::now()) {
+                continue;
+            }
+            tracing::warn!(event = "dns_aws_address_unproven", policy = %policy, name = %q.qname,
+                address = %record.addr, reason = "restriction_address", rule = why.rule, detail = %why,
+                "answer address not installed and removed from the answer");
+        }
+        if installed.kept.is_empty()
+            && !installed.unproven.is_empty()
+            && installed.rejected.is_empty()
+        {
+            // Nothing of the answer proved an allowed region: refused like a name that does
+            // not classify, rather than answered with no addresses.
+            self.count(&policy, "restriction_address");
+            return Some(self.refusal(&query));
         }
         if installed.capped > 0 {
             self.metrics
@@ -694,10 +717,16 @@ impl Proxy {
         loop {
             tick.tick().await;
             let now = crate::resolve::boot_time_s();
-            let (expired, left) = {
+            let (expired, left, ranges) = {
                 let mut learner = lock(&self.learner);
-                (learner.expire(now), learner.len())
+                let ranges = learner.view().aws_ranges().cloned();
+                (learner.expire(now), learner.len(), ranges)
             };
+            if let Some(ranges) = ranges {
+                self.metrics
+                    .aws_ip_ranges_age
+                    .set(ranges.age_seconds(std::time::SystemTime::now()));
+            }
             if let Err(error) = expired {
                 tracing::warn!(%error, "removing expired learned addresses failed; the kernel ignores them anyway");
             }

@@ -5,6 +5,7 @@
 //! `allow_other_socket_types`, `name`). Parsing is strict: unknown keys, malformed values and
 //! contradictory entries are errors naming the file, line, column and field.
 
+pub mod aws;
 mod error;
 mod model;
 mod parse;

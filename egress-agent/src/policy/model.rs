@@ -7,6 +7,8 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 
+pub use super::aws::AwsService;
+
 /// A whole policy file.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Policy {
@@ -101,10 +103,15 @@ pub struct DeniedDestination {
     pub target: Target,
 }
 
+/// `restrictions:` of an entry whose host is under an AWS suffix: the names it matches are
+/// admitted only when they are endpoints of a listed service in a listed region
+/// ([`super::aws`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Restrictions {
+    /// Valid region codes, lowercase, deduplicated; empty: any region.
     pub regions: Vec<String>,
-    pub services: Vec<String>,
+    /// Deduplicated; empty: every service of the closed list.
+    pub services: Vec<AwsService>,
 }
 
 /// `dns_policy:`. The workload's DNS always goes to the agent's proxy; this says where the
@@ -253,9 +260,22 @@ impl fmt::Display for Summary<'_> {
             if let Some(r) = &rule.restrictions {
                 writeln!(
                     f,
-                    "    restrictions: regions [{}], services [{}]",
-                    r.regions.join(", "),
-                    r.services.join(", ")
+                    "    restrictions: regions [{}], services [{}] (names must be endpoints of a \
+                     listed service in a listed region)",
+                    if r.regions.is_empty() {
+                        "any".to_owned()
+                    } else {
+                        r.regions.join(", ")
+                    },
+                    if r.services.is_empty() {
+                        "any known".to_owned()
+                    } else {
+                        r.services
+                            .iter()
+                            .map(ToString::to_string)
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    }
                 )?;
             }
         }

@@ -25,6 +25,7 @@ use serde::de::{
     VariantAccess, Visitor,
 };
 
+use super::aws;
 use super::error::PolicyError;
 use super::model::{
     AllowedDestination, DefaultAction, DeniedDestination, DnsPolicy, HostPattern, Policy, Protocol,
@@ -561,26 +562,85 @@ fn check_allowed(raw: RawAllowed) -> Result<AllowedEntry, String> {
     protocols.sort_unstable();
     protocols.dedup();
     Ok(AllowedEntry(AllowedDestination {
-        target,
         ports,
         protocols,
         purpose: raw.purpose.filter(|p| !p.trim().is_empty()),
         rate_limit: raw.rate_limit.map(RawRateLimit::into_model),
-        restrictions: raw.restrictions.map(|r| Restrictions {
-            regions: r
-                .regions
-                .unwrap_or_default()
-                .into_iter()
-                .map(|s| s.0)
-                .collect(),
-            services: r
-                .services
-                .unwrap_or_default()
-                .into_iter()
-                .map(|s| s.0)
-                .collect(),
-        }),
+        restrictions: raw
+            .restrictions
+            .map(|r| check_restrictions(r, &target))
+            .transpose()?,
+        target,
     }))
+}
+
+/// `restrictions` applies to AWS endpoint names only: elsewhere there is no service or region
+/// a name could be judged by, and ignoring the key would allow more than the file says.
+fn check_restrictions(raw: RawRestrictions, target: &Target) -> Result<Restrictions, String> {
+    let regions = first_occurrences(
+        raw.regions
+            .map(|l| l.0)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|r| r.0),
+    );
+    let services = first_occurrences(
+        raw.services
+            .map(|l| l.0)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|s| s.0),
+    );
+    if regions.is_empty() && services.is_empty() {
+        return Err(format!(
+            "`restrictions` lists neither `regions` nor `services`, so it restricts nothing; \
+             give at least one, e.g. `restrictions: {{regions: [us-east-1], services: [s3]}}` \
+             ({})",
+            known_services()
+        ));
+    }
+    let restrictions = Restrictions { regions, services };
+    let suffixes = aws::AWS_SUFFIXES.join("`, `");
+    match target {
+        Target::Host(HostPattern::Wildcard(suffix)) if aws::is_under_aws_suffix(suffix) => {
+            Ok(restrictions)
+        }
+        Target::Host(HostPattern::Exact(name)) if aws::is_under_aws_suffix(name) => {
+            // The agent resolves an exact host itself, outside the DNS proxy: the name must be
+            // an admitted endpoint by itself.
+            let endpoint = aws::classify(name);
+            match restrictions.admits(endpoint.as_ref()) {
+                Ok(aws::Admission::Admitted) => Ok(restrictions),
+                Ok(aws::Admission::NeedsRegionProof) | Err(_) => Err(format!(
+                    "`restrictions` on the exact host `{name}`, which is not an endpoint of a \
+                     listed service in a listed region ({}); name a regional endpoint such as \
+                     `s3.us-east-1.amazonaws.com`, or use a wildcard such as `*.amazonaws.com`",
+                    describe_endpoint(endpoint.as_ref())
+                )),
+            }
+        }
+        other => Err(format!(
+            "`restrictions` (regions, services) applies only to a `host` under an AWS DNS suffix \
+             (`{suffixes}`), such as `*.amazonaws.com`; `{other}` is not one: remove \
+             `restrictions` from this entry"
+        )),
+    }
+}
+
+fn describe_endpoint(endpoint: Option<&aws::AwsEndpoint>) -> String {
+    match endpoint {
+        None => "it matches no documented endpoint form of a known service".to_owned(),
+        Some(ep) => format!(
+            "it is {} in {}",
+            ep.service,
+            ep.region.as_deref().unwrap_or("no particular region")
+        ),
+    }
+}
+
+fn known_services() -> String {
+    let names: Vec<&str> = aws::AwsService::ALL.iter().map(|s| s.as_str()).collect();
+    format!("known services: {}", names.join(", "))
 }
 
 fn one_target(host: Option<Target>, cidr: Option<IpNet>) -> Result<Target, String> {
@@ -621,8 +681,8 @@ impl RawRateLimit {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawRestrictions {
-    regions: Option<Vec<NonEmptyString>>,
-    services: Option<Vec<NonEmptyString>>,
+    regions: Option<NonEmpty<RegionValue>>,
+    services: Option<NonEmpty<ServiceValue>>,
 }
 
 // --- denied_destinations --------------------------------------------------------------------
@@ -845,15 +905,45 @@ fn check_resolver(ip: IpAddr) -> Result<IpAddr, String> {
     ))
 }
 
-struct NonEmptyString(String);
+struct RegionValue(String);
 
-string_scalar!(NonEmptyString, "a non-empty string", |v| {
-    if v.trim().is_empty() {
-        Err("empty string; expected a non-empty string".to_owned())
+string_scalar!(RegionValue, "an AWS region code such as `us-east-1`", |v| {
+    if aws::is_region(v) {
+        Ok(RegionValue(v.to_owned()))
+    } else if aws::is_region(&v.to_ascii_lowercase()) {
+        Err(format!(
+            "invalid region `{v}`: region codes are lowercase; write `{}`",
+            v.to_ascii_lowercase()
+        ))
     } else {
-        Ok(NonEmptyString(v.to_owned()))
+        Err(format!(
+            "invalid region `{v}`; expected an AWS region code such as `us-east-1`, \
+             `eu-west-1` or `us-gov-west-1` (not an availability zone such as `us-east-1a`)"
+        ))
     }
 });
+
+impl ListOf for RegionValue {
+    const WHAT: &'static str = "AWS region codes (leave `regions` out for any region)";
+    const EXAMPLE: &'static str = "[us-east-1]";
+}
+
+struct ServiceValue(aws::AwsService);
+
+string_scalar!(ServiceValue, "an AWS service name such as `s3`", |v| {
+    aws::AwsService::parse(v).map(ServiceValue).ok_or_else(|| {
+        format!(
+            "unknown service `{v}`; only services whose endpoint names egress can classify \
+             are accepted ({})",
+            known_services()
+        )
+    })
+});
+
+impl ListOf for ServiceValue {
+    const WHAT: &'static str = "AWS services (leave `services` out for every known service)";
+    const EXAMPLE: &'static str = "[s3]";
+}
 
 struct Name(String);
 
@@ -1240,7 +1330,7 @@ mod tests {
                 AllowedDestination {
                     restrictions: Some(Restrictions {
                         regions: vec!["us-east-1".into(), "eu-west-1".into()],
-                        services: vec!["s3".into(), "dynamodb".into()],
+                        services: vec![aws::AwsService::S3, aws::AwsService::DynamoDb],
                     }),
                     ..https_443(
                         Target::Host(HostPattern::Wildcard("amazonaws.com".into())),
@@ -1947,14 +2037,6 @@ mod tests {
             "policies/t.yaml:2:19: egress_policy.default_action: unknown default action \
              `REJECT`; expected DENY or ALLOW"
         );
-        let text = msg(&allowed(
-            "    - host: example.com\n      ports: [443]\n      protocols: [https]\n      \
-             restrictions: {regions: [\"\"]}\n",
-        ));
-        assert!(
-            text.contains("egress_policy.allowed_destinations[0].restrictions.regions[0]: empty"),
-            "{text}"
-        );
         let text = msg("egress_policy:\n  name: \"\"\n  default_action: DENY\n");
         assert!(
             text.contains("egress_policy.name: empty policy name"),
@@ -2022,5 +2104,110 @@ mod tests {
             ),
             "{summary}"
         );
+    }
+
+    /// An `*.amazonaws.com` entry with the given `restrictions` flow mapping.
+    fn aws_entry(host: &str, restrictions: &str) -> String {
+        allowed(&format!(
+            "    - host: \"{host}\"\n      ports: [443]\n      protocols: [https]\n      \
+             restrictions: {restrictions}\n"
+        ))
+    }
+
+    #[test]
+    fn restrictions_are_typed_and_deduplicated() {
+        let p = match parse_str(
+            &aws_entry(
+                "*.amazonaws.com",
+                "{regions: [eu-west-1, eu-west-1], services: [S3, s3]}",
+            ),
+            Path::new("t.yaml"),
+        ) {
+            Ok(p) => p,
+            Err(e) => panic!("{e}"),
+        };
+        assert_eq!(
+            p.allowed[0].restrictions,
+            Some(Restrictions {
+                regions: vec!["eu-west-1".into()],
+                services: vec![aws::AwsService::S3],
+            })
+        );
+        for (host, restrictions) in [
+            ("*.amazonaws.com.cn", "{regions: [cn-north-1]}"),
+            ("*.api.aws", "{services: [dynamodb]}"),
+            ("s3.eu-west-1.amazonaws.com", "{regions: [eu-west-1]}"),
+            ("dynamodb.us-east-1.amazonaws.com", "{services: [dynamodb]}"),
+        ] {
+            if let Err(e) = parse_str(&aws_entry(host, restrictions), Path::new("t.yaml")) {
+                panic!("{host}: {e}");
+            }
+        }
+    }
+
+    #[test]
+    fn restrictions_errors_name_the_place_and_what_is_valid() {
+        let text = msg(&aws_entry(
+            "*.amazonaws.com",
+            "{regions: [us-east-1], services: [ec2]}",
+        ));
+        assert_eq!(
+            text,
+            "policies/t.yaml:7:55: egress_policy.allowed_destinations[0].restrictions.services[0]: \
+             unknown service `ec2`; only services whose endpoint names egress can classify are \
+             accepted (known services: s3, dynamodb)"
+        );
+        let text = msg(&aws_entry("*.amazonaws.com", "{regions: [us-east-1a]}"));
+        assert!(
+            text.starts_with(
+                "policies/t.yaml:7:32: egress_policy.allowed_destinations[0].restrictions.\
+                 regions[0]: invalid region `us-east-1a`"
+            ),
+            "{text}"
+        );
+        let text = msg(&aws_entry("*.amazonaws.com", "{regions: [US-EAST-1]}"));
+        assert!(text.contains("write `us-east-1`"), "{text}");
+        let text = msg(&aws_entry("*.amazonaws.com", "{regions: []}"));
+        assert!(
+            text.contains(
+                "restrictions.regions: empty list; expected at least one of the AWS region codes"
+            ),
+            "{text}"
+        );
+        let text = msg(&aws_entry("*.amazonaws.com", "{}"));
+        assert!(
+            text.starts_with("policies/t.yaml:4:7: egress_policy.allowed_destinations[0]: `restrictions` lists neither"),
+            "{text}"
+        );
+        let text = msg(&aws_entry("*.amazonaws.com", "{zones: [a]}"));
+        assert!(text.contains("unknown field `zones`"), "{text}");
+        let text = msg(&aws_entry("*.example.com", "{regions: [us-east-1]}"));
+        assert_eq!(
+            text,
+            "policies/t.yaml:4:7: egress_policy.allowed_destinations[0]: `restrictions` \
+             (regions, services) applies only to a `host` under an AWS DNS suffix \
+             (`amazonaws.com`, `amazonaws.com.cn`, `api.aws`), such as `*.amazonaws.com`; \
+             `*.example.com` is not one: remove `restrictions` from this entry"
+        );
+        let text = msg(&allowed(
+            "    - cidr: 52.216.0.0/15\n      ports: [443]\n      protocols: [https]\n      \
+             restrictions: {services: [s3]}\n",
+        ));
+        assert!(text.contains("`52.216.0.0/15` is not one"), "{text}");
+        let text = msg(&aws_entry(
+            "s3.us-west-2.amazonaws.com",
+            "{regions: [us-east-1]}",
+        ));
+        assert!(
+            text.contains("the exact host `s3.us-west-2.amazonaws.com`, which is not an endpoint of a listed service in a listed region (it is s3 in us-west-2)"),
+            "{text}"
+        );
+        let text = msg(&aws_entry("bucket.s3.amazonaws.com", "{services: [s3]}"));
+        assert!(text.contains("no particular region"), "{text}");
+        let text = msg(&aws_entry(
+            "ec2.us-east-1.amazonaws.com",
+            "{services: [s3]}",
+        ));
+        assert!(text.contains("no documented endpoint form"), "{text}");
     }
 }

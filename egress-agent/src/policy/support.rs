@@ -2,7 +2,7 @@
 //! using any of them is refused as a whole: enforcing the rest would silently allow or deny
 //! differently from what the file says.
 //!
-//! Wildcard hosts and `dns_policy` are enforced (the DNS proxy and the kernel) and are not
+//! Wildcard hosts, `dns_policy` and `restrictions` are enforced (the DNS proxy and the kernel) and are not
 //! listed here. A wildcard over a public suffix in `allowed_destinations` is not a missing
 //! feature but an invalid policy: the parser refuses it with the file, line and column.
 
@@ -14,8 +14,6 @@ use super::model::{DefaultAction, Policy};
 pub enum Unsupported {
     /// `default_action: ALLOW`.
     DefaultAllow,
-    /// `restrictions:` on an allowed entry.
-    Restrictions { rule: String },
     /// `dns_policy.block_doh: true`, but the built-in list of DoH resolvers does not parse (a
     /// build defect the unit tests rule out): there is nothing to block by.
     DohListUnavailable,
@@ -31,13 +29,6 @@ impl fmt::Display for Unsupported {
                 "default_action: ALLOW is not supported: egress only enforces allowlists \
                  (everything not allowed is refused); {REFUSED}: set `default_action: DENY` and \
                  list the destinations to allow"
-            ),
-            Unsupported::Restrictions { rule } => write!(
-                f,
-                "{rule}.restrictions: region and service restrictions (`regions`, `services`) are \
-                 not enforced by this version; {REFUSED}: remove `restrictions` from the entry \
-                 (its host or wildcard then allows every name it matches), or list the regional \
-                 host names instead"
             ),
             Unsupported::DohListUnavailable => write!(
                 f,
@@ -62,13 +53,6 @@ fn unsupported_with(p: &Policy, doh_list_available: bool) -> Vec<Unsupported> {
     if p.default_action == DefaultAction::Allow {
         found.push(Unsupported::DefaultAllow);
     }
-    for (i, rule) in p.allowed.iter().enumerate() {
-        if rule.restrictions.is_some() {
-            found.push(Unsupported::Restrictions {
-                rule: format!("allowed_destinations[{i}]"),
-            });
-        }
-    }
     if p.dns.as_ref().is_some_and(|d| d.block_doh) && !doh_list_available {
         found.push(Unsupported::DohListUnavailable);
     }
@@ -90,42 +74,20 @@ mod tests {
     }
 
     #[test]
-    fn seed_example_is_refused_for_its_restrictions_only() {
+    fn seed_example_is_supported_with_its_restrictions() {
         let p = parse(include_str!("../../../policies/mcp-net-02-example.yaml"));
-        let found = unsupported_features(&p);
-        assert_eq!(
-            found,
-            vec![Unsupported::Restrictions {
-                rule: "allowed_destinations[1]".into(),
-            }]
-        );
-        let text = found[0].to_string();
-        assert!(
-            text.starts_with("allowed_destinations[1].restrictions: "),
-            "{text}"
-        );
-        assert!(
-            text.contains("refused rather than enforced in part"),
-            "{text}"
-        );
-    }
-
-    #[test]
-    fn seed_example_without_restrictions_is_supported() {
-        let text = include_str!("../../../policies/mcp-net-02-example.yaml");
-        let without: String = text
-            .lines()
-            .filter(|l| {
-                let l = l.trim_start();
-                !(l.starts_with("restrictions:")
-                    || l.starts_with("regions:")
-                    || l.starts_with("services:"))
-            })
-            .map(|l| format!("{l}\n"))
-            .collect();
-        let p = parse(&without);
-        assert!(p.allowed.iter().all(|r| r.restrictions.is_none()));
         assert_eq!(unsupported_features(&p), vec![]);
+        let r = p.allowed[1].restrictions.as_ref();
+        assert_eq!(
+            r.map(|r| (r.regions.clone(), r.services.clone())),
+            Some((
+                vec!["us-east-1".to_owned(), "eu-west-1".to_owned()],
+                vec![
+                    crate::policy::AwsService::S3,
+                    crate::policy::AwsService::DynamoDb
+                ]
+            ))
+        );
     }
 
     #[test]

@@ -1,0 +1,373 @@
+//! `restrictions` (regions, services) on the real kernel: the DNS proxy admits a name under a
+//! restricted `*.amazonaws.com` only when it is an endpoint of a listed service in a listed
+//! region, and with `--aws-ip-ranges` only the answer addresses AWS publishes for that service
+//! and region reach the kernel's allow map.
+//!
+//! The test's dnsmasq in the remote namespace serves AWS-shaped names with test addresses
+//! (198.18.5.0/24, 198.18.6.0/24 and 198.18.7.0/24, local to the remote namespace); the
+//! ip-ranges file the test writes publishes those test prefixes as S3 and DYNAMODB ranges.
+//! Nothing leaves the test's namespaces: the client namespace has no default route.
+#![expect(clippy::expect_used, reason = "test code: a failure is a test failure")]
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::time::Duration;
+
+use egress_tests::agent::AgentRun;
+use egress_tests::dnsmasq::{Dnsmasq, DnsmasqConfig};
+use egress_tests::probe::{ProbeResult, rcode};
+use egress_tests::process::RunOutput;
+use egress_tests::server::{Listener, SETTLE};
+use egress_tests::testbed::Testbed;
+use libc::EPERM;
+use serde_json::Value;
+
+const PROBE: &str = env!("CARGO_BIN_EXE_egress-probe");
+/// The upstream resolver: dnsmasq on the remote end of the veth pair.
+const UPSTREAM: &str = "198.18.0.2";
+const WAIT: Duration = Duration::from_secs(3);
+
+/// The seed's AWS entry, with the test's resolver.
+const POLICY: &str = "egress_policy:
+  name: restrictions-test
+  default_action: DENY
+  allowed_destinations:
+    - host: \"*.amazonaws.com\"
+      ports: [443]
+      protocols: [https]
+      purpose: \"AWS service access\"
+      restrictions:
+        regions: [us-east-1, eu-west-1]
+        services: [s3, dynamodb]
+  dns_policy:
+    allowed_resolvers: [198.18.0.2]
+";
+
+/// Test prefixes published as AWS ranges: S3 us-east-1, S3 eu-west-1, S3 us-west-2,
+/// DYNAMODB us-east-1, and an AMAZON range (which proves nothing about a service).
+const IP_RANGES: &str = r#"{
+  "syncToken": "1",
+  "createDate": "2024-03-01-12-00-00",
+  "prefixes": [
+    {"ip_prefix": "198.18.5.0/26", "region": "us-east-1", "service": "S3"},
+    {"ip_prefix": "198.18.5.64/26", "region": "eu-west-1", "service": "S3"},
+    {"ip_prefix": "198.18.5.128/26", "region": "us-west-2", "service": "S3"},
+    {"ip_prefix": "198.18.6.0/24", "region": "us-east-1", "service": "DYNAMODB"},
+    {"ip_prefix": "198.18.7.0/24", "region": "us-east-1", "service": "AMAZON"}
+  ],
+  "ipv6_prefixes": []
+}"#;
+
+/// (name, addresses) served exactly (hosts file).
+const NAMES: &[(&str, &[&str])] = &[
+    ("s3.us-east-1.amazonaws.com", &["198.18.5.1"]),
+    ("bucket.s3.eu-west-1.amazonaws.com", &["198.18.5.65"]),
+    ("dynamodb.us-east-1.amazonaws.com", &["198.18.6.1"]),
+    // A regional name whose answer mixes a published address with one that is not.
+    (
+        "mixed.s3.us-east-1.amazonaws.com",
+        &["198.18.5.2", "198.18.7.1"],
+    ),
+    ("s3.us-west-2.amazonaws.com", &["198.18.5.129"]),
+    ("ec2.us-east-1.amazonaws.com", &["198.18.7.10"]),
+    ("sqs.eu-west-1.amazonaws.com", &["198.18.7.11"]),
+    // Regionless bucket names: one in eu-west-1, one in us-west-2 (by their addresses).
+    ("eubucket.s3.amazonaws.com", &["198.18.5.66"]),
+    ("westbucket.s3.amazonaws.com", &["198.18.5.130"]),
+];
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().expect("IP literal")
+}
+
+fn sa(s: &str) -> SocketAddr {
+    s.parse().expect("socket address literal")
+}
+
+struct World {
+    tb: Testbed,
+    listener: Listener,
+    dns: Dnsmasq,
+    ranges: tempfile::NamedTempFile,
+}
+
+fn world() -> Option<World> {
+    let tb = Testbed::for_test(Path::new(PROBE))?;
+    assert!(
+        !tb.client().has_default_route().expect("reading routes"),
+        "the client namespace must have no default route"
+    );
+    for net in ["198.18.5.0/24", "198.18.6.0/24", "198.18.7.0/24"] {
+        tb.topo.add_remote_net(net).expect("remote range");
+    }
+    let listener = tb.listen_tcp(sa("0.0.0.0:443")).expect("listener");
+    let mut config = DnsmasqConfig::default().listen(ip(UPSTREAM)).ttl(60);
+    for (name, addrs) in NAMES {
+        for a in *addrs {
+            config = config.host(name, ip(a));
+        }
+    }
+    let dns = config.start(tb.remote()).expect("starting dnsmasq");
+    let mut ranges = tempfile::NamedTempFile::new().expect("temp file");
+    std::io::Write::write_all(&mut ranges, IP_RANGES.as_bytes()).expect("writing ip-ranges");
+    Some(World {
+        tb,
+        listener,
+        dns,
+        ranges,
+    })
+}
+
+impl World {
+    fn agent(&self) -> AgentRun {
+        let path = self.tb.write_policy(POLICY).expect("policy file");
+        AgentRun::new(&path, &self.tb.cgroups, self.tb.probe.path())
+            .expect("agent command")
+            .json_log()
+    }
+
+    fn run(&self, run: AgentRun, ops: &[String]) -> RunOutput {
+        let out = run.args(ops).run_in(self.tb.client()).expect("agent run");
+        out.assert_exit(0);
+        out
+    }
+
+    /// Connections whose bytes were exactly `payload`.
+    fn arrived(&self, payload: &str) -> usize {
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            let n = self
+                .listener
+                .messages()
+                .iter()
+                .filter(|m| m.as_slice() == payload.as_bytes())
+                .count();
+            if n > 0 || std::time::Instant::now() > deadline {
+                return n;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+fn resolve_connect(name: &str, tag: &str) -> String {
+    format!("resolve udp4 {UPSTREAM} {name} A then-connect tcp4 443 {tag}")
+}
+
+fn resolve(name: &str) -> String {
+    format!("resolve udp4 {UPSTREAM} {name} A")
+}
+
+fn connect(addr: &str) -> String {
+    format!("connect tcp4 {addr} 443")
+}
+
+#[track_caller]
+fn assert_answer<'a>(out: &'a RunOutput, op: &str, rc: u8, addrs: &[&str]) -> &'a ProbeResult {
+    let r = out.assert_ok(op);
+    let want: Vec<IpAddr> = addrs.iter().map(|a| ip(a)).collect();
+    assert_eq!(
+        (r.rcode, r.addrs.as_deref()),
+        (Some(rc), Some(&want[..])),
+        "`{op}`: (rcode, addresses)\n{}",
+        out.describe()
+    );
+    r
+}
+
+fn log(out: &RunOutput) -> Vec<Value> {
+    out.stderr
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .collect()
+}
+
+/// The `result` of the `dns_refused` line for `name`.
+#[track_caller]
+fn refusal(out: &RunOutput, name: &str) -> Value {
+    log(out)
+        .into_iter()
+        .find(|v| v["event"] == "dns_refused" && v["name"] == name)
+        .unwrap_or_else(|| panic!("no dns_refused line for {name}\n{}", out.stderr))
+}
+
+#[track_caller]
+fn assert_not_forwarded(w: &World, name: &str, out: &RunOutput) {
+    let asked = w.dns.queries_for(name);
+    assert!(
+        asked.is_empty(),
+        "the upstream resolver was asked about {name}: {asked:?}\n{}",
+        out.describe()
+    );
+}
+
+/// Without ip-ranges: names are judged by their form alone. Listed service and region
+/// resolve and connect; another region, another service, EC2 names and regionless bucket
+/// names get NXDOMAIN with the restriction's reason, are never forwarded, and their addresses
+/// stay closed.
+#[test]
+fn names_are_admitted_by_service_and_region() {
+    let Some(w) = world() else { return };
+    let allowed = [
+        ("s3.us-east-1.amazonaws.com", "198.18.5.1", "a-s3"),
+        (
+            "bucket.s3.eu-west-1.amazonaws.com",
+            "198.18.5.65",
+            "a-bucket",
+        ),
+        ("dynamodb.us-east-1.amazonaws.com", "198.18.6.1", "a-ddb"),
+    ];
+    let refused = [
+        (
+            "s3.us-west-2.amazonaws.com",
+            "restriction_region",
+            "198.18.5.129",
+        ),
+        (
+            "ec2.us-east-1.amazonaws.com",
+            "restriction_unclassified",
+            "198.18.7.10",
+        ),
+        (
+            "sqs.eu-west-1.amazonaws.com",
+            "restriction_unclassified",
+            "198.18.7.11",
+        ),
+        (
+            "eubucket.s3.amazonaws.com",
+            "restriction_unclassified",
+            "198.18.5.66",
+        ),
+    ];
+    let mut ops: Vec<String> = allowed
+        .iter()
+        .map(|(name, _, tag)| resolve_connect(name, tag))
+        .collect();
+    ops.push(resolve("mixed.s3.us-east-1.amazonaws.com"));
+    ops.extend(refused.iter().map(|(name, _, _)| resolve(name)));
+    ops.extend(refused.iter().map(|(_, _, addr)| connect(addr)));
+    let out = w.run(w.agent(), &ops);
+    for (name, addr, tag) in allowed {
+        assert_answer(&out, &resolve_connect(name, tag), rcode::NOERROR, &[addr]);
+        assert_eq!(w.arrived(tag), 1, "{tag}\n{}", out.describe());
+    }
+    // Without ip-ranges, both addresses of a classified name are installed.
+    let r = out.assert_ok(&resolve("mixed.s3.us-east-1.amazonaws.com"));
+    let mut got: Vec<IpAddr> = r.addrs.clone().unwrap_or_default();
+    got.sort();
+    assert_eq!(
+        got,
+        [ip("198.18.5.2"), ip("198.18.7.1")],
+        "{}",
+        out.describe()
+    );
+    for (name, result, addr) in refused {
+        assert_answer(&out, &resolve(name), rcode::NXDOMAIN, &[]);
+        let line = refusal(&out, name);
+        assert_eq!(line["result"], result, "{line}");
+        assert!(
+            line["detail"]
+                .as_str()
+                .is_some_and(|d| d.starts_with("allowed_destinations[0].restrictions")),
+            "{line}"
+        );
+        assert_not_forwarded(&w, name, &out);
+        out.assert_errno(&connect(addr), EPERM);
+    }
+    std::thread::sleep(SETTLE);
+    assert_eq!(
+        w.listener.connections(),
+        3,
+        "only the three allowed names' connections arrive\n{}",
+        out.describe()
+    );
+}
+
+/// With `--aws-ip-ranges`: an admitted answer keeps only the addresses published for the
+/// name's service and region (the other is stripped, logged, and stays closed), and a
+/// regionless bucket name works when its addresses prove an allowed region, and is refused
+/// when they prove another.
+#[test]
+fn ip_ranges_confirm_addresses_and_prove_regionless_buckets() {
+    let Some(w) = world() else { return };
+    let mixed = "mixed.s3.us-east-1.amazonaws.com";
+    let ops = vec![
+        resolve_connect("s3.us-east-1.amazonaws.com", "b-s3"),
+        resolve_connect("dynamodb.us-east-1.amazonaws.com", "b-ddb"),
+        resolve_connect(mixed, "b-mixed"),
+        connect("198.18.7.1"),
+        resolve_connect("eubucket.s3.amazonaws.com", "b-eubucket"),
+        resolve("westbucket.s3.amazonaws.com"),
+        connect("198.18.5.130"),
+        resolve("s3.us-west-2.amazonaws.com"),
+        resolve("ec2.us-east-1.amazonaws.com"),
+    ];
+    let run = w
+        .agent()
+        .agent_arg("--aws-ip-ranges")
+        .agent_arg(w.ranges.path());
+    let out = w.run(run, &ops);
+    assert_answer(&out, &ops[0], rcode::NOERROR, &["198.18.5.1"]);
+    assert_answer(&out, &ops[1], rcode::NOERROR, &["198.18.6.1"]);
+    assert_answer(&out, &ops[2], rcode::NOERROR, &["198.18.5.2"]);
+    out.assert_errno(&ops[3], EPERM);
+    assert_answer(&out, &ops[4], rcode::NOERROR, &["198.18.5.66"]);
+    assert_answer(&out, &ops[5], rcode::NXDOMAIN, &[]);
+    out.assert_errno(&ops[6], EPERM);
+    assert_answer(&out, &ops[7], rcode::NXDOMAIN, &[]);
+    assert_answer(&out, &ops[8], rcode::NXDOMAIN, &[]);
+    for tag in ["b-s3", "b-ddb", "b-mixed", "b-eubucket"] {
+        assert_eq!(w.arrived(tag), 1, "{tag}\n{}", out.describe());
+    }
+    std::thread::sleep(SETTLE);
+    assert_eq!(w.listener.connections(), 4, "{}", out.describe());
+    let lines = log(&out);
+    let unproven: Vec<&Value> = lines
+        .iter()
+        .filter(|v| v["event"] == "dns_aws_address_unproven")
+        .collect();
+    assert!(
+        unproven
+            .iter()
+            .any(|v| v["name"] == mixed && v["address"] == "198.18.7.1"),
+        "no dns_aws_address_unproven line for {mixed} 198.18.7.1\n{}",
+        out.stderr
+    );
+    assert!(
+        unproven
+            .iter()
+            .any(|v| v["name"] == "westbucket.s3.amazonaws.com" && v["address"] == "198.18.5.130"),
+        "{}",
+        out.stderr
+    );
+    assert!(
+        lines.iter().any(|v| v["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("AWS ip-ranges loaded"))
+            && v["prefixes"] == 4),
+        "{}",
+        out.stderr
+    );
+    // Regionless names are forwarded (their addresses decide); other regions are not.
+    assert!(!w.dns.queries_for("westbucket.s3.amazonaws.com").is_empty());
+    assert_not_forwarded(&w, "s3.us-west-2.amazonaws.com", &out);
+}
+
+/// A broken ip-ranges file is a configuration error: exit 78 before anything runs.
+#[test]
+fn a_broken_ip_ranges_file_refuses_to_start() {
+    let Some(w) = world() else { return };
+    let bad =
+        w.tb.write_policy("{\"createDate\": \"soon\"}")
+            .expect("file");
+    let out = w
+        .agent()
+        .agent_arg("--aws-ip-ranges")
+        .agent_arg(&bad)
+        .arg(connect("198.18.5.1"))
+        .run_in(w.tb.client())
+        .expect("agent run");
+    out.assert_exit(78);
+    assert!(out.stderr.contains("createDate"), "{}", out.stderr);
+    assert!(out.results.is_empty(), "{}", out.describe());
+}
