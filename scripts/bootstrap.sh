@@ -43,7 +43,7 @@ if ! rustup component list --toolchain nightly --installed 2>/dev/null | grep -q
 fi
 
 # Tools the privileged tests, the demo and the benchmarks call.
-apt_install iproute2 util-linux procps dnsmasq-base iptables nftables
+apt_install iproute2 util-linux procps dnsmasq-base iptables nftables curl
 
 # bpf-linker links the eBPF object; it needs LLVM's libraries at build time.
 if ! command -v bpf-linker >/dev/null 2>&1; then

@@ -38,6 +38,30 @@ pub enum Command {
     Check(CheckArgs),
     /// Remove egress enforcement (pinned programs and maps) from a cgroup.
     Detach(DetachArgs),
+    /// List the protected cgroups on this host: agent, policy id, recent blocked attempts.
+    Status(StatusArgs),
+    /// Show the last blocked attempts of the protected workloads, and what would allow them.
+    ExplainLast(ExplainLastArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ExplainLastArgs {
+    /// Only the workload in this cgroup v2 directory (default: every protected cgroup).
+    #[arg(long)]
+    pub cgroup: Option<PathBuf>,
+    /// How many of the latest blocked attempts to show per workload.
+    #[arg(long, short = 'n', default_value_t = 10)]
+    pub limit: usize,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Clone, Debug, Args)]

@@ -188,6 +188,32 @@ pub struct Context<'a> {
 }
 
 impl Context<'_> {
+    /// The event as `explain-last` shows it.
+    pub fn denial(&self, b: &Blocked) -> crate::recent::Denial {
+        let reason = b.reason();
+        let cause = b.cause().filter(|_| !b.carries_data());
+        let (rule, _) = self.rule(cause.or(reason), b.event.rule_id);
+        let dst = b
+            .dst()
+            .map(|ip| std::net::SocketAddr::new(ip, b.event.port).to_string());
+        let name = b
+            .dst()
+            .map(|ip| self.hosts_of(ip).join(","))
+            .filter(|h| !h.is_empty());
+        crate::recent::Denial {
+            at_unix_s: crate::recent::now_unix_s(),
+            reason: reason.map_or("unknown", Reason::as_str).to_owned(),
+            cause: cause.map(|c| c.as_str().to_owned()),
+            hook: hook_name(b.hook()).to_owned(),
+            protocol: proto_name(b.proto()).to_owned(),
+            dst,
+            name,
+            rule,
+            pid: Some(b.tgid()),
+            comm: Some(b.comm()),
+        }
+    }
+
     /// The host names the policy resolved to this address.
     fn hosts_of(&self, ip: IpAddr) -> Vec<&str> {
         self.resolved

@@ -131,6 +131,7 @@ async fn supervise(
     sup.expect_probes(probes.v4, probes.v6)?;
     // The record first: if this agent dies from here on, the next exec finds its pins.
     loc.write(Kind::Exec, EXEC_SLOT, sup.enforcer.compiled().policy_id)?;
+    sup.publish_recent(&loc.record);
     sup.enforcer.attach(cg.path()).map_err(SessionError::from)?;
     let mut watcher = Watcher::new(
         &args.policy,

@@ -139,6 +139,8 @@ impl Location {
         if self.pins.exists() {
             loader::remove_instance(&self.pins)?;
         }
+        // The recent denials go with the record (nothing depends on them).
+        let _ = std::fs::remove_file(crate::recent::file_for(&self.record));
         match std::fs::remove_file(&self.record) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),

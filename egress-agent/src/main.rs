@@ -5,7 +5,7 @@ use std::io::Write as _;
 use std::process::ExitCode;
 
 use clap::Parser as _;
-use egress_agent::{check, cli, detach, exec, exit, logging, run};
+use egress_agent::{check, cli, detach, exec, exit, logging, run, status};
 
 fn main() -> ExitCode {
     let cli = match cli::Cli::try_parse() {
@@ -49,6 +49,12 @@ fn main() -> ExitCode {
                 }
                 Err(e) => fail(&e, e.exit_code()),
             },
+            cli::Command::Status(args) => print_or_fail(status::status(args.json)),
+            cli::Command::ExplainLast(args) => print_or_fail(status::explain_last(
+                args.cgroup.as_deref(),
+                args.limit,
+                args.json,
+            )),
             cli::Command::Check(args) => match check::check(&args.file, &args.names) {
                 Ok(text) => {
                     let _ = std::io::stdout().write_all(text.as_bytes());
@@ -62,6 +68,16 @@ fn main() -> ExitCode {
         }
     });
     ExitCode::from(code)
+}
+
+fn print_or_fail(r: Result<String, status::StatusError>) -> u8 {
+    match r {
+        Ok(text) => {
+            let _ = std::io::stdout().write_all(text.as_bytes());
+            exit::OK
+        }
+        Err(e) => fail(&e, e.exit_code()),
+    }
 }
 
 fn fail(e: &dyn std::error::Error, code: u8) -> u8 {

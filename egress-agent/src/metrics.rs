@@ -51,11 +51,40 @@ pub struct PolicyResultLabels {
     pub result: &'static str,
 }
 
+/// Blocked attempts the agent decides itself (the DNS proxy's refusals of names), counted in
+/// the same `egress_connections_total` family as the kernel's decisions: an attempt by name
+/// is as much blocked egress as an attempt by address.
+#[derive(Clone, Debug, Default)]
+pub struct AgentVerdicts(Arc<std::sync::Mutex<BTreeMap<VerdictKey, u64>>>);
+
+/// (policy, reason, protocol).
+type VerdictKey = (String, &'static str, &'static str);
+
+impl AgentVerdicts {
+    /// One denial with `reason` over `protocol` under `policy`.
+    pub fn deny(&self, policy: &str, reason: &'static str, protocol: &'static str) {
+        let mut m = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *m.entry((policy.to_owned(), reason, protocol)).or_default() += 1;
+    }
+
+    fn snapshot(&self) -> Vec<(VerdictKey, u64)> {
+        let m = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        m.iter().map(|(k, v)| (k.clone(), *v)).collect()
+    }
+}
+
 /// Reads the kernel's counters on each scrape.
 #[derive(Debug)]
 struct KernelCollector {
     counters: Arc<Counters>,
     slots: Arc<RwLock<BTreeMap<u32, SlotInfo>>>,
+    agent: AgentVerdicts,
 }
 
 impl Collector for KernelCollector {
@@ -84,6 +113,15 @@ impl Collector for KernelCollector {
                     };
                     ConstCounter::new(n).encode(family.encode_family(&labels)?)?;
                 }
+            }
+            for ((policy, reason, protocol), n) in self.agent.snapshot() {
+                let labels = DecisionLabels {
+                    policy,
+                    verdict: "deny",
+                    reason,
+                    protocol,
+                };
+                ConstCounter::new(n).encode(family.encode_family(&labels)?)?;
             }
         }
         {
@@ -138,6 +176,8 @@ pub struct DnsMetrics {
     pub address_cap: Family<PolicyLabels, Counter>,
     /// Addresses in the learned map now.
     pub learned: Family<PolicyLabels, prometheus_client::metrics::gauge::Gauge>,
+    /// Names refused by the policy, as blocked attempts (in `egress_connections_total`).
+    pub verdicts: AgentVerdicts,
     /// Answer addresses left out because ip-ranges.json does not place them in an allowed
     /// service and region of a restricted entry.
     pub aws_unproven: Family<PolicyLabels, Counter>,
@@ -153,6 +193,7 @@ impl Metrics {
         registry.register_collector(Box::new(KernelCollector {
             counters,
             slots: Arc::clone(&slots),
+            agent: dns.verdicts.clone(),
         }));
         let m = Metrics {
             policy_loads: Family::default(),

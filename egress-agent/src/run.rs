@@ -79,6 +79,7 @@ pub async fn run(args: RunArgs) -> Result<u8, RunError> {
         return Err(SessionError::from(e).into());
     }
     loc.write(Kind::Run, slot, sup.enforcer.compiled().policy_id)?;
+    sup.publish_recent(&loc.record);
     tracing::info!(cgroup = %path.display(), policy = %sup.enforcer.policy().name, pins = %loc.pins.display(),
         adopted = adopting, "enforcing");
 

@@ -20,6 +20,7 @@ use crate::metrics::{
     DnsMetrics, Metrics, PolicyLabels, PolicyResultLabels, ResultLabels, SlotInfo,
 };
 use crate::policy::{self, Policy, PolicyError, Unsupported};
+use crate::recent::Recent;
 use crate::resolve::{ResolveError, Resolver, TtlBounds, deadline_s, policy_hosts};
 
 #[derive(Debug, thiserror::Error)]
@@ -137,6 +138,7 @@ async fn start_proxy(
     dns: &DnsArgs,
     metrics: &Metrics,
     aws_ranges: Option<Arc<AwsIpRanges>>,
+    recent: &Recent,
 ) -> Result<
     (
         Arc<Proxy>,
@@ -187,6 +189,7 @@ async fn start_proxy(
         metrics.dns.clone(),
         enforcer.policy().name.clone(),
         enforcer.take_origins(),
+        recent.clone(),
     );
     let mut tasks = proxy.serve(listeners)?;
     tasks.push(tokio::spawn(
@@ -366,6 +369,9 @@ pub struct Supervisor {
     proxy: Arc<Proxy>,
     proxy_tasks: Vec<tokio::task::JoinHandle<()>>,
     liveness: Arc<Mutex<crate::dns::install::Liveness>>,
+    /// The last blocked attempts, for `status` and `explain-last`.
+    recent: Recent,
+    publisher: Option<tokio::task::JoinHandle<()>>,
 }
 
 enum Work {
@@ -401,8 +407,9 @@ impl Supervisor {
             .policy_loads
             .get_or_create(&ResultLabels { result: "success" })
             .inc();
+        let recent = Recent::default();
         let (proxy, proxy_tasks, liveness) =
-            start_proxy(&mut enforcer, dns, &metrics, aws_ranges).await?;
+            start_proxy(&mut enforcer, dns, &metrics, aws_ranges, &recent).await?;
         let events = match enforcer.take_events() {
             Some(ring) => {
                 Some(EventStream::new(ring).map_err(|e| SessionError::Other(Box::new(e)))?)
@@ -428,9 +435,18 @@ impl Supervisor {
             proxy,
             proxy_tasks,
             liveness,
+            recent,
+            publisher: None,
         };
         s.publish_slot();
         Ok(s)
+    }
+
+    /// Keeps the last blocked attempts in the file next to the instance record at `record`
+    /// (for `status` and `explain-last`) while the supervisor runs.
+    pub fn publish_recent(&mut self, record: &Path) {
+        let path = crate::recent::file_for(record);
+        self.publisher = Some(tokio::spawn(self.recent.clone().publish(path)));
     }
 
     fn publish_slot(&self) {
@@ -524,6 +540,7 @@ impl Supervisor {
                 );
                 continue;
             }
+            self.recent.push(ctx.denial(&b));
             self.log.record(b, &ctx);
         }
         self.count_lines(lines, collapsed);
@@ -639,6 +656,9 @@ impl Supervisor {
         }
         if let Some(server) = self.server.take() {
             server.abort();
+        }
+        if let Some(publisher) = self.publisher.take() {
+            publisher.abort();
         }
         for task in self.proxy_tasks.drain(..) {
             task.abort();

@@ -141,13 +141,16 @@ fn verdict_count(text: &str, reason: &str) -> u64 {
         .sum()
 }
 
-/// `dns_refused` lines for `name` (case-insensitive).
+/// The proxy's refusal lines for `name` (case-insensitive): `egress_blocked` from hook
+/// `dns_proxy` for a name the policy refuses, `dns_refused` for other refusals.
 fn refused(text: &str, name: &str) -> Vec<Value> {
     log_lines(text)
         .into_iter()
         .filter(|v| {
-            v["event"] == "dns_refused"
-                && v["name"]
+            let by_policy = v["event"] == "egress_blocked" && v["hook"] == "dns_proxy";
+            let field = if by_policy { "dns.name" } else { "name" };
+            (by_policy || v["event"] == "dns_refused")
+                && v[field]
                     .as_str()
                     .is_some_and(|n| n.eq_ignore_ascii_case(name))
         })
@@ -875,13 +878,27 @@ fn a_workload_cannot_use_another_workloads_dns_proxy() {
         for op in foreign {
             out.assert_errno(op, EPERM);
         }
+        // The two connected-UDP resolves (`udp4`, `udp6`) are refused at their connect, which
+        // sends nothing: counted as udp_connect_refused with this refusal as the cause.
         assert_eq!(
             verdict_count(log, "dns_proxy_of_another_workload"),
-            foreign.len() as u64,
+            foreign.len() as u64 - 2,
             "{log}"
         );
+        assert_eq!(verdict_count(log, "udp_connect_refused"), 2, "{log}");
         let lines = blocked(log, "dns_proxy_of_another_workload");
-        for dst in ["127.0.0.1", "::1"] {
+        let no_data: Vec<Value> = log_lines(log)
+            .into_iter()
+            .filter(|v| {
+                v["event"] == "egress_refused_no_data"
+                    && v["cause"] == "dns_proxy_of_another_workload"
+            })
+            .collect();
+        for (dst, lines) in [
+            ("127.0.0.1", &lines),
+            ("127.0.0.1", &no_data),
+            ("::1", &no_data),
+        ] {
             assert!(
                 lines
                     .iter()

@@ -182,13 +182,15 @@ fn log(out: &RunOutput) -> Vec<Value> {
         .collect()
 }
 
-/// The `result` of the `dns_refused` line for `name`.
+/// The blocked-attempt line of the refusal of `name` (its `result` says why).
 #[track_caller]
 fn refusal(out: &RunOutput, name: &str) -> Value {
     log(out)
         .into_iter()
-        .find(|v| v["event"] == "dns_refused" && v["name"] == name)
-        .unwrap_or_else(|| panic!("no dns_refused line for {name}\n{}", out.stderr))
+        .find(|v| {
+            v["event"] == "egress_blocked" && v["hook"] == "dns_proxy" && v["dns.name"] == name
+        })
+        .unwrap_or_else(|| panic!("no refusal line for {name}\n{}", out.stderr))
 }
 
 #[track_caller]

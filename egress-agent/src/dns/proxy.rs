@@ -25,6 +25,7 @@ use super::rebind::{Source, report_rejection};
 use super::upstream::Upstream;
 use super::wire::rtype;
 use crate::metrics::{DnsMetrics, PolicyLabels, PolicyResultLabels};
+use crate::recent::{Denial, Recent, now_unix_s};
 use crate::resolve::{TtlBounds, deadline_s};
 
 /// Queries of one workload answered at the same time; more are dropped (and counted).
@@ -242,6 +243,8 @@ pub struct Proxy {
     in_flight: Arc<Semaphore>,
     connections: Arc<Semaphore>,
     origins: Option<Origins>,
+    /// The last blocked attempts (names refused, queries to unauthorized resolvers).
+    recent: Recent,
 }
 
 /// A query that came to the proxy's second port: the workload addressed it to a resolver
@@ -265,6 +268,7 @@ impl Proxy {
         metrics: DnsMetrics,
         policy: String,
         origins: Option<Origins>,
+        recent: Recent,
     ) -> Arc<Self> {
         let now = Instant::now();
         Arc::new(Proxy {
@@ -285,6 +289,7 @@ impl Proxy {
             in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
             connections: Arc::new(Semaphore::new(MAX_TCP_CONNECTIONS)),
             origins,
+            recent,
         })
     }
 
@@ -326,11 +331,53 @@ impl Proxy {
     }
 
     /// Counts a refused query and logs it (within the log bound).
-    fn refused(&self, policy: &str, name: &str, qtype: u16, result: &'static str, detail: &str) {
+    /// Counts a refused query and logs it (within the log bound). A name the policy refuses
+    /// is a blocked attempt: counted with the kernel's denials in `egress_connections_total`
+    /// and logged as `egress_blocked`, like a refused connect. Other refusals (malformed, over
+    /// the query budget) are `dns_refused` lines.
+    fn refused(
+        &self,
+        policy: &str,
+        name: &str,
+        qtype: u16,
+        result: &'static str,
+        detail: &str,
+        transport: Transport,
+    ) {
         self.count(policy, result);
-        if lock(&self.log).admit(policy, Instant::now()) {
-            tracing::info!(event = "dns_refused", policy = %policy, name = %name, qtype = qtype_name(qtype),
-                result, detail = %detail, "dns query refused");
+        let protocol = match transport {
+            Transport::Udp => "udp",
+            Transport::Tcp => "tcp",
+        };
+        let blocked = blocked_reason(result);
+        if let Some(reason) = blocked {
+            self.metrics.verdicts.deny(policy, reason, protocol);
+            self.recent.push(Denial {
+                at_unix_s: now_unix_s(),
+                reason: reason.to_owned(),
+                cause: None,
+                hook: "dns_proxy".to_owned(),
+                protocol: protocol.to_owned(),
+                dst: None,
+                name: Some(name.to_owned()),
+                rule: Some(detail.to_owned()),
+                pid: None,
+                comm: None,
+            });
+        }
+        if !lock(&self.log).admit(policy, Instant::now()) {
+            return;
+        }
+        match blocked {
+            Some(reason) => {
+                tracing::warn!(event = "egress_blocked", policy = %policy, verdict = "deny",
+                reason, hook = "dns_proxy", protocol, dns.name = %name, dns.qtype = qtype_name(qtype),
+                result, detail = %detail, "egress blocked: a name the policy does not allow (NXDOMAIN, never forwarded)")
+            }
+            None => {
+                tracing::info!(event = "dns_refused", policy = %policy, name = %name, qtype = qtype_name(qtype),
+                result, detail = %detail, "dns query refused")
+            }
         }
     }
 
@@ -345,15 +392,31 @@ impl Proxy {
         transport: Transport,
         via: Unauthorized,
     ) {
-        if !lock(&self.log).admit(policy, Instant::now()) {
-            return;
-        }
         let tcp = matches!(transport, Transport::Tcp);
+        let protocol = if tcp { "tcp" } else { "udp" };
+        // The origin lookup costs a netlink round trip: only for the queries that are logged
+        // (the kernel's count stays exact either way).
+        let logged = lock(&self.log).admit(policy, Instant::now());
         let origin = match &self.origins {
-            Some(o) => o.lookup(tcp, via.peer, via.local),
+            Some(o) if logged => o.lookup(tcp, via.peer, via.local),
+            Some(_) => Err("not looked up: over the log bound".into()),
             None => Err("no record of query origins".into()),
         };
-        let protocol = if tcp { "tcp" } else { "udp" };
+        self.recent.push(Denial {
+            at_unix_s: now_unix_s(),
+            reason: "dns_unauthorized_resolver".to_owned(),
+            cause: None,
+            hook: "dns_proxy".to_owned(),
+            protocol: protocol.to_owned(),
+            dst: origin.as_ref().ok().map(|o| o.resolver.to_string()),
+            name: Some(name.to_owned()),
+            rule: None,
+            pid: origin.as_ref().ok().map(|o| o.pid),
+            comm: origin.as_ref().ok().map(|o| o.comm.clone()),
+        });
+        if !logged {
+            return;
+        }
         match origin {
             Ok(o) => tracing::warn!(event = "egress_blocked", policy = %policy, verdict = "deny",
                 reason = "dns_unauthorized_resolver", hook = "dns_proxy", protocol,
@@ -386,7 +449,7 @@ impl Proxy {
                     self.report_unauthorized(&policy, "", 0, transport, via);
                 }
                 let detail = e.to_string();
-                self.refused(&policy, "", 0, "malformed", &detail);
+                self.refused(&policy, "", 0, "malformed", &detail, transport);
                 return match e {
                     QueryError::Drop(_) => None,
                     other => other.response(),
@@ -406,6 +469,7 @@ impl Proxy {
                 q.qtype,
                 "rate_limited",
                 "over the workload's query budget",
+                transport,
             );
             return Some(query.refused());
         }
@@ -414,17 +478,38 @@ impl Proxy {
             NameDecision::Allowed(_) => {}
             NameDecision::Denied(rule) => {
                 let detail = format!("denied by denied_destinations[{rule}]");
-                self.refused(&policy, &q.qname, q.qtype, decision.result(), &detail);
+                self.refused(
+                    &policy,
+                    &q.qname,
+                    q.qtype,
+                    decision.result(),
+                    &detail,
+                    transport,
+                );
                 return Some(self.refusal(&query));
             }
             NameDecision::DohProvider(provider) => {
                 let detail = format!("DNS-over-HTTPS endpoint of {provider} (block_doh)");
-                self.refused(&policy, &q.qname, q.qtype, decision.result(), &detail);
+                self.refused(
+                    &policy,
+                    &q.qname,
+                    q.qtype,
+                    decision.result(),
+                    &detail,
+                    transport,
+                );
                 return Some(self.refusal(&query));
             }
             NameDecision::Restricted { rule, miss } => {
                 let detail = restriction_detail(*rule, miss);
-                self.refused(&policy, &q.qname, q.qtype, decision.result(), &detail);
+                self.refused(
+                    &policy,
+                    &q.qname,
+                    q.qtype,
+                    decision.result(),
+                    &detail,
+                    transport,
+                );
                 return Some(self.refusal(&query));
             }
             NameDecision::NotAllowed => {
@@ -434,6 +519,7 @@ impl Proxy {
                     q.qtype,
                     decision.result(),
                     "no allowed_destinations entry names it",
+                    transport,
                 );
                 return Some(self.refusal(&query));
             }
@@ -474,7 +560,14 @@ impl Proxy {
         };
         if let Some((target, decision)) = refused_link {
             let detail = format!("the answer is an alias (CNAME) of `{target}`, which is refused");
-            self.refused(&policy, &q.qname, q.qtype, decision.result(), &detail);
+            self.refused(
+                &policy,
+                &q.qname,
+                q.qtype,
+                decision.result(),
+                &detail,
+                transport,
+            );
             return Some(self.refusal(&query));
         }
         let ttl = self.settings.bounds.clamp(Duration::from_secs(u64::from(
@@ -625,7 +718,14 @@ impl Proxy {
             };
             let Ok(permit) = Arc::clone(&self.in_flight).try_acquire_owned() else {
                 let policy = self.policy_name();
-                self.refused(&policy, "", 0, "rate_limited", "too many queries in flight");
+                self.refused(
+                    &policy,
+                    "",
+                    0,
+                    "rate_limited",
+                    "too many queries in flight",
+                    Transport::Udp,
+                );
                 continue;
             };
             let packet = buf[..n].to_vec();
@@ -695,6 +795,17 @@ impl Proxy {
                 return;
             }
         }
+    }
+}
+
+/// The blocked-attempt reason of a refusal `result`, for the policy's refusals of names.
+pub fn blocked_reason(result: &str) -> Option<&'static str> {
+    match result {
+        "not_allowed" => Some("dns_name_not_allowed"),
+        "denied" => Some("dns_name_denied"),
+        "doh_provider" => Some("dns_name_doh_provider"),
+        r if r.starts_with("restriction") => Some("dns_name_restricted"),
+        _ => None,
     }
 }
 

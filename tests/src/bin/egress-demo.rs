@@ -807,19 +807,21 @@ fn unauthorized_line(run: &RunOutput, attempt: &DnsAttempt) -> Option<LogObject>
     })
 }
 
-/// Under a refused query: the agent's `dns_refused` line for its name. Informational.
+/// Under a refused query: the agent's blocked-attempt line for its name. Informational.
 fn print_refusal(run: &RunOutput, name: &str) {
     let field = |f: &LogObject, key: &str| f.get(key).map(json_text);
     let line = log_objects(run).find(|f| {
-        field(f, "event").as_deref() == Some("dns_refused")
-            && field(f, "name").is_some_and(|n| n.trim_end_matches('.').eq_ignore_ascii_case(name))
+        field(f, "event").as_deref() == Some("egress_blocked")
+            && field(f, "hook").as_deref() == Some("dns_proxy")
+            && field(f, "dns.name")
+                .is_some_and(|n| n.trim_end_matches('.').eq_ignore_ascii_case(name))
     });
     let Some(line) = line else {
-        println!("        logged: no dns_refused line for {name}");
+        println!("        logged: no egress_blocked line for the name {name}");
         return;
     };
     let mut out = String::from("        logged:");
-    for key in ["event", "result", "qtype", "policy"] {
+    for key in ["event", "reason", "result", "dns.qtype", "policy"] {
         if let Some(v) = field(&line, key) {
             let _ = write!(out, " {key}={v}");
         }
