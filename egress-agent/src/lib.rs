@@ -19,6 +19,7 @@ pub mod enforcer;
 pub mod events;
 pub mod exec;
 pub mod exit;
+pub mod inbound;
 pub mod instance;
 pub mod loader;
 pub mod logging;

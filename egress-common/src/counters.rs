@@ -79,6 +79,13 @@ pub enum Reason {
     /// A send with ancillary data on an IPv6 UDP socket connected to loopback: the data can
     /// name an interface that takes the packet onto the wire. Denied.
     DenyLoopbackAncillary = 26,
+    /// A packet from a non-loopback peer to a listening TCP socket of the workload, with no
+    /// `inbound` rule allowing that peer on that port: dropped, so the connection never
+    /// exists. Counted per packet (a peer's SYN retransmissions count again).
+    DenyInbound = 27,
+    /// A packet from a non-loopback peer to a listening TCP socket, allowed by an `inbound`
+    /// rule (the SYN and the handshake's last ACK both reach the listener).
+    AllowInbound = 28,
 }
 
 /// Room for more reasons without a layout change of the counter map.
@@ -91,7 +98,7 @@ pub const NUM_COUNTERS: u32 = (MAX_SLOTS + 1) * NUM_REASONS * NUM_PROTOS;
 pub const INVALID_SLOT_BLOCK: u32 = MAX_SLOTS;
 
 impl Reason {
-    pub const ALL: [Reason; 27] = [
+    pub const ALL: [Reason; 29] = [
         Reason::AllowRule,
         Reason::AllowLoopback,
         Reason::AllowSocket,
@@ -119,6 +126,8 @@ impl Reason {
         Reason::DenyLoopbackOffDevice,
         Reason::DenyDnsLinkLocal,
         Reason::DenyLoopbackAncillary,
+        Reason::DenyInbound,
+        Reason::AllowInbound,
     ];
 
     #[inline(always)]
@@ -132,6 +141,7 @@ impl Reason {
                 | Reason::RedirectDns
                 | Reason::AllowLearned
                 | Reason::AllowConnected
+                | Reason::AllowInbound
         )
     }
 
@@ -165,6 +175,8 @@ impl Reason {
             Reason::DenyLoopbackOffDevice => "loopback_off_device_dropped",
             Reason::DenyDnsLinkLocal => "dns_link_local_refused",
             Reason::DenyLoopbackAncillary => "loopback_ancillary_refused",
+            Reason::DenyInbound => "inbound_refused",
+            Reason::AllowInbound => "inbound_allowed",
         }
     }
 }
@@ -194,4 +206,6 @@ pub enum Hook {
     Setsockopt = 6,
     /// A packet on its way out (the routing-header check, attached only where needed).
     SkbEgress = 7,
+    /// A packet on its way in to a listening socket (the inbound check, always attached).
+    SkbIngress = 8,
 }

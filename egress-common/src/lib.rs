@@ -8,6 +8,7 @@
 pub mod counters;
 pub mod dest;
 pub mod events;
+pub mod inbound;
 pub mod maps;
 pub mod ratelimit;
 pub mod verdict;
@@ -20,4 +21,4 @@ pub use verdict::{Decision, Tables, decide};
 
 /// Version of the map layout. Part of every pin path, so that an agent never reuses maps it
 /// cannot read.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
