@@ -377,3 +377,134 @@ fn ipv6_peers_and_a_dual_stack_listener() {
         Some("inbound[0] tcp/8080"),
     );
 }
+
+/// Runs the workload's `listen` in `cgroup` (programs attached through the library, no agent)
+/// for `ms`, connects from the remote host once it listens, and returns what the peer read.
+fn connect_to_library_workload(tb: &Testbed, cgroup: &Path, ms: u64) -> Result<Vec<u8>, String> {
+    let sync = tb.sync_dir().expect("sync dir");
+    let ready = sync.path().join("port");
+    let op = format!(
+        "listen tcp4 0.0.0.0 {PORT} {ms} {} {GREETING}",
+        ready.display()
+    );
+    std::thread::scope(|s| {
+        let workload = s.spawn(|| {
+            egress_tests::testbed::run_probe_in_cgroup(
+                tb.client(),
+                cgroup,
+                tb.probe.path(),
+                &[op.as_str()],
+                Duration::from_secs(30),
+            )
+            .expect("running the probe")
+        });
+        let Some(port) = wait_port(&ready) else {
+            let out = workload.join().expect("workload thread");
+            panic!("the workload never listened\n{}", out.describe());
+        };
+        let got = connect_from(
+            tb.remote(),
+            None,
+            SocketAddr::new(IpAddr::V4(CLIENT_V4), port),
+        );
+        let out = workload.join().expect("workload thread");
+        out.assert_ok(&op);
+        got
+    })
+}
+
+/// A reload puts new `inbound` rules in force with the new policy id, and takes them away
+/// again the same way.
+#[test]
+fn a_reload_switches_the_inbound_rules_in_place() {
+    use egress_agent::compile::{Deadlines, Resolved};
+    use egress_agent::enforcer::Enforcer;
+    let Some(tb) = Testbed::for_test(PROBE.as_ref()) else {
+        return;
+    };
+    let cgroup = tb.cgroups.child("inbound-reload").unwrap();
+    let parse = |p: PolicyYaml| {
+        egress_agent::policy::parse_str(&p.render(), Path::new("inbound.yaml")).unwrap()
+    };
+    let closed = || parse(PolicyYaml::new());
+    let open = || parse(PolicyYaml::new().inbound(PORT, &["198.18.0.2/32"]));
+    let mut enforcer = Enforcer::start(closed(), Resolved::new(), 0).unwrap();
+    enforcer.attach(&cgroup).unwrap();
+    let got = connect_to_library_workload(&tb, &cgroup, 3000);
+    assert!(got.is_err(), "before the reload: {got:?}");
+
+    enforcer
+        .reload(open(), (Resolved::new(), Deadlines::new()))
+        .unwrap();
+    let got = connect_to_library_workload(&tb, &cgroup, 3000);
+    assert_eq!(got.as_deref(), Ok(GREETING.as_bytes()), "after the reload");
+
+    enforcer
+        .reload(closed(), (Resolved::new(), Deadlines::new()))
+        .unwrap();
+    let got = connect_to_library_workload(&tb, &cgroup, 3000);
+    assert!(
+        got.is_err(),
+        "after reloading the policy without the rule: {got:?}"
+    );
+}
+
+/// UDP is not judged on the way in: a datagram from another host reaches the workload, and its
+/// reply is a send the egress rules judge (here: refused, the peer is not allowed).
+#[test]
+fn a_udp_reply_to_a_peer_not_allowed_is_refused() {
+    let Some(tb) = Testbed::for_test(PROBE.as_ref()) else {
+        return;
+    };
+    let sync = tb.sync_dir().expect("sync dir");
+    let ready = sync.path().join("bound");
+    let op = format!(
+        "dnsserve udp4 0.0.0.0 5300 198.18.0.77 4000 {}",
+        ready.display()
+    );
+    let run = tb
+        .agent(&PolicyYaml::new())
+        .expect("agent run")
+        .json_log()
+        .arg(&op)
+        .timeout(Duration::from_secs(60));
+    // A type-A query for a.test.
+    let query: &[u8] =
+        b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x01a\x04test\x00\x00\x01\x00\x01";
+    let out = std::thread::scope(|s| {
+        let agent = s.spawn(|| run.run_in(tb.client()).expect("running the agent"));
+        let deadline = Instant::now() + READY_WAIT;
+        while !ready.exists() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let handle = tb.remote().handle();
+        std::thread::spawn(move || {
+            handle.enter_current_thread().unwrap();
+            let sock = std::net::UdpSocket::bind((REMOTE_V4, 0)).unwrap();
+            for _ in 0..3 {
+                sock.send_to(query, (CLIENT_V4, 5300)).unwrap();
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })
+        .join()
+        .unwrap();
+        agent.join().expect("agent thread")
+    });
+    let r = out.assert_ok(&op);
+    let samples = r.samples.clone().unwrap_or_default();
+    assert!(
+        !samples.is_empty(),
+        "the datagrams reached the workload\n{}",
+        out.describe()
+    );
+    assert!(
+        samples.iter().all(|s| !s.ok),
+        "a reply left\n{}",
+        out.describe()
+    );
+    let refused = blocked(&out.stderr)
+        .into_iter()
+        .filter(|e| e["hook"] == "sendmsg4" && e["dst.ip"] == REMOTE_V4.to_string())
+        .count();
+    assert!(refused >= 1, "no refused reply in the log\n{}", out.stderr);
+}

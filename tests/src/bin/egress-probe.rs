@@ -2433,6 +2433,15 @@ fn listen(text: &str, l: &Listen) -> ProbeResult {
     };
     let fd = sock.as_raw_fd();
     if let Some(bind) = l.bind {
+        // As servers do: connections of an earlier listener on the port may be in TIME_WAIT.
+        if let Err(f) = setsockopt_bytes(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_REUSEADDR,
+            &1i32.to_ne_bytes(),
+        ) {
+            return fail(f);
+        }
         let addr = sock_addr(l.family, bind);
         // SAFETY: addr points to a valid sockaddr of addr.len bytes.
         if let Err(f) = check(unsafe { libc::bind(fd, addr.ptr(), addr.len) }) {
