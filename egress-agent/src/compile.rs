@@ -41,6 +41,8 @@ pub struct Compiled {
     /// Single addresses, for the exact map.
     pub exact: BTreeMap<RuleKey, RuleValue>,
     pub ports: BTreeMap<PortKey, u32>,
+    /// The `inbound` rules, for the inbound trie.
+    pub inbound: crate::inbound::CompiledInbound,
 }
 
 impl Compiled {
@@ -164,6 +166,7 @@ pub fn compile_with_deadlines(
     let mut compiled = Compiled {
         policy_id,
         slot_flags: slot_flags(policy),
+        inbound: crate::inbound::compile_inbound(policy, policy_id),
         ..Compiled::default()
     };
     let mut used_sets = BTreeSet::new();
@@ -543,6 +546,7 @@ mod tests {
             rate_limits: None,
             allow_loopback: true,
             allow_other_socket_types: false,
+            inbound: Vec::new(),
         }
     }
 

@@ -106,6 +106,7 @@ impl Blocked {
             Hook::SockCreate,
             Hook::Setsockopt,
             Hook::SkbEgress,
+            Hook::SkbIngress,
         ]
         .into_iter()
         .find(|h| *h as u8 == self.event.hook)
@@ -129,6 +130,7 @@ pub fn hook_name(h: Option<Hook>) -> &'static str {
         Some(Hook::SockCreate) => "sock_create",
         Some(Hook::Setsockopt) => "setsockopt",
         Some(Hook::SkbEgress) => "skb_egress",
+        Some(Hook::SkbIngress) => "skb_ingress",
         None => "unknown",
     }
 }
@@ -209,8 +211,9 @@ impl Context<'_> {
             dst,
             name,
             rule,
-            pid: Some(b.tgid()),
-            comm: Some(b.comm()),
+            // Packets seen outside the workload's tasks (the inbound check) name no process.
+            pid: (b.tgid() != 0).then(|| b.tgid()),
+            comm: (b.tgid() != 0).then(|| b.comm()),
         }
     }
 
@@ -237,6 +240,13 @@ impl Context<'_> {
                     .map(|d| format!("denied_destinations[{idx}] {}", d.target)),
                 None,
             ),
+            Some(Reason::DenyInbound) => match self.policy.inbound.get(idx) {
+                Some(r) => (
+                    Some(format!("inbound[{idx}] tcp/{}", r.port)),
+                    r.purpose.clone(),
+                ),
+                None => (None, None),
+            },
             Some(Reason::DenyDoh) => (
                 crate::dns::doh_list()
                     .and_then(|l| l.providers().get(idx))
@@ -401,7 +411,9 @@ impl EventLog {
         let option_level = sockopt.then_some(b.event.sock_type);
         let option_name = sockopt.then_some(b.event.sock_protocol);
         let repeated = (repeats > 0).then_some(repeats);
-        let task = true;
+        // A packet to a listener arrives outside any task of the workload: its event names
+        // the socket's owner and cgroup, and no process.
+        let task = b.hook() != Some(Hook::SkbIngress);
         tracing::warn!(
             // A refused UDP connect sent nothing: reported, but not as blocked egress.
             event = if carries_data { "egress_blocked" } else { "egress_refused_no_data" },
@@ -425,11 +437,11 @@ impl EventLog {
             option.name = option_name,
             pid = task.then_some(b.tgid()),
             tid = task.then_some(b.tid()),
-            uid = task.then_some(b.uid()),
+            uid = b.uid(),
             gid = task.then_some(b.gid()),
             comm = task.then(|| b.comm()),
             cmdline = cmdline,
-            cgroup.id = task.then_some(b.event.cgroup_id),
+            cgroup.id = b.event.cgroup_id,
             slot = b.event.slot,
             repeated,
             window_secs = repeated.map(|_| self.window.as_secs_f64()),

@@ -41,6 +41,8 @@ pub const SOCKOPT_PROGRAM: &str = "egress_setsockopt";
 /// The per-packet check (routing headers, loopback off the loopback device), attached where
 /// the kernel needs it or on request (`mip6`).
 pub const SKB_PROGRAM: &str = "egress_skb";
+/// The inbound check (connections to listening sockets), always attached.
+pub const INGRESS_PROGRAM: &str = "egress_skb_ingress";
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
@@ -135,11 +137,13 @@ impl Programs {
             name: SOCKOPT_PROGRAM,
             source: Box::new(e),
         })?;
-        let prog: &mut CgroupSkb = program(&mut ebpf, SKB_PROGRAM)?;
-        prog.load().map_err(|e| LoadError::Program {
-            name: SKB_PROGRAM,
-            source: Box::new(e),
-        })?;
+        for name in [SKB_PROGRAM, INGRESS_PROGRAM] {
+            let prog: &mut CgroupSkb = program(&mut ebpf, name)?;
+            prog.load().map_err(|e| LoadError::Program {
+                name,
+                source: Box::new(e),
+            })?;
+        }
         Ok(Programs {
             ebpf: Some(ebpf),
             slot,
@@ -151,10 +155,11 @@ impl Programs {
     /// Opens the instance pinned in `dir` by an earlier agent. Its links must all be there:
     /// a partial instance is refused rather than patched.
     pub fn adopt(dir: &Path, slot: u32) -> Result<Self, LoadError> {
-        for name in SOCK_ADDR_PROGRAMS
-            .into_iter()
-            .chain([SOCK_CREATE_PROGRAM, SOCKOPT_PROGRAM])
-        {
+        for name in SOCK_ADDR_PROGRAMS.into_iter().chain([
+            SOCK_CREATE_PROGRAM,
+            SOCKOPT_PROGRAM,
+            INGRESS_PROGRAM,
+        ]) {
             let path = bpffs::link_pin(dir, name);
             aya::programs::links::PinnedLink::from_pin(&path).map_err(|e| LoadError::Pin {
                 what: "opening the pinned link",
@@ -354,6 +359,22 @@ impl Programs {
                     .map_err(|e| attach_error(name, path, e))?;
                 pin_link(FdLink::try_from(link), dir, name)?;
             }
+        }
+        // No hook sees listen() or accept(): connections from other hosts are refused per
+        // packet, at the listening socket, by default.
+        let prog: &mut CgroupSkb = program(ebpf, INGRESS_PROGRAM)?;
+        let id = prog
+            .attach(
+                &cgroup,
+                CgroupSkbAttachType::Ingress,
+                CgroupAttachMode::Single,
+            )
+            .map_err(|e| attach_error(INGRESS_PROGRAM, path, e))?;
+        if let Some(dir) = &pins {
+            let link = prog
+                .take_link(id)
+                .map_err(|e| attach_error(INGRESS_PROGRAM, path, e))?;
+            pin_link(FdLink::try_from(link), dir, INGRESS_PROGRAM)?;
         }
         if crate::mip6::check_needed() {
             let prog: &mut CgroupSkb = program(ebpf, SKB_PROGRAM)?;

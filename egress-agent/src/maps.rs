@@ -11,6 +11,7 @@ use aya::maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, RingBuf
 use egress_common::{
     PortKey, Proto, Reason, RuleKey, RuleValue, SlotConfig,
     events::{MAP_EVENTS, MAP_EVENTS_LOST},
+    inbound::{InboundKey, InboundValue, MAP_INBOUND},
     maps::{MAP_COUNTERS, MAP_EXACT, MAP_PORTS, MAP_RULES, MAP_SLOTS},
 };
 
@@ -54,6 +55,7 @@ pub struct MapSet {
     rules: LpmTrie<MapData, RuleKey, RuleValue>,
     exact: HashMap<MapData, RuleKey, RuleValue>,
     ports: HashMap<MapData, PortKey, u32>,
+    inbound: LpmTrie<MapData, InboundKey, InboundValue>,
     counters: Arc<Counters>,
     events: Option<RingBuf<MapData>>,
 }
@@ -66,6 +68,8 @@ impl MapSet {
             rules: LpmTrie::try_from(programs.take_map(MAP_RULES)?).map_err(conv(MAP_RULES))?,
             exact: HashMap::try_from(programs.take_map(MAP_EXACT)?).map_err(conv(MAP_EXACT))?,
             ports: HashMap::try_from(programs.take_map(MAP_PORTS)?).map_err(conv(MAP_PORTS))?,
+            inbound: LpmTrie::try_from(programs.take_map(MAP_INBOUND)?)
+                .map_err(conv(MAP_INBOUND))?,
             counters: Arc::new(Counters::new(
                 PerCpuArray::try_from(programs.take_map(MAP_COUNTERS)?)
                     .map_err(conv(MAP_COUNTERS))?,
@@ -123,6 +127,11 @@ impl MapSet {
                 stats.ports_removed += 1;
             }
         }
+        let (written, removed) =
+            crate::inbound::apply(&mut self.inbound, &old.inbound, &new.inbound)
+                .map_err(op_err(MAP_INBOUND, "update"))?;
+        stats.rules_written += written;
+        stats.rules_removed += removed;
         Ok(stats)
     }
 
@@ -165,6 +174,8 @@ impl MapSet {
             remove_missing_ok(self.ports.remove(k), MAP_PORTS)?;
             stats.ports_removed += 1;
         }
+        stats.rules_removed += crate::inbound::retain_policy(&mut self.inbound, keep)
+            .map_err(op_err(MAP_INBOUND, "remove"))?;
         Ok(stats)
     }
 

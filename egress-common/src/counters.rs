@@ -87,9 +87,16 @@ pub enum Reason {
     UdpConnectRefused = 27,
     /// A DNS query to a resolver that is neither in `dns_policy.allowed_resolvers` (else the
     /// proxy's upstream servers) nor on loopback (a local stub resolver is the host's own): it
-    /// went to the agent's proxy (which answers by the policy), never to that resolver. A blocked attempt, logged by the proxy with the
-    /// resolver, the query name and the process.
+    /// went to the agent's proxy (which answers by the policy), never to that resolver. A
+    /// blocked attempt, logged by the proxy with the resolver, the query name and the process.
     DnsUnauthorizedResolver = 28,
+    /// A packet from a non-loopback peer to a listening TCP socket of the workload, with no
+    /// `inbound` rule allowing that peer on that port: dropped, so the connection never
+    /// exists. Counted per packet (a peer's SYN retransmissions count again).
+    DenyInbound = 29,
+    /// A packet from a non-loopback peer to a listening TCP socket, allowed by an `inbound`
+    /// rule (the SYN and the handshake's last ACK both reach the listener).
+    AllowInbound = 30,
 }
 
 /// Room for more reasons without a layout change of the counter map.
@@ -102,7 +109,7 @@ pub const NUM_COUNTERS: u32 = (MAX_SLOTS + 1) * NUM_REASONS * NUM_PROTOS;
 pub const INVALID_SLOT_BLOCK: u32 = MAX_SLOTS;
 
 impl Reason {
-    pub const ALL: [Reason; 29] = [
+    pub const ALL: [Reason; 31] = [
         Reason::AllowRule,
         Reason::AllowLoopback,
         Reason::AllowSocket,
@@ -132,6 +139,8 @@ impl Reason {
         Reason::DenyLoopbackAncillary,
         Reason::UdpConnectRefused,
         Reason::DnsUnauthorizedResolver,
+        Reason::DenyInbound,
+        Reason::AllowInbound,
     ];
 
     #[inline(always)]
@@ -145,6 +154,7 @@ impl Reason {
                 | Reason::RedirectDns
                 | Reason::AllowLearned
                 | Reason::AllowConnected
+                | Reason::AllowInbound
         )
     }
 
@@ -180,6 +190,8 @@ impl Reason {
             Reason::DenyLoopbackAncillary => "loopback_ancillary_refused",
             Reason::UdpConnectRefused => "udp_connect_refused",
             Reason::DnsUnauthorizedResolver => "dns_unauthorized_resolver",
+            Reason::DenyInbound => "inbound_refused",
+            Reason::AllowInbound => "inbound_allowed",
         }
     }
 }
@@ -209,4 +221,6 @@ pub enum Hook {
     Setsockopt = 6,
     /// A packet on its way out (the routing-header check, attached only where needed).
     SkbEgress = 7,
+    /// A packet on its way in to a listening socket (the inbound check, always attached).
+    SkbIngress = 8,
 }

@@ -8,6 +8,7 @@
 pub mod counters;
 pub mod dest;
 pub mod events;
+pub mod inbound;
 pub mod maps;
 pub mod ratelimit;
 pub mod verdict;

@@ -83,6 +83,38 @@ pub fn emit(slot: u32, a: &Attempt) {
     entry.submit(0);
 }
 
+/// As [`emit`], for a packet seen outside the context of the workload's tasks: the event
+/// names the socket's owner `uid` and `cgroup_id`, and no process (pid, gid and comm zero).
+#[inline(always)]
+pub fn emit_for_socket(slot: u32, a: &Attempt, uid: u32, cgroup_id: u64) {
+    let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
+        lost();
+        return;
+    };
+    // SAFETY: reads the clock; available to every program type.
+    let boot_ns = unsafe { aya_ebpf::helpers::generated::bpf_ktime_get_boot_ns() };
+    entry.write(Event {
+        boot_ns,
+        cgroup_id,
+        pid_tgid: 0,
+        uid_gid: u64::from(uid),
+        comm: [0; 16],
+        addr: a.addr,
+        port: a.port,
+        family: a.family,
+        proto: a.proto as u8,
+        hook: a.hook as u8,
+        _pad: [0; 3],
+        reason: a.reason as u32,
+        rule_id: a.rule_id,
+        slot,
+        sock_type: a.sock_type,
+        sock_protocol: a.sock_protocol,
+        cause: a.cause as u32,
+    });
+    entry.submit(0);
+}
+
 #[inline(always)]
 fn lost() {
     if let Some(p) = LOST.get_ptr_mut(0) {

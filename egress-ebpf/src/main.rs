@@ -10,6 +10,7 @@ mod context;
 mod counters;
 mod dns;
 mod events;
+mod inbound;
 mod ratelimit;
 mod sockopt;
 mod tables;
@@ -171,6 +172,32 @@ pub fn egress_skb(ctx: SkBuffContext) -> i32 {
             reason,
             egress_common::verdict::NO_RULE,
         ),
+    );
+    DENY
+}
+
+/// Per packet, on the way in: a connection attempt from a peer no `inbound` rule allows is
+/// dropped at the listening socket (see inbound.rs). Every other packet passes.
+#[cgroup_skb(ingress)]
+pub fn egress_skb_ingress(ctx: SkBuffContext) -> i32 {
+    let Some(judged) = inbound::check(&ctx) else {
+        return ALLOW;
+    };
+    counters::count(judged.decision.reason, egress_common::Proto::Tcp);
+    if judged.decision.allowed() {
+        return ALLOW;
+    }
+    let (uid, cgroup_id) = inbound::owner(&ctx);
+    events::emit_for_socket(
+        tables::slot(),
+        &events::Attempt::to(
+            Hook::SkbIngress,
+            &judged.peer,
+            judged.decision.reason,
+            judged.decision.rule_id,
+        ),
+        uid,
+        cgroup_id,
     );
     DENY
 }

@@ -19,6 +19,8 @@ use std::fmt::Write as _;
 ///     allowed_resolvers: ["198.18.0.2"]
 ///     block_doh: true
 ///     block_dot: true
+///   inbound:                         # only when set
+///     - {port: 8080, from: ["198.18.0.2/32"]}
 /// ```
 #[derive(Clone, Debug, Default)]
 pub struct PolicyYaml {
@@ -28,6 +30,7 @@ pub struct PolicyYaml {
     allow_loopback: Option<bool>,
     allow_other_socket_types: Option<bool>,
     dns: Option<DnsPolicyYaml>,
+    inbound: Vec<String>,
 }
 
 /// The `dns_policy` section; unset fields are left out.
@@ -111,6 +114,15 @@ impl PolicyYaml {
         self
     }
 
+    /// `inbound: - {port: <port>, from: [...]}`
+    #[must_use]
+    pub fn inbound(mut self, port: u16, from: &[&str]) -> Self {
+        let quoted: Vec<String> = from.iter().map(|f| format!("\"{f}\"")).collect();
+        self.inbound
+            .push(format!("{{port: {port}, from: [{}]}}", quoted.join(", ")));
+        self
+    }
+
     #[must_use]
     pub fn allow_loopback(mut self, allow: bool) -> Self {
         self.allow_loopback = Some(allow);
@@ -147,6 +159,12 @@ impl PolicyYaml {
         if !self.denied.is_empty() {
             y.push_str("  denied_destinations:\n");
             for r in &self.denied {
+                let _ = writeln!(y, "    - {r}");
+            }
+        }
+        if !self.inbound.is_empty() {
+            y.push_str("  inbound:\n");
+            for r in &self.inbound {
                 let _ = writeln!(y, "    - {r}");
             }
         }

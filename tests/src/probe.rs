@@ -75,6 +75,16 @@
 //!                                                                address, with one control message
 //!                  CMSG: pktinfo=IFNAME (IP_PKTINFO / IPV6_PKTINFO: that interface, source
 //!                  unspecified), tos=N (IP_TOS / IPV6_TCLASS)
+//! listen           tcp4|tcp6 ADDR|- PORT FOR_MS READY_PATH DATA  a TCP listener: bind(ADDR, PORT) then
+//!                                                                listen(), or with `-` (PORT 0) no
+//!                                                                bind at all (listen() picks the
+//!                                                                port); writes the port to
+//!                                                                READY_PATH, then for FOR_MS
+//!                                                                (<= 120000) ms accepts every
+//!                                                                connection, writes DATA, closes;
+//!                                                                `count` = connections accepted,
+//!                                                                `addrs` = their peers, `from` = the
+//!                                                                listening address
 //! touch            PATH                                          create the file (for a test to sync on)
 //! wait-file        PATH MS                                       wait until PATH exists, at most MS
 //!                                                                (<= 120000) ms; ETIMEDOUT otherwise

@@ -205,10 +205,9 @@ fn kill_9_and_restart_change_nothing_the_workload_sees_and_only_detach_ends_enfo
 
     let mut first = RunAgent::start(tb.client(), &policy, &cg, dir.path(), &[]);
     first.wait_for("\"enforcing\"");
-    assert!(
-        pins_of(&cg).join("link_egress_connect4").exists(),
-        "links are pinned"
-    );
+    for link in ["link_egress_connect4", "link_egress_skb_ingress"] {
+        assert!(pins_of(&cg).join(link).exists(), "{link} is pinned");
+    }
 
     const N: usize = 40;
     let load = workload(&tb, &cg, tb.client(), &rounds(N, &[]));

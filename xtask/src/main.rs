@@ -53,9 +53,10 @@ enum Cmd {
         /// docs/benchmarks.md alone.
         #[arg(long)]
         quick: bool,
-        /// Run only one scenario: `dns` (the DNS proxy against direct queries). Writes
-        /// target/bench/dns.{md,json} and leaves docs/benchmarks.md alone.
-        #[arg(long, value_parser = ["dns"])]
+        /// Run only one scenario: `dns` (the DNS proxy against direct queries) or `inbound`
+        /// (the inbound check's cost per received packet). Writes target/bench/<name>.{md,json}
+        /// and leaves docs/benchmarks.md alone.
+        #[arg(long, value_parser = ["dns", "inbound"])]
         only: Option<String>,
     },
     /// Clippy on the eBPF crate (nightly, bpfel-unknown-none, build-std=core).

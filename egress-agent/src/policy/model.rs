@@ -23,6 +23,18 @@ pub struct Policy {
     pub allow_loopback: bool,
     /// Inet sockets other than TCP/UDP (raw, ICMP, SCTP, ...) may be created.
     pub allow_other_socket_types: bool,
+    /// Listening ports that accept connections from non-loopback peers, and from whom.
+    pub inbound: Vec<InboundRule>,
+}
+
+/// `inbound:` entry: peers in `from` may connect to the workload's TCP listener on `port`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InboundRule {
+    /// 1..=65535.
+    pub port: u16,
+    /// Non-empty, canonical (IPv4-mapped ranges as IPv4), without repeats, in the order written.
+    pub from: Vec<IpNet>,
+    pub purpose: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -311,6 +323,20 @@ impl fmt::Display for Summary<'_> {
                     limit.max_connections, limit.time_window_secs
                 )?;
             }
+        }
+        if p.inbound.is_empty() {
+            writeln!(
+                f,
+                "  inbound: no connections from other hosts (no `inbound` rules)"
+            )?;
+        }
+        for rule in &p.inbound {
+            let from: Vec<String> = rule.from.iter().map(ToString::to_string).collect();
+            write!(f, "  inbound tcp/{} from [{}]", rule.port, from.join(", "))?;
+            if let Some(purpose) = &rule.purpose {
+                write!(f, ": {purpose}")?;
+            }
+            writeln!(f)?;
         }
         writeln!(
             f,

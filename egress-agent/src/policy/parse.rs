@@ -28,10 +28,12 @@ use serde::de::{
 use super::aws;
 use super::error::PolicyError;
 use super::model::{
-    AllowedDestination, DefaultAction, DeniedDestination, DnsPolicy, HostPattern, Policy, Protocol,
-    RateLimit, RateLimits, Restrictions, Target,
+    AllowedDestination, DefaultAction, DeniedDestination, DnsPolicy, HostPattern, InboundRule,
+    Policy, Protocol, RateLimit, RateLimits, Restrictions, Target,
 };
 use crate::dns::names::{PublicSuffixKind, wildcard_public_suffix};
+
+mod inbound;
 
 /// Name used when neither `name:` nor a file stem is available.
 const FALLBACK_NAME: &str = "policy";
@@ -373,6 +375,7 @@ const POLICY_KEYS: &[&str] = &[
     "rate_limits",
     "allow_loopback",
     "allow_other_socket_types",
+    "inbound",
 ];
 
 /// Everything of the policy except the name's default, which depends on the file name.
@@ -385,6 +388,7 @@ struct Body {
     rate_limits: Option<RateLimits>,
     allow_loopback: bool,
     allow_other_socket_types: bool,
+    inbound: Vec<InboundRule>,
 }
 
 impl Body {
@@ -404,6 +408,7 @@ impl Body {
             rate_limits: self.rate_limits,
             allow_loopback: self.allow_loopback,
             allow_other_socket_types: self.allow_other_socket_types,
+            inbound: self.inbound,
         }
     }
 }
@@ -419,6 +424,7 @@ struct RawPolicy {
     rate_limits: Option<RawRateLimits>,
     allow_loopback: Option<bool>,
     allow_other_socket_types: Option<bool>,
+    inbound: Option<Vec<inbound::InboundEntry>>,
 }
 
 struct PolicyBody(Body);
@@ -428,7 +434,7 @@ impl<'de> Deserialize<'de> for PolicyBody {
         deserializer.deserialize_map(Checked {
             expecting: "a mapping with `default_action`, `allowed_destinations` and optionally \
                         `denied_destinations`, `dns_policy`, `rate_limits`, `name`, \
-                        `allow_loopback`, `allow_other_socket_types`",
+                        `allow_loopback`, `allow_other_socket_types`, `inbound`",
             check: check_policy,
             raw: PhantomData,
         })
@@ -471,6 +477,12 @@ fn check_policy(raw: RawPolicy) -> Result<PolicyBody, String> {
         }),
         allow_loopback: raw.allow_loopback.unwrap_or(true),
         allow_other_socket_types: raw.allow_other_socket_types.unwrap_or(false),
+        inbound: raw
+            .inbound
+            .unwrap_or_default()
+            .into_iter()
+            .map(|e| e.0)
+            .collect(),
     }))
 }
 
@@ -1377,6 +1389,7 @@ mod tests {
             }),
             allow_loopback: true,
             allow_other_socket_types: false,
+            inbound: Vec::new(),
         };
         assert_eq!(p, expected);
     }
@@ -2080,8 +2093,9 @@ mod tests {
             p.summary(),
             "policy demo\n  default: DENY (every destination not allowed below is refused)\n  \
              allow api.github.com tcp/443 (https): GitHub API\n  allow 192.0.2.53/32 tcp/53, \
-             udp/53 (dns)\n  deny  169.254.0.0/16 (every port and protocol)\n  loopback \
-             (127.0.0.0/8, ::1): allowed\n  other socket types (raw, ICMP, SCTP, ...): refused"
+             udp/53 (dns)\n  deny  169.254.0.0/16 (every port and protocol)\n  inbound: no \
+             connections from other hosts (no `inbound` rules)\n  loopback (127.0.0.0/8, ::1): \
+             allowed\n  other socket types (raw, ICMP, SCTP, ...): refused"
         );
 
         let p = ok("egress_policy:\n  name: dns\n  default_action: DENY\n  \

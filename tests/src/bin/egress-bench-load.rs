@@ -8,6 +8,8 @@
 //! tcp    DEST BATCHES OPS MS           per op: socket, connect, close (SO_LINGER 0: RST, no
 //!                                      TIME_WAIT left behind)
 //! udp    DEST BATCHES OPS MS           one unconnected socket; per op: one 16-byte sendto
+//! rr     DEST BATCHES OPS MS           one TCP connection to an echo server (TCP_NODELAY); per
+//!                                      op: write one byte, read it back (one packet received)
 //! proxy  PROXY DEST BATCHES OPS MS     per op: connect to the proxy, CONNECT DEST, read the
 //!                                      200 answer, close
 //! flood  DEST N THREADS                N connects (expected to be denied) split over THREADS
@@ -116,6 +118,23 @@ fn run_step(step: &str) -> Result<serde_json::Value, Usage> {
                     Ok(measure(step, plan, |_| sock.send_to(&sa)))
                 }
                 Err(e) => Ok(json!({"step": step, "error": format!("socket: {e}")})),
+            }
+        }
+        Some("rr") => {
+            exact(5)?;
+            let (dest, plan) = (addr(1)?, plan(2)?);
+            match std::net::TcpStream::connect_timeout(&dest, PROXY_IO_TIMEOUT).and_then(|c| {
+                c.set_nodelay(true)?;
+                c.set_read_timeout(Some(PROXY_IO_TIMEOUT))?;
+                Ok(c)
+            }) {
+                Ok(mut conn) => Ok(measure(step, plan, |_| {
+                    use std::io::Read as _;
+                    let mut b = [0u8; 1];
+                    conn.write_all(b"x")?;
+                    conn.read_exact(&mut b)
+                })),
+                Err(e) => Ok(json!({"step": step, "error": format!("connect: {e}")})),
             }
         }
         Some("proxy") => {

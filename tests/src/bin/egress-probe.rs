@@ -73,6 +73,7 @@ enum Action {
         cmsg: Cmsg,
         data: Vec<u8>,
     },
+    Listen(Box<Listen>),
     Touch(std::path::PathBuf),
     WaitFile(std::path::PathBuf, Duration),
     Whoami,
@@ -105,6 +106,17 @@ enum DnsProto {
     UdpSendto,
     /// 2-byte length framing over a TCP connection.
     Tcp,
+}
+
+/// `listen tcp4|tcp6 ADDR|- PORT FOR_MS READY_PATH DATA`.
+#[derive(Clone, Debug)]
+struct Listen {
+    family: Family,
+    /// `None`: no bind(), listen() picks the port.
+    bind: Option<SocketAddr>,
+    total: Duration,
+    ready: std::path::PathBuf,
+    data: Vec<u8>,
 }
 
 /// `resolve DNSPROTO SERVER NAME QTYPE [repeat N] [then-connect tcp4|tcp6 PORT DATA]`.
@@ -562,6 +574,29 @@ fn parse_op(text: &str) -> Result<Op, String> {
                 data: data.as_bytes().to_vec(),
             }
         }
+        "listen" => {
+            exact(7)?;
+            let (t, family) = parse_proto(fields[1])
+                .filter(|(t, _)| *t == Transport::Tcp)
+                .ok_or_else(|| bad("listen takes tcp4|tcp6"))?;
+            debug_assert_eq!(t, Transport::Tcp);
+            let port: u16 = fields[3]
+                .parse()
+                .map_err(|_| bad("PORT must be 0..=65535"))?;
+            let bind = match fields[2] {
+                "-" if port == 0 => None,
+                "-" => return Err(bad("without bind (`-`) the PORT must be 0")),
+                a => Some(parse_sock_addr(family, a, port).map_err(|e| bad(&e))?),
+            };
+            let total = parse_ms(fields[4]).ok_or_else(|| bad("FOR_MS must be 0..=120000"))?;
+            Action::Listen(Box::new(Listen {
+                family,
+                bind,
+                total,
+                ready: fields[5].into(),
+                data: fields[6].as_bytes().to_vec(),
+            }))
+        }
         "touch" => {
             exact(2)?;
             Action::Touch(fields[1].into())
@@ -865,6 +900,7 @@ fn run(op: &Op) -> ProbeResult {
         Action::DnsRaw(proto, f, addr, bytes) => return dns_raw(text, *proto, *f, *addr, bytes),
         Action::DnsLoop(l) => return dns_loop(text, l),
         Action::DnsServe(d) => return dns_serve(text, d),
+        Action::Listen(l) => return listen(text, l),
         Action::SetSockopt(t, f, option, ifname) => set_sockopt(*t, *f, *option, ifname),
         Action::CmsgSend {
             connected,
@@ -1444,6 +1480,28 @@ mod tests {
             parse_op("wait-file /tmp/a 5000").expect("valid").action,
             Action::WaitFile(_, d) if d == Duration::from_secs(5)
         ));
+    }
+
+    #[test]
+    fn listen_parses_with_and_without_bind() {
+        match parse_op("listen tcp6 :: 8080 3000 /tmp/p hi")
+            .expect("valid")
+            .action
+        {
+            Action::Listen(l) => {
+                assert_eq!(l.bind, Some("[::]:8080".parse().expect("literal")));
+                assert_eq!((l.family, l.total), (Family::V6, Duration::from_secs(3)));
+                assert_eq!(l.data, b"hi");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(matches!(
+            parse_op("listen tcp4 - 0 3000 /tmp/p hi").expect("valid").action,
+            Action::Listen(l) if l.bind.is_none()
+        ));
+        assert!(parse_op("listen tcp4 - 80 3000 /tmp/p hi").is_err());
+        assert!(parse_op("listen udp4 0.0.0.0 80 3000 /tmp/p hi").is_err());
+        assert!(parse_op("listen tcp4 0.0.0.0 80 999999 /tmp/p hi").is_err());
     }
 
     #[test]
@@ -2382,6 +2440,76 @@ fn dns_serve(text: &str, d: &DnsServe) -> ProbeResult {
     ProbeResult {
         count: Some(samples.iter().filter(|s| s.ok).count() as u64),
         samples: Some(samples),
+        ..ProbeResult::ok(text)
+    }
+}
+
+/// A TCP listener (bound, or autobound by listen() itself) that writes its port to the ready
+/// path, then for the given time accepts every connection, writes DATA to it and closes it.
+/// `count` = connections accepted, `addrs` = their peers, `from` = the listening address.
+fn listen(text: &str, l: &Listen) -> ProbeResult {
+    use std::io::Write as _;
+    let fail = |f: Failure| ProbeResult::failed(text, f.errno, f.error);
+    let io_fail = |e: std::io::Error| ProbeResult::failed(text, e.raw_os_error(), e.to_string());
+    let sock = match transport_socket(Transport::Tcp, l.family) {
+        Ok(s) => s,
+        Err(f) => return fail(f),
+    };
+    let fd = sock.as_raw_fd();
+    if let Some(bind) = l.bind {
+        // As servers do: connections of an earlier listener on the port may be in TIME_WAIT.
+        if let Err(f) = setsockopt_bytes(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_REUSEADDR,
+            &1i32.to_ne_bytes(),
+        ) {
+            return fail(f);
+        }
+        let addr = sock_addr(l.family, bind);
+        // SAFETY: addr points to a valid sockaddr of addr.len bytes.
+        if let Err(f) = check(unsafe { libc::bind(fd, addr.ptr(), addr.len) }) {
+            return fail(f);
+        }
+    }
+    // SAFETY: listen(2) on a socket this function owns.
+    if let Err(f) = check(unsafe { libc::listen(fd, 16) }) {
+        return fail(f);
+    }
+    let listener = std::net::TcpListener::from(sock);
+    let local = match listener.local_addr() {
+        Ok(a) => a,
+        Err(e) => return io_fail(e),
+    };
+    if let Err(e) = listener.set_nonblocking(true) {
+        return io_fail(e);
+    }
+    let tmp = l.ready.with_extension("tmp");
+    if let Err(e) = std::fs::write(&tmp, local.port().to_string())
+        .and_then(|()| std::fs::rename(&tmp, &l.ready))
+    {
+        return io_fail(e);
+    }
+    let start = Instant::now();
+    let mut peers = Vec::new();
+    while start.elapsed() < l.total {
+        match listener.accept() {
+            Ok((mut conn, peer)) => {
+                peers.push(peer.ip().to_canonical());
+                let _ = conn.set_nonblocking(false);
+                let _ = conn.set_write_timeout(Some(IO_TIMEOUT));
+                let _ = conn.write_all(&l.data);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => return io_fail(e),
+        }
+    }
+    ProbeResult {
+        count: Some(peers.len() as u64),
+        addrs: Some(peers),
+        from: Some(local),
         ..ProbeResult::ok(text)
     }
 }

@@ -13,7 +13,8 @@ use std::time::Duration;
 use anyhow::{Context as _, Result};
 
 /// `enum bpf_attach_type` values of the hooks egress attaches.
-pub const HOOKS: [(&str, u32); 5] = [
+pub const HOOKS: [(&str, u32); 6] = [
+    ("skb_ingress", 0),
     ("sock_create", 2),
     ("connect4", 10),
     ("connect6", 11),

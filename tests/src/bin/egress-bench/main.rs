@@ -27,6 +27,7 @@
 mod agent_runs;
 mod allowlist;
 mod dns;
+mod inbound;
 mod kernel;
 mod proxy;
 mod report;
@@ -60,9 +61,11 @@ const RATE_LIMITS: &str = "  rate_limits:
     global: {max_new_connections: 4000000000, time_window: 1}
 ";
 const USAGE: &str =
-    "usage: egress-bench [--quick] [--only dns] [--verbose] [--docs FILE] [--out DIR] [--command TEXT]
+    "usage: egress-bench [--quick] [--only dns|inbound] [--verbose] [--docs FILE] [--out DIR] [--command TEXT]
   --quick      fewer rounds, shorter batches, a smaller flood
   --only dns   only the DNS proxy scenario; writes dns.md and dns.json, never --docs
+  --only inbound  only the inbound check's per-packet cost; writes inbound.md and
+               inbound.json, never --docs
   --verbose    print every cell's batches as they are measured
   --docs FILE  replace the results section of FILE (docs/benchmarks.md)
   --out DIR    where latest.md and latest.json go (default target/bench)
@@ -152,6 +155,7 @@ struct Args {
     verbose: bool,
     quick: bool,
     only_dns: bool,
+    only_inbound: bool,
     docs: Option<PathBuf>,
     out: PathBuf,
     command: String,
@@ -163,6 +167,7 @@ fn parse_args() -> Result<Args> {
         verbose: false,
         quick: false,
         only_dns: false,
+        only_inbound: false,
         docs: None,
         out: egress_tests::agent::workspace_root().join("target/bench"),
         command: "target/release/egress-bench".to_owned(),
@@ -177,7 +182,8 @@ fn parse_args() -> Result<Args> {
             "--verbose" => args.verbose = true,
             "--only" => match it.next().as_deref() {
                 Some("dns") => args.only_dns = true,
-                other => bail!("--only takes `dns`, not {other:?}\n{USAGE}"),
+                Some("inbound") => args.only_inbound = true,
+                other => bail!("--only takes `dns` or `inbound`, not {other:?}\n{USAGE}"),
             },
             "-h" | "--help" => {
                 // Nothing has been created yet: exiting here leaves nothing behind.
@@ -285,6 +291,15 @@ fn bench(args: &Args) -> Result<()> {
         println!("{markdown}");
         return write_outputs(&args.out, "dns", &markdown, &outcome);
     }
+    if args.only_inbound {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(SEED);
+        machine.loadavg_start = report::loadavg();
+        let cost = inbound::run(&mut world, &s, &mut rng)?;
+        machine.loadavg_end = report::loadavg();
+        let markdown = cost.markdown();
+        println!("{markdown}");
+        return write_outputs(&args.out, "inbound", &markdown, &cost);
+    }
     let lists: Vec<Allowlist> = SIZES
         .iter()
         .map(|&n| Allowlist::generate(n, SEED))
@@ -299,6 +314,7 @@ fn bench(args: &Args) -> Result<()> {
     let kernel_stats = kernel_phase(&world, &setup.scenarios, &s, &mut rng)?;
     let agent_runs = agent_phase(&world, &agent, &lists, &s)?;
     let dns = dns_phase(&world, &dns_client, &agent, &s, &mut rng)?;
+    let inbound = inbound::run(&mut world, &s, &mut rng)?;
 
     let results = Results::compute(
         machine,
@@ -313,9 +329,10 @@ fn bench(args: &Args) -> Result<()> {
         dns,
         started.elapsed(),
     );
-    let markdown = results.markdown();
+    let markdown = format!("{}\n{}", results.markdown(), inbound.markdown());
     println!("{markdown}");
     write_outputs(&args.out, "latest", &markdown, &results)?;
+    write_outputs(&args.out, "inbound", &inbound.markdown(), &inbound)?;
     if let Some(docs) = &args.docs {
         report::update_docs(docs, &markdown)?;
         progress(&format!(
