@@ -67,8 +67,10 @@ impl ExecError {
 /// Runs the workload and returns the exit code to leave with: the workload's own, or
 /// 128 + signal when a signal ended it.
 pub async fn run(args: ExecArgs) -> Result<u8, ExecError> {
+    let mut clock = StartupClock::new();
     let (creds, account) = credentials(args.user.as_deref())?;
     let policy = session::load_policy(&args.policy)?;
+    clock.policy = clock.lap();
     if args.kernel.packet_check == crate::cli::PacketCheck::Always {
         crate::mip6::check_always();
     }
@@ -92,10 +94,12 @@ pub async fn run(args: ExecArgs) -> Result<u8, ExecError> {
     let placement = Placement::Fresh {
         pins: Some(loc.pins.clone()),
     };
+    clock.cgroup = clock.lap();
 
     match Supervisor::start(policy, &args.dns, &args.telemetry, EXEC_SLOT, &placement).await {
         Ok(mut sup) => {
-            let result = supervise(&mut sup, &cg, &loc, &args, creds, &account).await;
+            clock.programs = clock.lap();
+            let result = supervise(&mut sup, &cg, &loc, &args, creds, &account, clock).await;
             // Anything the workload left behind dies with the cgroup, before enforcement is
             // removed; if it cannot be emptied, enforcement stays pinned.
             let emptied = cg.remove(Duration::from_secs(5));
@@ -126,6 +130,7 @@ async fn supervise(
     args: &ExecArgs,
     creds: Credentials,
     account: &Account,
+    mut clock: StartupClock,
 ) -> Result<u8, ExecError> {
     let probes = Probes::choose(sup.enforcer.compiled())?;
     sup.expect_probes(probes.v4, probes.v6)?;
@@ -133,6 +138,7 @@ async fn supervise(
     loc.write(Kind::Exec, EXEC_SLOT, sup.enforcer.compiled().policy_id)?;
     sup.publish_recent(&loc.record);
     sup.enforcer.attach(cg.path()).map_err(SessionError::from)?;
+    clock.attach = clock.lap();
     let mut watcher = Watcher::new(
         &args.policy,
         Duration::from_secs(args.reload.watch_interval.max(1)),
@@ -171,9 +177,14 @@ async fn supervise(
         &cwd,
     )?;
     let pid = child.id().unwrap_or(0);
+    let spawn = clock.lap();
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     tracing::info!(
         cgroup = %cgroup_path.display(), pid, uid, user = %account.name,
         probe_v4 = %probes.v4, probe_v6 = %probes.v6,
+        startup_ms = ms(clock.started.elapsed()), policy_ms = ms(clock.policy),
+        cgroup_ms = ms(clock.cgroup), programs_ms = ms(clock.programs),
+        attach_ms = ms(clock.attach), spawn_ms = ms(spawn),
         "workload started; enforcement proven live from inside its cgroup"
     );
 
@@ -206,6 +217,42 @@ async fn supervise(
     let code = exit_code(status);
     tracing::info!(pid, exit_code = code, "workload exited");
     Ok(code)
+}
+
+/// Where `exec`'s start-up time goes, logged with "workload started": reading the policy,
+/// creating the cgroup and its pin directory, loading the programs with the policy (host
+/// names resolved, DNS proxy started), attaching them, and proving enforcement and
+/// spawning the workload.
+#[derive(Clone, Copy, Debug)]
+struct StartupClock {
+    started: std::time::Instant,
+    last: std::time::Instant,
+    policy: Duration,
+    cgroup: Duration,
+    programs: Duration,
+    attach: Duration,
+}
+
+impl StartupClock {
+    fn new() -> Self {
+        let now = std::time::Instant::now();
+        StartupClock {
+            started: now,
+            last: now,
+            policy: Duration::ZERO,
+            cgroup: Duration::ZERO,
+            programs: Duration::ZERO,
+            attach: Duration::ZERO,
+        }
+    }
+
+    /// The time since the last lap.
+    fn lap(&mut self) -> Duration {
+        let now = std::time::Instant::now();
+        let d = now.saturating_duration_since(self.last);
+        self.last = now;
+        d
+    }
 }
 
 fn exit_code(status: std::process::ExitStatus) -> u8 {

@@ -383,13 +383,16 @@ impl Topology {
 }
 
 /// The host prefix length for `ip` (32 or 128), or an error when `ip` lies outside the
-/// test ranges 198.18.0.0/16 and fd00:e9::/32.
+/// test ranges 198.18.0.0/16, 10.0.0.0/24 (the addresses MCP-NET-02's example policy names:
+/// its resolvers 10.0.0.53 and 10.0.0.54 and its denied range, played inside the test's own
+/// namespaces) and fd00:e9::/32.
 fn test_prefix_len(ip: IpAddr) -> Result<u8> {
     match ip {
         IpAddr::V4(v4) => {
+            let o = v4.octets();
             ensure!(
-                v4.octets()[..2] == [198, 18],
-                "test addresses must be in 198.18.0.0/16, not {v4}"
+                o[..2] == [198, 18] || o[..3] == [10, 0, 0],
+                "test addresses must be in 198.18.0.0/16 or 10.0.0.0/24, not {v4}"
             );
             Ok(32)
         }

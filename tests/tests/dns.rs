@@ -1375,8 +1375,9 @@ fn curl_refused_by_name_and_by_address_both_count_as_blocked_egress() {
     let ready = sync.path().join("ready");
     let scraped = sync.path().join("scraped");
     let script = format!(
-        "{curl} -sS -m 5 -o /dev/null http://evil.example.test:8080/by-name; echo by-name=$?; \
-         {curl} -sS -m 5 -o /dev/null http://198.18.0.66:8080/by-address; echo by-address=$?; \
+        // curl's own messages would share stderr with the agent's JSON lines: silenced.
+        "{curl} -s -m 5 -o /dev/null http://evil.example.test:8080/by-name 2>/dev/null; echo by-name=$?; \
+         {curl} -s -m 5 -o /dev/null http://198.18.0.66:8080/by-address 2>/dev/null; echo by-address=$?; \
          touch {ready}; i=0; while [ ! -e {scraped} ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done",
         curl = curl.display(),
         ready = ready.display(),

@@ -235,12 +235,16 @@ fn a_million_denied_connects_are_all_denied_and_counted_exactly_with_a_small_log
     );
 }
 
+/// GET `path` from `addr` inside a namespace; empty while nothing listens there yet (a
+/// server still starting on a loaded machine), so callers poll.
 fn http_get(ns: &NetnsHandle, addr: SocketAddr, path: &str) -> String {
     let ns = ns.clone();
     let path = path.to_owned();
     std::thread::spawn(move || {
         ns.enter_current_thread().unwrap();
-        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).unwrap();
+        let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_secs(2)) else {
+            return String::new();
+        };
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         write!(
             s,
@@ -308,7 +312,7 @@ fn prometheus_scrapes_the_blocked_count() {
         tb.client().run_in(&mut cmd);
         let mut server = cmd.spawn().unwrap();
         // Wait (bounded) until Prometheus has scraped the three denials.
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + Duration::from_secs(11);
         let mut answer = String::new();
         let mut exposition = String::new();
         while Instant::now() < deadline {

@@ -3,9 +3,10 @@
 //! It builds a small world in network namespaces (the workload's namespace and a "remote"
 //! one holding stand-ins for api.company.com, evil.com, pastebin.com, database.internal and
 //! a rogue DNS resolver, plus a DNS server, dnsmasq, that answers those names), and runs two
-//! workloads as uid nobody under `egress-agent exec` with policies/demo.yaml (plus a
-//! `dns_policy` section naming the demo's DNS server as the only resolver, when the file has
-//! none): `egress-probe`, which connects and sends by address, and `egress-dns-client`, which
+//! workloads as uid nobody under `egress-agent exec` with MCP-NET-02's example policy
+//! verbatim (policies/mcp-net-02-example.yaml: its resolver 10.0.0.53 and a host of its denied
+//! range 10.0.0.0/8 are played inside the demo's namespaces):
+//! `egress-probe`, which connects and sends by address, and `egress-dns-client`, which
 //! sends DNS queries the way a resolver library does. With `dns_policy` the kernel hands every
 //! DNS query of the workload (UDP and TCP port 53, any address) to the agent's DNS proxy: the
 //! proxy resolves only names the policy allows, only through the allowed resolver, and
@@ -13,9 +14,8 @@
 //! the workload's syscalls and queries returned, what reached the listeners and the DNS
 //! server, and what the agent logged. A control run of the same attempts without the agent
 //! first shows that every destination and resolver is reachable and every name resolves, so
-//! a block is the agent's doing and not a broken network. Case 4 (rate limits) runs only
-//! when the agent accepts a policy with `rate_limits`; otherwise it is reported as NOT YET
-//! ENFORCED.
+//! a block is the agent's doing and not a broken network. Case 4 (rate limits) is a burst
+//! of 101 connections under the policy's own `rate_limits`.
 //!
 //! Run it with `cargo xtask demo` (root). Exit status: 0 when every enforced case passes,
 //! 1 when one fails or the world cannot be built, 130 when interrupted (after clean-up).
@@ -46,7 +46,7 @@ use egress_tests::testbed::{Testbed, run_probe_as_nobody};
 use serde_json::Value;
 
 /// The policy the demo enforces, relative to the workspace root.
-const POLICY: &str = "policies/demo.yaml";
+const POLICY: &str = "policies/mcp-net-02-example.yaml";
 /// The DNS workload, built next to the demo.
 const DNS_CLIENT: &str = "egress-dns-client";
 /// How long the DNS client waits for an answer under the agent (the proxy answers at once).
@@ -67,15 +67,6 @@ const LINGER: Duration = Duration::from_millis(1500);
 const SCRAPE_EVERY: Duration = Duration::from_millis(100);
 /// Case 4: MCP-NET-02's "101 connections in 60 seconds".
 const BURST: usize = 101;
-/// MCP-NET-02's example `rate_limits`, appended to the demo policy for case 4.
-const RATE_LIMITS: &str = "  rate_limits:
-    per_destination:
-      max_connections: 100
-      time_window: 60
-    global:
-      max_new_connections: 1000
-      time_window: 60
-";
 
 const API_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 10);
 const API_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xe9, 0, 0, 0, 0, 0, 0x10);
@@ -83,10 +74,11 @@ const DATABASE: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 20);
 const EVIL: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 66);
 const PASTEBIN: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 67);
 const ROGUE_RESOLVER: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 99);
-/// The demo's own DNS server (dnsmasq in the remote namespace), which the agent asks.
-const DNS_SERVER: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 53);
-/// A host inside the policy's denied range 198.18.1.0/24.
-const DENIED_RANGE_HOST: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 5);
+/// The demo's own DNS server (dnsmasq in the remote namespace) at the policy's first
+/// `allowed_resolvers` address, which the agent asks.
+const DNS_SERVER: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 53);
+/// A host inside the policy's denied range 10.0.0.0/8.
+const DENIED_RANGE_HOST: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 5);
 
 /// What the demo's DNS server answers, and nothing else.
 const DNS_RECORDS: [(&str, IpAddr); 5] = [
@@ -222,7 +214,7 @@ const ATTEMPTS: [Attempt; 13] = [
         case: 2,
         service: 6,
         how: "send tcp4",
-        body: "GET / HTTP/1.1 Host: 198.18.1.5",
+        body: "GET / HTTP/1.1 Host: 10.0.0.5",
         expect: Expect::Blocked,
     },
     Attempt {
@@ -380,7 +372,7 @@ impl DnsAttempt {
         self.server == ROGUE_RESOLVER
     }
 
-    /// `A? pastebin.com -> allowed resolver 198.18.0.53:53`, for messages.
+    /// `A? pastebin.com -> allowed resolver 10.0.0.53:53`, for messages.
     fn describe(&self) -> String {
         format!("A? {} -> {} {}:53", self.name, self.role(), self.server)
     }
@@ -813,6 +805,7 @@ fn print_refusal(run: &RunOutput, name: &str) {
     let line = log_objects(run).find(|f| {
         field(f, "event").as_deref() == Some("egress_blocked")
             && field(f, "hook").as_deref() == Some("dns_proxy")
+            && field(f, "reason").is_some_and(|r| r.starts_with("dns_name_"))
             && field(f, "dns.name")
                 .is_some_and(|n| n.trim_end_matches('.').eq_ignore_ascii_case(name))
     });
@@ -1198,8 +1191,7 @@ fn rate_limit_case(
     resolv_conf: &Path,
     listener: &Listener,
 ) -> Result<Option<bool>> {
-    let with_limits = format!("{}\n{RATE_LIMITS}", policy_text.trim_end());
-    let path = tb.write_policy(&with_limits)?;
+    let path = tb.write_policy(policy_text)?;
     let out = Command::new(agent)
         .arg("check")
         .arg(&path)
@@ -1211,7 +1203,7 @@ fn rate_limit_case(
         String::from_utf8_lossy(&out.stdout)
     );
     println!(
-        "  policy: {POLICY} plus MCP-NET-02's rate_limits (per destination 100 per 60 s, global \
+        "  policy: {POLICY} as written: its rate_limits (per destination 100 per 60 s, global \
          1000 per 60 s)"
     );
     println!("  `egress-agent check` on it -> {}", out.status);

@@ -49,6 +49,26 @@ pub struct AgentRun {
     pub rss_peak_kib: Option<u64>,
     /// Kernel memory of the agent's BPF maps (memlock in fdinfo), at rest.
     pub maps_kib: Option<u64>,
+    /// Where the start-up time went, as the agent logs it with "workload started":
+    /// policy, cgroup, programs (load, resolution, DNS proxy), attach, spawn (probe
+    /// included), in milliseconds.
+    pub startup_phases_ms: Option<[f64; 5]>,
+}
+
+/// The phases of the agent's "workload started" line.
+fn startup_phases(stderr: &str) -> Option<[f64; 5]> {
+    let v = stderr
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|v| v["startup_ms"].is_number())?;
+    let f = |k: &str| v[k].as_f64();
+    Some([
+        f("policy_ms")?,
+        f("cgroup_ms")?,
+        f("programs_ms")?,
+        f("attach_ms")?,
+        f("spawn_ms")?,
+    ])
 }
 
 /// One `egress-agent exec` run: rest, a flood of `attempts` denied connects from `threads`
@@ -197,6 +217,7 @@ pub fn run(
         rss_flood_kib: flood_peak,
         rss_peak_kib: hwm,
         maps_kib,
+        startup_phases_ms: startup_phases(&stderr),
     })
 }
 

@@ -528,6 +528,24 @@ impl Results {
                     .map_or_else(|| "—".to_owned(), |a| secs(a.startup_secs))
             },
         ));
+        md.push_str(&row(
+            "… of which (ms): policy / cgroup / programs, names, proxy / attach / probe + spawn",
+            &|l| {
+                self.agent_runs
+                    .iter()
+                    .find(|a| a.policy_entries == l.size)
+                    .and_then(|a| a.startup_phases_ms)
+                    .map_or_else(
+                        || "—".to_owned(),
+                        |p| {
+                            p.iter()
+                                .map(|ms| format!("{ms:.0}"))
+                                .collect::<Vec<_>>()
+                                .join(" / ")
+                        },
+                    )
+            },
+        ));
         md.push_str(&row("iptables-restore + ip6tables-restore", &|l| {
             l.iptables_secs.map_or_else(|| "n/a".to_owned(), secs)
         }));
