@@ -99,7 +99,9 @@ impl Denial {
                 "{what} is under an entry whose restrictions (regions, services) do not admit it: NXDOMAIN"
             ),
             "dns_unauthorized_resolver" => format!(
-                "a DNS query was addressed to {what}, which is not an allowed resolver; the agent's proxy answered it under the policy instead"
+                "a query for {} was addressed to {}, which is not an allowed resolver; the agent's proxy answered it under the policy instead, and nothing reached that resolver",
+                self.name.as_deref().unwrap_or("a name"),
+                self.dst.as_deref().unwrap_or("another resolver")
             ),
             "dns_over_tls_blocked" => format!("DNS over TLS to {what}: dns_policy.block_dot"),
             "doh_provider_blocked" => {

@@ -174,8 +174,36 @@ pub fn render_explain(all: &[Entry]) -> String {
     out
 }
 
+/// `YYYY-MM-DDTHH:MM:SSZ` for seconds since the Unix epoch (civil-from-days, proleptic
+/// Gregorian calendar).
+pub fn utc(secs: u64) -> String {
+    let days = i64::try_from(secs / 86_400).unwrap_or(0);
+    let rem = secs % 86_400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
 fn one_line(d: &Denial) -> String {
-    let mut s = format!("{} {} ({}, {})", d.at_unix_s, d.reason, d.hook, d.protocol);
+    let mut s = format!(
+        "{} {} ({}, {})",
+        utc(d.at_unix_s),
+        d.reason,
+        d.hook,
+        d.protocol
+    );
     if let Some(n) = &d.name {
         let _ = write!(s, " name {n}");
     }
@@ -192,6 +220,13 @@ fn one_line(d: &Denial) -> String {
 mod tests {
     #![expect(clippy::unwrap_used, reason = "test code")]
     use super::*;
+
+    #[test]
+    fn utc_formats_civil_time() {
+        assert_eq!(utc(0), "1970-01-01T00:00:00Z");
+        assert_eq!(utc(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(utc(1_796_220_942), "2026-12-02T14:15:42Z");
+    }
 
     #[test]
     fn reads_records_and_their_recent_denials() {
