@@ -47,46 +47,49 @@ impl Attempt {
     }
 }
 
+/// Who made an attempt, as the event names it.
+struct Who {
+    cgroup_id: u64,
+    pid_tgid: u64,
+    uid_gid: u64,
+    comm: [u8; 16],
+}
+
 #[inline(always)]
 pub fn emit(slot: u32, a: &Attempt) {
-    let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
-        lost();
-        return;
-    };
     // SAFETY: these helpers are available to cgroup sock and sock_addr programs and only
     // read the current task.
-    let (cgroup_id, boot_ns) = unsafe {
-        (
-            aya_ebpf::helpers::generated::bpf_get_current_cgroup_id(),
-            aya_ebpf::helpers::generated::bpf_ktime_get_boot_ns(),
-        )
-    };
-    entry.write(Event {
-        boot_ns,
-        cgroup_id,
-        pid_tgid: bpf_get_current_pid_tgid(),
-        uid_gid: bpf_get_current_uid_gid(),
-        comm: bpf_get_current_comm().unwrap_or([0; 16]),
-        addr: a.addr,
-        port: a.port,
-        family: a.family,
-        proto: a.proto as u8,
-        hook: a.hook as u8,
-        _pad: [0; 3],
-        reason: a.reason as u32,
-        rule_id: a.rule_id,
+    let cgroup_id = unsafe { aya_ebpf::helpers::generated::bpf_get_current_cgroup_id() };
+    write(
         slot,
-        sock_type: a.sock_type,
-        sock_protocol: a.sock_protocol,
-        cause: a.cause as u32,
-    });
-    entry.submit(0);
+        a,
+        Who {
+            cgroup_id,
+            pid_tgid: bpf_get_current_pid_tgid(),
+            uid_gid: bpf_get_current_uid_gid(),
+            comm: bpf_get_current_comm().unwrap_or([0; 16]),
+        },
+    );
 }
 
 /// As [`emit`], for a packet seen outside the context of the workload's tasks: the event
 /// names the socket's owner `uid` and `cgroup_id`, and no process (pid, gid and comm zero).
 #[inline(always)]
 pub fn emit_for_socket(slot: u32, a: &Attempt, uid: u32, cgroup_id: u64) {
+    write(
+        slot,
+        a,
+        Who {
+            cgroup_id,
+            pid_tgid: 0,
+            uid_gid: u64::from(uid),
+            comm: [0; 16],
+        },
+    );
+}
+
+#[inline(always)]
+fn write(slot: u32, a: &Attempt, who: Who) {
     let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
         lost();
         return;
@@ -95,10 +98,10 @@ pub fn emit_for_socket(slot: u32, a: &Attempt, uid: u32, cgroup_id: u64) {
     let boot_ns = unsafe { aya_ebpf::helpers::generated::bpf_ktime_get_boot_ns() };
     entry.write(Event {
         boot_ns,
-        cgroup_id,
-        pid_tgid: 0,
-        uid_gid: u64::from(uid),
-        comm: [0; 16],
+        cgroup_id: who.cgroup_id,
+        pid_tgid: who.pid_tgid,
+        uid_gid: who.uid_gid,
+        comm: who.comm,
         addr: a.addr,
         port: a.port,
         family: a.family,

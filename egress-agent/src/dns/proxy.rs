@@ -474,55 +474,19 @@ impl Proxy {
             return Some(query.refused());
         }
         let decision = lock(&self.learner).view().decide(&q.qname);
-        match &decision {
-            NameDecision::Allowed(_) => {}
-            NameDecision::Denied(rule) => {
-                let detail = format!("denied by denied_destinations[{rule}]");
-                self.refused(
-                    &policy,
-                    &q.qname,
-                    q.qtype,
-                    decision.result(),
-                    &detail,
-                    transport,
-                );
-                return Some(self.refusal(&query));
-            }
+        let detail = match &decision {
+            NameDecision::Allowed(_) => None,
+            NameDecision::Denied(rule) => Some(format!("denied by denied_destinations[{rule}]")),
             NameDecision::DohProvider(provider) => {
-                let detail = format!("DNS-over-HTTPS endpoint of {provider} (block_doh)");
-                self.refused(
-                    &policy,
-                    &q.qname,
-                    q.qtype,
-                    decision.result(),
-                    &detail,
-                    transport,
-                );
-                return Some(self.refusal(&query));
+                Some(format!("DNS-over-HTTPS endpoint of {provider} (block_doh)"))
             }
-            NameDecision::Restricted { rule, miss } => {
-                let detail = restriction_detail(*rule, miss);
-                self.refused(
-                    &policy,
-                    &q.qname,
-                    q.qtype,
-                    decision.result(),
-                    &detail,
-                    transport,
-                );
-                return Some(self.refusal(&query));
-            }
-            NameDecision::NotAllowed => {
-                self.refused(
-                    &policy,
-                    &q.qname,
-                    q.qtype,
-                    decision.result(),
-                    "no allowed_destinations entry names it",
-                    transport,
-                );
-                return Some(self.refusal(&query));
-            }
+            NameDecision::Restricted { rule, miss } => Some(restriction_detail(*rule, miss)),
+            NameDecision::NotAllowed => Some("no allowed_destinations entry names it".to_owned()),
+        };
+        if let Some(detail) = detail {
+            let result = decision.result();
+            self.refused(&policy, &q.qname, q.qtype, result, &detail, transport);
+            return Some(self.refusal(&query));
         }
         if q.qclass != super::wire::CLASS_IN || !matches!(q.qtype, rtype::A | rtype::AAAA) {
             // Only addresses are looked up for the workload.
