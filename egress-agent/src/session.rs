@@ -159,6 +159,7 @@ async fn start_proxy(
         };
         l.set_max_per_name(dns.dns_max_addrs_per_name as usize);
         l.set_aws_ranges(aws_ranges.clone());
+        l.set_rebinding_counter(metrics.dns.rebinding_blocked.clone());
     }
     if let Some(ranges) = &aws_ranges {
         metrics

@@ -1608,3 +1608,58 @@ fn explain_last_shows_a_running_workloads_blocked_attempts() {
         "{status}"
     );
 }
+
+/// A reload judges the addresses learned under the old policy with the new policy's rebinding
+/// filter: an address now in a denied range is reported (`source: reload`) and not carried
+/// over, like any address the agent installs.
+#[test]
+fn a_reload_filters_learned_addresses_like_any_other() {
+    let Some(tb) = testbed() else { return };
+    let [l] = remote_listeners(&tb, ["198.18.0.40:8443"]);
+    let _dns = upstream(
+        &tb,
+        Dnsmasq::config().record("x.example.test", ip("198.18.0.40")),
+    );
+    let sync = tb.sync_dir().expect("sync dir");
+    let ready = sync.path().join("ready");
+    let reloaded = sync.path().join("reloaded");
+    let before = policy().allow_wildcard("example.test", &[8443], &["tcp"]);
+    let after = before.clone().deny_cidr("198.18.0.40/32");
+    let path = tb.write_policy(&before.render()).expect("policy");
+    let learn = "resolve udp4 198.18.0.2 x.example.test A then-connect tcp4 8443 before";
+    let run = AgentRun::new(&path, &tb.cgroups, tb.probe.path())
+        .expect("agent command")
+        .json_log()
+        .agent_arg("--watch-interval")
+        .agent_arg("1")
+        .args([
+            learn.to_owned(),
+            format!("touch {}", ready.display()),
+            format!("wait-file {} 30000", reloaded.display()),
+            "connect tcp4 198.18.0.40 8443".to_owned(),
+        ]);
+    let out = std::thread::scope(|s| {
+        let agent = s.spawn(|| run.run_in(tb.client()).expect("agent run"));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !ready.exists() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        std::fs::write(&path, after.render()).expect("new policy");
+        // The watcher looks every second; give it three.
+        std::thread::sleep(Duration::from_secs(3));
+        std::fs::write(&reloaded, b"").expect("releasing the workload");
+        agent.join().expect("agent thread")
+    });
+    out.assert_exit(0);
+    assert_answer(&out, learn, rcode::NOERROR, &["198.18.0.40"]);
+    assert_arrived(&l, b"before", &out);
+    out.assert_errno("connect tcp4 198.18.0.40 8443", EPERM);
+    let filtered = events(&out, "dns_rebinding_blocked");
+    assert!(
+        filtered.iter().any(|e| e["source"] == "reload"
+            && e["address"] == "198.18.0.40"
+            && e["name"] == "x.example.test"),
+        "{filtered:#?}\n{}",
+        out.describe()
+    );
+}

@@ -15,11 +15,12 @@ use super::answer::AddressRecord;
 use super::ip_ranges::AwsIpRanges;
 use super::learn::{LearnedTable, Writes};
 use super::names::{NameMatcher, NameVerdict};
-use super::rebind::{RebindFilter, Rejection};
+use super::rebind::{RebindFilter, Rejection, Source, report_rejection};
 use crate::loader::Programs;
 use crate::maps::MapsError;
 use crate::policy::aws::{self, Admission, RestrictionMiss};
 use crate::policy::{AwsService, Policy, Restrictions};
+use crate::session::RebindCounter;
 
 fn op_err(map: &'static str, op: &'static str) -> impl FnOnce(MapError) -> MapsError {
     move |e| MapsError::Op {
@@ -462,6 +463,9 @@ pub struct Learner {
     /// table and view of the policy about to come into force. Answers are installed under both
     /// ids then, so none is missing whichever id the kernel reads.
     next: Option<(LearnedTable, NamePolicy)>,
+    /// Where addresses the rebinding filter keeps out of a reload are counted (the proxy's
+    /// counter; set with the proxy).
+    rebinding: Option<RebindCounter>,
 }
 
 impl Learner {
@@ -476,7 +480,13 @@ impl Learner {
             maps,
             view: NamePolicy::new(policy),
             next: None,
+            rebinding: None,
         }
+    }
+
+    /// Counts addresses a reload's rebinding filter keeps out in `counter`.
+    pub fn set_rebinding_counter(&mut self, counter: RebindCounter) {
+        self.rebinding = Some(counter);
     }
 
     /// Uses AWS's published ranges for the address check of `restrictions` from now on.
@@ -544,13 +554,28 @@ impl Learner {
     pub fn prepare(&mut self, policy: Arc<Policy>, policy_id: u32) -> Result<(), MapsError> {
         let view = NamePolicy::new(policy).with_aws_ranges(self.view.aws_ranges.clone());
         let mut table = self.table.clone();
+        let rebinding = self.rebinding.clone().unwrap_or_default();
         let writes = table.rebase(&view.policy, policy_id, |name, addrs| {
             match view.decide(name) {
                 NameDecision::Allowed(rules) => {
-                    let records = addrs
+                    let records: Vec<AddressRecord> = addrs
                         .iter()
                         .map(|&addr| AddressRecord { addr, ttl: 0 })
                         .collect();
+                    // The new policy's filter, as for any address the agent installs: its
+                    // denied ranges (and DoH list) may cover what the old one let in.
+                    let (records, rejected) = view.rebind.partition(&records);
+                    for (r, why) in &rejected {
+                        report_rejection(
+                            &rebinding,
+                            &view.policy.name,
+                            name,
+                            r.addr,
+                            why,
+                            Source::Reload,
+                            true,
+                        );
+                    }
                     let admitted = view.admit(name, &rules, records);
                     (
                         admitted.rules,

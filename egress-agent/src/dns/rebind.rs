@@ -250,6 +250,8 @@ pub enum Source {
     PolicyLookup,
     /// An answer the DNS proxy relayed to the workload.
     ProxyAnswer,
+    /// An address learned before a reload, judged again under the new policy.
+    Reload,
 }
 
 impl Source {
@@ -257,6 +259,7 @@ impl Source {
         match self {
             Source::PolicyLookup => "policy_lookup",
             Source::ProxyAnswer => "proxy_answer",
+            Source::Reload => "reload",
         }
     }
 }
