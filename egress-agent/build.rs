@@ -16,6 +16,11 @@ fn main() -> anyhow::Result<()> {
         root_dir: root,
         ..Default::default()
     };
+    // aya-build relays every line the nested cargo writes to stderr as a build-script
+    // warning ("Compiling ...", "Finished ..."), dozens of lines on every build; a quiet
+    // nested cargo still reports the eBPF crate's own errors and warnings.
+    // SAFETY: the build script is single-threaded here; nothing reads the environment at once.
+    unsafe { std::env::set_var("CARGO_TERM_QUIET", "true") };
     aya_build::build_ebpf([package], aya_build::Toolchain::Nightly)
         .context("building the eBPF programs (run scripts/bootstrap.sh if bpf-linker or nightly rust-src is missing)")
 }
