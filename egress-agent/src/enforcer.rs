@@ -54,7 +54,8 @@ fn next_policy_id(id: u32) -> u32 {
 pub struct Enforcer {
     programs: Programs,
     maps: MapSet,
-    policy: Policy,
+    /// Shared with the DNS proxy's view of the policy: one copy, however large.
+    policy: Arc<Policy>,
     sets: SetIds,
     resolved: Resolved,
     /// When each host's current answer lapses in the kernel.
@@ -243,9 +244,10 @@ impl Enforcer {
             .into_iter()
             .map(|h| (h, now))
             .collect();
+        let policy = Arc::new(policy);
         let learner = Arc::new(Mutex::new(Learner::new(
             learned,
-            Arc::new(policy.clone()),
+            Arc::clone(&policy),
             compiled.policy_id,
             DEFAULT_ADDRS_PER_NAME,
         )));
@@ -290,13 +292,14 @@ impl Enforcer {
         let mut sets = SetIds::default();
         let compiled = compile_with_deadlines(&policy, policy_id, &resolved, &deadlines, &mut sets);
         let limits = compile_limits(&policy, policy_id);
+        let policy = Arc::new(policy);
         let written = self
             .maps
             .apply(&Compiled::default(), &compiled)
             .map_err(EnforcerError::from)
             .and_then(|stats| {
                 self.rate.apply(&CompiledLimits::default(), &limits)?;
-                lock(&self.learner).prepare(Arc::new(policy.clone()), policy_id)?;
+                lock(&self.learner).prepare(Arc::clone(&policy), policy_id)?;
                 let cfg = SlotConfig {
                     policy_id,
                     flags: compiled.slot_flags | self.own_flags,
