@@ -373,3 +373,70 @@ fn a_broken_ip_ranges_file_refuses_to_start() {
     assert!(out.stderr.contains("createDate"), "{}", out.stderr);
     assert!(out.results.is_empty(), "{}", out.describe());
 }
+
+/// `policies/mcp-net-02-example.yaml`, the seed's example verbatim, loads and runs under
+/// `exec`: its resolver 10.0.0.53 is played by dnsmasq inside the test's remote namespace
+/// (never routed from the root namespace), and every kind of entry it has decides as written.
+#[test]
+fn the_seed_example_policy_runs_verbatim_under_exec() {
+    let Some(tb) = Testbed::for_test(Path::new(PROBE)) else {
+        return;
+    };
+    let resolver = ip("10.0.0.53");
+    let denied = ip("10.0.0.5");
+    let s3 = ip("198.18.0.31");
+    for a in [resolver, denied, s3] {
+        tb.topo.add_remote_addr(a).expect("seed address");
+    }
+    let api = tb.listen_tcp(sa("198.18.0.2:443")).expect("listener");
+    let aws = tb.listen_tcp(SocketAddr::new(s3, 443)).expect("listener");
+    let _db = tb.listen_tcp(sa("198.18.0.2:5432")).expect("listener");
+    let _dns = DnsmasqConfig::default()
+        .listen(resolver)
+        .host("api.company.com", ip("198.18.0.2"))
+        .host("database.internal", ip("198.18.0.2"))
+        .host("s3.us-east-1.amazonaws.com", s3)
+        .host("s3.us-west-2.amazonaws.com", ip("198.18.0.32"))
+        .host("pool.crypto-mining.com", ip("198.18.0.33"))
+        .start(tb.remote())
+        .expect("dnsmasq");
+    let seed = egress_tests::agent::workspace_root().join("policies/mcp-net-02-example.yaml");
+    let ops = [
+        "send tcp4 198.18.0.2 443 api".to_owned(),
+        "connect tcp4 198.18.0.2 5432".to_owned(),
+        "connect tcp4 198.18.0.2 80".to_owned(),
+        "connect tcp4 10.0.0.5 443".to_owned(),
+        "resolve udp4 10.0.0.53 s3.us-east-1.amazonaws.com A then-connect tcp4 443 s3".to_owned(),
+        "resolve udp4 10.0.0.53 s3.us-west-2.amazonaws.com A".to_owned(),
+        "resolve udp4 10.0.0.53 pool.crypto-mining.com A".to_owned(),
+    ];
+    let out = AgentRun::new(&seed, &tb.cgroups, tb.probe.path())
+        .expect("agent command")
+        .json_log()
+        .args(&ops)
+        .run_in(tb.client())
+        .expect("agent run");
+    out.assert_exit(0);
+    out.assert_ok(&ops[0]);
+    out.assert_ok(&ops[1]);
+    out.assert_errno(&ops[2], EPERM);
+    out.assert_errno(&ops[3], EPERM);
+    assert_answer(&out, &ops[4], rcode::NOERROR, &["198.18.0.31"]);
+    assert_answer(&out, &ops[5], rcode::NXDOMAIN, &[]);
+    assert_answer(&out, &ops[6], rcode::NXDOMAIN, &[]);
+    assert!(
+        api.wait_for(b"api", WAIT).starts_with(b"api"),
+        "{}",
+        out.describe()
+    );
+    assert!(
+        aws.wait_for(b"s3", WAIT).starts_with(b"s3"),
+        "{}",
+        out.describe()
+    );
+    assert!(
+        out.stderr.contains("\"policy\":\"mcp-net-02-example\""),
+        "{}",
+        out.describe()
+    );
+}
