@@ -57,12 +57,19 @@ pub fn load_file(path: &Path) -> Result<Policy, PolicyError> {
 
 /// Parses policy `text`; `file` is only used in error messages and for the default name.
 pub fn parse_str(text: &str, file: &Path) -> Result<Policy, PolicyError> {
-    if let Err(err) = serde_norway::from_str::<IgnoredAny>(text) {
-        return Err(syntax_error(&err, file));
-    }
+    // Each pass reads the whole document: the syntax check runs only when the duplicate-key
+    // pass fails, to tell a YAML syntax error from an invalid policy (a large policy is
+    // parsed twice, not three times).
     let top: DupCheck =
-        serde_path_to_error::deserialize(serde_norway::Deserializer::from_str(text))
-            .map_err(|err| invalid_error(err, file))?;
+        match serde_path_to_error::deserialize(serde_norway::Deserializer::from_str(text)) {
+            Ok(top) => top,
+            Err(err) => {
+                if let Err(syntax) = serde_norway::from_str::<IgnoredAny>(text) {
+                    return Err(syntax_error(&syntax, file));
+                }
+                return Err(invalid_error(err, file));
+            }
+        };
     if top.0 == NodeKind::Null {
         return Err(PolicyError::Empty {
             file: file.to_path_buf(),
