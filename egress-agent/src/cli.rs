@@ -192,6 +192,10 @@ pub struct CheckArgs {
     /// Also say how the DNS proxy would judge this name (repeatable).
     #[arg(long = "name", value_name = "HOST")]
     pub names: Vec<String>,
+    /// Say whether a destination would be allowed, by which rule (file:line) and why:
+    /// HOST[:PORT][/PROTO], ADDR[:PORT][/PROTO] or [V6ADDR][:PORT][/PROTO] (repeatable).
+    #[arg(long = "explain", value_name = "DEST")]
+    pub explain: Vec<String>,
 }
 
 /// Telemetry options shared by `exec` and `run`.

@@ -20,6 +20,7 @@ pub mod environment;
 pub mod events;
 pub mod exec;
 pub mod exit;
+pub mod explain;
 pub mod inbound;
 pub mod instance;
 pub mod loader;
