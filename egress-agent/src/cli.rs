@@ -117,6 +117,22 @@ pub struct KernelArgs {
     pub packet_check: PacketCheck,
 }
 
+/// `--mode`: enforce denials (the default), or only report them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ModeArg {
+    Enforce,
+    Audit,
+}
+
+impl From<ModeArg> for crate::policy::Mode {
+    fn from(m: ModeArg) -> Self {
+        match m {
+            ModeArg::Enforce => crate::policy::Mode::Enforce,
+            ModeArg::Audit => crate::policy::Mode::Audit,
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum PacketCheck {
     Auto,
@@ -154,6 +170,11 @@ pub struct ExecArgs {
     /// default PATH and what --env names) instead of the agent's.
     #[arg(long)]
     pub env_clear: bool,
+    /// `audit`: let denied attempts through, logging and counting them with verdict audit
+    /// (for a policy without `mode:`, or with `mode: audit`). A policy that says
+    /// `mode: enforce` is never run in audit. Default: the policy's mode, else enforce.
+    #[arg(long, value_enum)]
+    pub mode: Option<ModeArg>,
     #[command(flatten)]
     pub dns: DnsArgs,
     #[command(flatten)]
@@ -175,6 +196,11 @@ pub struct RunArgs {
     /// cgroup v2 directory to protect.
     #[arg(long)]
     pub cgroup: PathBuf,
+    /// `audit`: let denied attempts through, logging and counting them with verdict audit
+    /// (for a policy without `mode:`, or with `mode: audit`). A policy that says
+    /// `mode: enforce` is never run in audit. Default: the policy's mode, else enforce.
+    #[arg(long, value_enum)]
+    pub mode: Option<ModeArg>,
     #[command(flatten)]
     pub dns: DnsArgs,
     #[command(flatten)]

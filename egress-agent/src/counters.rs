@@ -2,7 +2,10 @@
 //! the supervisor and the metrics endpoint.
 
 use aya::maps::{MapData, MapError, PerCpuArray};
-use egress_common::{Proto, Reason, counters::counter_index};
+use egress_common::{
+    Proto, Reason,
+    counters::{counter_index, counter_index_audit},
+};
 
 pub struct Counters {
     verdicts: PerCpuArray<MapData, u64>,
@@ -34,6 +37,25 @@ impl Counters {
         for reason in Reason::ALL {
             for proto in PROTOS {
                 out.push((reason, proto, self.get(slot, reason, proto)?));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The denials audit mode let through, by the reason they would have been refused for,
+    /// summed over CPUs; only the reasons that deny.
+    pub fn audited(&self, slot: u32) -> Result<Vec<(Reason, Proto, u64)>, MapError> {
+        let mut out = Vec::new();
+        for reason in Reason::ALL.into_iter().filter(|r| !r.allows()) {
+            for proto in PROTOS {
+                let values = self
+                    .verdicts
+                    .get(&counter_index_audit(slot, reason, proto), 0)?;
+                out.push((
+                    reason,
+                    proto,
+                    values.iter().copied().fold(0u64, u64::wrapping_add),
+                ));
             }
         }
         Ok(out)

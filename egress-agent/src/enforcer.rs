@@ -579,6 +579,17 @@ impl Enforcer {
             }
             Err(error) => tracing::error!(%error, "reading verdict counters failed"),
         }
+        match self.maps.shared_counters().audited(self.slot()) {
+            Ok(counts) => {
+                for (reason, proto, count) in counts.into_iter().filter(|c| c.2 > 0) {
+                    tracing::info!(
+                        policy = %self.policy.name, slot = self.slot(), reason = reason.as_str(),
+                        protocol = proto_name(proto), verdict = "audit", count, "verdict count"
+                    );
+                }
+            }
+            Err(error) => tracing::error!(%error, "reading audited verdict counters failed"),
+        }
     }
 
     /// Clamps a TTL-derived instant for tests and callers.

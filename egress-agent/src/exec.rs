@@ -68,7 +68,8 @@ impl ExecError {
 /// 128 + signal when a signal ended it.
 pub async fn run(args: ExecArgs) -> Result<u8, ExecError> {
     let (creds, account) = credentials(args.user.as_deref())?;
-    let policy = session::load_policy(&args.policy)?;
+    let mode = args.mode.map(crate::policy::Mode::from);
+    let policy = session::with_mode(session::load_policy(&args.policy)?, mode, &args.policy)?;
     if args.kernel.packet_check == crate::cli::PacketCheck::Always {
         crate::mip6::check_always();
     }
@@ -95,6 +96,7 @@ pub async fn run(args: ExecArgs) -> Result<u8, ExecError> {
 
     match Supervisor::start(policy, &args.dns, &args.telemetry, EXEC_SLOT, &placement).await {
         Ok(mut sup) => {
+            sup.set_mode(mode);
             let result = supervise(&mut sup, &cg, &loc, &args, creds, &account).await;
             // Anything the workload left behind dies with the cgroup, before enforcement is
             // removed; if it cannot be emptied, enforcement stays pinned.
@@ -130,7 +132,12 @@ async fn supervise(
     let probes = Probes::choose(sup.enforcer.compiled())?;
     sup.expect_probes(probes.v4, probes.v6)?;
     // The record first: if this agent dies from here on, the next exec finds its pins.
-    loc.write(Kind::Exec, EXEC_SLOT, sup.enforcer.compiled().policy_id)?;
+    loc.write(
+        Kind::Exec,
+        EXEC_SLOT,
+        sup.enforcer.compiled().policy_id,
+        sup.enforcer.policy().mode(),
+    )?;
     sup.publish_recent(&loc.record);
     sup.enforcer.attach(cg.path()).map_err(SessionError::from)?;
     let mut watcher = Watcher::new(
@@ -278,7 +285,7 @@ pub async fn reload(
     slot: u32,
 ) {
     if let Some(id) = sup.reload(path).await
-        && let Err(error) = loc.write(kind, slot, id)
+        && let Err(error) = loc.write(kind, slot, id, sup.enforcer.policy().mode())
     {
         tracing::error!(%error, "recording the reloaded policy id failed");
     }

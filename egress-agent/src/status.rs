@@ -43,6 +43,8 @@ pub struct Entry {
     pub slot: u32,
     pub policy_id: u32,
     pub agent_pid: u32,
+    /// `enforce` or `audit`.
+    pub mode: String,
     /// Whether that agent is running (a stopped `run` agent leaves enforcement pinned).
     pub agent_running: bool,
     /// Oldest first.
@@ -87,6 +89,7 @@ fn entry_of(inst: Instance, recent: Vec<Denial>) -> Entry {
         slot: inst.slot,
         policy_id: inst.policy_id,
         agent_pid: inst.agent_pid,
+        mode: inst.mode.unwrap_or_else(|| "enforce".to_owned()),
         recent,
     }
 }
@@ -108,7 +111,7 @@ pub fn render_status(all: &[Entry]) -> String {
     for e in all {
         let _ = writeln!(
             out,
-            "{}\n  {} agent pid {} ({}), slot {}, policy id {}, {} recent blocked attempt(s)",
+            "{}\n  {} agent pid {} ({}), slot {}, policy id {}, mode {}, {} recent blocked attempt(s)",
             e.cgroup.display(),
             match e.kind {
                 Kind::Exec => "exec",
@@ -122,6 +125,7 @@ pub fn render_status(all: &[Entry]) -> String {
             },
             e.slot,
             e.policy_id,
+            e.mode,
             e.recent.len()
         );
         if let Some(last) = e.recent.last() {
@@ -207,6 +211,7 @@ mod tests {
                 slot: 0,
                 policy_id: 3,
                 agent_pid: u32::MAX,
+                mode: None,
             },
         )
         .unwrap();

@@ -99,8 +99,12 @@ pub enum Reason {
     AllowInbound = 30,
 }
 
-/// Room for more reasons without a layout change of the counter map.
-pub const NUM_REASONS: u32 = 32;
+/// Room for more reasons without a layout change of the counter map: the lower half counts
+/// decisions as made, the upper half ([`AUDIT_REASON_OFFSET`] and above) the denials that audit
+/// mode let through, by the reason they would have been refused for.
+pub const NUM_REASONS: u32 = 64;
+/// Where the audited counters of a reason start within a slot's block.
+pub const AUDIT_REASON_OFFSET: u32 = 32;
 pub const NUM_PROTOS: u32 = 3;
 /// One block of counters per slot, plus a last block for programs whose slot is out of range
 /// (a load error that the kernel side still has to count).
@@ -208,6 +212,23 @@ pub const fn counter_index(slot: u32, reason: Reason, proto: Proto) -> u32 {
     (block * NUM_REASONS + reason as u32) * NUM_PROTOS + proto.counter_index()
 }
 
+/// Index of the counter of a denial with `reason` that audit mode let through.
+#[inline(always)]
+pub const fn counter_index_audit(slot: u32, reason: Reason, proto: Proto) -> u32 {
+    let block = if slot < MAX_SLOTS {
+        slot
+    } else {
+        INVALID_SLOT_BLOCK
+    };
+    (block * NUM_REASONS + AUDIT_REASON_OFFSET + reason as u32) * NUM_PROTOS + proto.counter_index()
+}
+
+// Every reason has its audited counter inside the slot's block.
+const _: () = {
+    assert!(Reason::ALL.len() as u32 <= AUDIT_REASON_OFFSET);
+    assert!(AUDIT_REASON_OFFSET * 2 <= NUM_REASONS);
+};
+
 /// Which hook made a decision.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -223,4 +244,27 @@ pub enum Hook {
     SkbEgress = 7,
     /// A packet on its way in to a listening socket (the inbound check, always attached).
     SkbIngress = 8,
+}
+
+#[cfg(test)]
+mod audit_tests {
+    use super::*;
+
+    #[test]
+    fn audited_counters_are_apart_from_every_decision_counter_and_in_range() {
+        let protos = [Proto::Tcp, Proto::Udp, Proto::Other];
+        for slot in [0, MAX_SLOTS - 1, MAX_SLOTS + 5] {
+            for reason in Reason::ALL {
+                for proto in protos {
+                    let audited = counter_index_audit(slot, reason, proto);
+                    assert!(audited < NUM_COUNTERS);
+                    for other in Reason::ALL {
+                        for p in protos {
+                            assert_ne!(audited, counter_index(slot, other, p));
+                        }
+                    }
+                }
+            }
+        }
+    }
 }

@@ -29,7 +29,7 @@ use super::aws;
 use super::error::PolicyError;
 use super::model::{
     AllowedDestination, DefaultAction, DeniedDestination, DnsPolicy, HostPattern, InboundRule,
-    Policy, Protocol, RateLimit, RateLimits, Restrictions, Target,
+    Mode, Policy, Protocol, RateLimit, RateLimits, Restrictions, Target,
 };
 use crate::dns::names::{PublicSuffixKind, wildcard_public_suffix};
 
@@ -376,6 +376,7 @@ const POLICY_KEYS: &[&str] = &[
     "allow_loopback",
     "allow_other_socket_types",
     "inbound",
+    "mode",
 ];
 
 /// Everything of the policy except the name's default, which depends on the file name.
@@ -389,6 +390,7 @@ struct Body {
     allow_loopback: bool,
     allow_other_socket_types: bool,
     inbound: Vec<InboundRule>,
+    mode: Option<Mode>,
 }
 
 impl Body {
@@ -409,6 +411,7 @@ impl Body {
             allow_loopback: self.allow_loopback,
             allow_other_socket_types: self.allow_other_socket_types,
             inbound: self.inbound,
+            mode: self.mode,
         }
     }
 }
@@ -425,6 +428,7 @@ struct RawPolicy {
     allow_loopback: Option<bool>,
     allow_other_socket_types: Option<bool>,
     inbound: Option<Vec<inbound::InboundEntry>>,
+    mode: Option<ModeValue>,
 }
 
 struct PolicyBody(Body);
@@ -434,7 +438,7 @@ impl<'de> Deserialize<'de> for PolicyBody {
         deserializer.deserialize_map(Checked {
             expecting: "a mapping with `default_action`, `allowed_destinations` and optionally \
                         `denied_destinations`, `dns_policy`, `rate_limits`, `name`, \
-                        `allow_loopback`, `allow_other_socket_types`, `inbound`",
+                        `allow_loopback`, `allow_other_socket_types`, `inbound`, `mode`",
             check: check_policy,
             raw: PhantomData,
         })
@@ -483,6 +487,7 @@ fn check_policy(raw: RawPolicy) -> Result<PolicyBody, String> {
             .into_iter()
             .map(|e| e.0)
             .collect(),
+        mode: raw.mode.map(|m| m.0),
     }))
 }
 
@@ -832,6 +837,17 @@ string_scalar!(Action, "DENY or ALLOW", |v| {
             "unknown default action `{v}`; expected DENY or ALLOW"
         ))
     }
+});
+
+struct ModeValue(Mode);
+
+string_scalar!(ModeValue, "enforce or audit", |v| match v {
+    "enforce" => Ok(ModeValue(Mode::Enforce)),
+    "audit" => Ok(ModeValue(Mode::Audit)),
+    _ => Err(format!(
+        "unknown mode `{v}`; expected `enforce` (denied attempts fail, the default) or `audit` \
+         (denied attempts are let through and logged with verdict audit)"
+    )),
 });
 
 struct HostValue(Target);
@@ -1390,6 +1406,7 @@ mod tests {
             allow_loopback: true,
             allow_other_socket_types: false,
             inbound: Vec::new(),
+            mode: None,
         };
         assert_eq!(p, expected);
     }
