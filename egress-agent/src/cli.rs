@@ -42,6 +42,69 @@ pub enum Command {
     Status(StatusArgs),
     /// Show the last blocked attempts of the protected workloads, and what would allow them.
     ExplainLast(ExplainLastArgs),
+    /// Run CMD like exec, in audit mode, and write a policy that allows what it did.
+    Learn(LearnArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct LearnArgs {
+    /// Where to write the learned policy (MCP-NET-02 YAML, commented).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Start from this policy (run in audit mode, its entries kept) instead of one that
+    /// allows nothing.
+    #[arg(long)]
+    pub policy: Option<PathBuf>,
+    /// Collapse two or more names under one registrable domain into `*.domain` (never over
+    /// a public suffix).
+    #[arg(long)]
+    pub wildcards: bool,
+    /// User (name or uid) to run CMD as. Default: the invoking user from SUDO_UID, else nobody.
+    #[arg(long)]
+    pub user: Option<String>,
+    /// cgroup v2 directory under which the workload's cgroup is created.
+    #[arg(long)]
+    pub cgroup_parent: Option<PathBuf>,
+    /// Directory the workload starts in.
+    #[arg(long)]
+    pub cwd: Option<PathBuf>,
+    /// Set NAME=VALUE in the workload's environment, or pass NAME from the agent's own.
+    #[arg(long = "env", value_name = "NAME[=VALUE]", value_parser = crate::environment::parse_env_setting)]
+    pub env: Vec<crate::environment::EnvSetting>,
+    /// Start the workload with an empty environment (as for exec).
+    #[arg(long)]
+    pub env_clear: bool,
+    #[command(flatten)]
+    pub dns: DnsArgs,
+    #[command(flatten)]
+    pub telemetry: TelemetryArgs,
+    #[command(flatten)]
+    pub reload: ReloadArgs,
+    #[command(flatten)]
+    pub kernel: KernelArgs,
+    /// The command to run, after `--`.
+    #[arg(last = true, required = true, num_args = 1..)]
+    pub command: Vec<OsString>,
+}
+
+impl LearnArgs {
+    /// The `exec` that learn runs: audit mode, the starting policy's file (or none).
+    pub fn exec_args(&self) -> ExecArgs {
+        ExecArgs {
+            policy: self.policy.clone().unwrap_or_default(),
+            user: self.user.clone(),
+            cgroup_parent: self.cgroup_parent.clone(),
+            cwd: self.cwd.clone(),
+            env: self.env.clone(),
+            env_clear: self.env_clear,
+            mode: Some(ModeArg::Audit),
+            dns: self.dns.clone(),
+            telemetry: self.telemetry.clone(),
+            reload: self.reload.clone(),
+            kernel: self.kernel.clone(),
+            command: self.command.clone(),
+        }
+    }
 }
 
 #[derive(Debug, Args)]

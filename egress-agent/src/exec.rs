@@ -67,9 +67,20 @@ impl ExecError {
 /// Runs the workload and returns the exit code to leave with: the workload's own, or
 /// 128 + signal when a signal ended it.
 pub async fn run(args: ExecArgs) -> Result<u8, ExecError> {
-    let (creds, account) = credentials(args.user.as_deref())?;
     let mode = args.mode.map(crate::policy::Mode::from);
     let policy = session::with_mode(session::load_policy(&args.policy)?, mode, &args.policy)?;
+    run_with(args, policy, None).await
+}
+
+/// As [`run`], under `policy` (already read, its mode set); with a `recorder`, what the run
+/// shows is also recorded for `learn`.
+pub async fn run_with(
+    args: ExecArgs,
+    policy: crate::policy::Policy,
+    recorder: Option<crate::learn::Recorder>,
+) -> Result<u8, ExecError> {
+    let (creds, account) = credentials(args.user.as_deref())?;
+    let mode = args.mode.map(crate::policy::Mode::from);
     if args.kernel.packet_check == crate::cli::PacketCheck::Always {
         crate::mip6::check_always();
     }
@@ -97,6 +108,9 @@ pub async fn run(args: ExecArgs) -> Result<u8, ExecError> {
     match Supervisor::start(policy, &args.dns, &args.telemetry, EXEC_SLOT, &placement).await {
         Ok(mut sup) => {
             sup.set_mode(mode);
+            if let Some(r) = recorder {
+                sup.record_for_learning(r);
+            }
             let result = supervise(&mut sup, &cg, &loc, &args, creds, &account).await;
             // Anything the workload left behind dies with the cgroup, before enforcement is
             // removed; if it cannot be emptied, enforcement stays pinned.

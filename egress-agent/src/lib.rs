@@ -23,6 +23,7 @@ pub mod exit;
 pub mod explain;
 pub mod inbound;
 pub mod instance;
+pub mod learn;
 pub mod loader;
 pub mod logging;
 pub mod maps;

@@ -5,7 +5,7 @@ use std::io::Write as _;
 use std::process::ExitCode;
 
 use clap::Parser as _;
-use egress_agent::{check, cli, detach, exec, exit, explain, logging, run, status};
+use egress_agent::{check, cli, detach, exec, exit, explain, learn, logging, run, status};
 
 fn main() -> ExitCode {
     let cli = match cli::Cli::try_parse() {
@@ -37,6 +37,9 @@ fn main() -> ExitCode {
     let code = runtime.block_on(async {
         match cli.command {
             cli::Command::Exec(args) => exec::run(args)
+                .await
+                .unwrap_or_else(|e| fail(&e, e.exit_code())),
+            cli::Command::Learn(args) => learn::run(args)
                 .await
                 .unwrap_or_else(|e| fail(&e, e.exit_code())),
             cli::Command::Run(args) => run::run(args)

@@ -406,6 +406,8 @@ pub struct Supervisor {
     publisher: Option<tokio::task::JoinHandle<()>>,
     /// `--mode`, applied again to every reloaded policy.
     mode: Option<policy::Mode>,
+    /// `learn`: where the audited attempts are recorded.
+    recorder: Option<crate::learn::Recorder>,
 }
 
 enum Work {
@@ -472,6 +474,7 @@ impl Supervisor {
             recent,
             publisher: None,
             mode: None,
+            recorder: None,
         };
         s.publish_slot();
         Ok(s)
@@ -480,6 +483,12 @@ impl Supervisor {
     /// `--mode` of the command line, for reloads (the first policy already has it).
     pub fn set_mode(&mut self, mode: Option<policy::Mode>) {
         self.mode = mode;
+    }
+
+    /// `learn`: records every audited attempt, and the names the proxy resolves, in `r`.
+    pub fn record_for_learning(&mut self, r: crate::learn::Recorder) {
+        r.set_names(self.proxy.observed());
+        self.recorder = Some(r);
     }
 
     /// Keeps the last blocked attempts in the file next to the instance record at `record`
@@ -579,6 +588,21 @@ impl Supervisor {
                     "start-up probe refused by the kernel, as required"
                 );
                 continue;
+            }
+            if let Some(r) = &self.recorder
+                && b.audited()
+                && let Some(ip) = b.dst()
+                && b.event.port != 0
+            {
+                match b.proto() {
+                    egress_common::Proto::Tcp => {
+                        r.connection(ip, b.event.port, policy::Transport::Tcp)
+                    }
+                    egress_common::Proto::Udp => {
+                        r.connection(ip, b.event.port, policy::Transport::Udp)
+                    }
+                    egress_common::Proto::Other => {}
+                }
             }
             self.recent.push(ctx.denial(&b));
             self.log.record(b, &ctx);
