@@ -25,6 +25,17 @@ use crate::counters::{Counters, proto_name};
 pub struct SlotInfo {
     pub policy: String,
     pub allowlist_entries: u64,
+    /// Entries of `allowed_destinations` and `denied_destinations`, for the per-rule counts.
+    pub allowed_rules: u32,
+    pub denied_rules: u32,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RuleLabels {
+    policy: String,
+    list: &'static str,
+    rule: String,
+    verdict: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -150,6 +161,36 @@ impl Collector for KernelCollector {
                     protocol,
                 };
                 ConstCounter::new(n).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        {
+            let mut family = encoder.encode_descriptor(
+                "egress_rule_decisions",
+                "Kernel decisions per policy rule (the first 256 entries of each list), by verdict",
+                None,
+                MetricType::Counter,
+            )?;
+            for (slot, info) in &slots {
+                let Ok(rules) = self
+                    .counters
+                    .rules(*slot, info.allowed_rules, info.denied_rules)
+                else {
+                    continue;
+                };
+                for r in rules {
+                    for (verdict, n) in [("allow", r.allowed), ("deny", r.denied)] {
+                        if r.list == "denied_destinations" && verdict == "allow" {
+                            continue;
+                        }
+                        let labels = RuleLabels {
+                            policy: info.policy.clone(),
+                            list: r.list,
+                            rule: r.index.to_string(),
+                            verdict,
+                        };
+                        ConstCounter::new(n).encode(family.encode_family(&labels)?)?;
+                    }
+                }
             }
         }
         {

@@ -504,6 +504,10 @@ impl Supervisor {
             SlotInfo {
                 policy: self.enforcer.policy().name.clone(),
                 allowlist_entries: self.enforcer.compiled().entries() as u64,
+                allowed_rules: u32::try_from(self.enforcer.policy().allowed.len())
+                    .unwrap_or(u32::MAX),
+                denied_rules: u32::try_from(self.enforcer.policy().denied.len())
+                    .unwrap_or(u32::MAX),
             },
         );
     }

@@ -223,6 +223,68 @@ pub const fn counter_index_audit(slot: u32, reason: Reason, proto: Proto) -> u32
     (block * NUM_REASONS + AUDIT_REASON_OFFSET + reason as u32) * NUM_PROTOS + proto.counter_index()
 }
 
+/// `PerCpuArray<u64>`: the policy's decisions per rule, see [`rule_counter_index`].
+pub const MAP_RULE_COUNTERS: &str = "EGRESS_RULE_COUNTERS";
+/// Rules counted per list; rules past these are not counted per rule (the verdict counters
+/// still count them), which keeps the map and the metric's `rule` label bounded.
+pub const RULE_COUNTER_RULES: u32 = 256;
+/// Blocks of [`RULE_COUNTER_RULES`] per slot, one per [`RuleCount`].
+pub const RULE_COUNTER_KINDS: u32 = 3;
+/// One block per slot plus the block of out-of-range slots.
+pub const NUM_RULE_COUNTERS: u32 = (MAX_SLOTS + 1) * RULE_COUNTER_KINDS * RULE_COUNTER_RULES;
+
+/// What a per-rule counter counts.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum RuleCount {
+    /// `allowed_destinations[i]` allowed the attempt (by its cidr or resolved addresses, or
+    /// the addresses learned for its names).
+    Allowed = 0,
+    /// `allowed_destinations[i]` covered the address but denied the attempt: not its port
+    /// or protocol (`port_not_allowed`), or over its rate limit.
+    AllowedRuleDenied = 1,
+    /// `denied_destinations[j]` denied the attempt.
+    Denied = 2,
+}
+
+impl RuleCount {
+    pub const ALL: [RuleCount; 3] = [
+        RuleCount::Allowed,
+        RuleCount::AllowedRuleDenied,
+        RuleCount::Denied,
+    ];
+
+    /// Which per-rule counter a decision with `reason` counts under, if any: only decisions
+    /// whose rule id indexes `allowed_destinations` or `denied_destinations`.
+    #[inline(always)]
+    pub const fn of(reason: Reason) -> Option<RuleCount> {
+        match reason {
+            Reason::AllowRule | Reason::AllowLearned => Some(RuleCount::Allowed),
+            Reason::DenyPort
+            | Reason::RateLimitedDestination
+            | Reason::RateLimitedGlobal
+            | Reason::RateLimitTableFull => Some(RuleCount::AllowedRuleDenied),
+            Reason::DenyRule => Some(RuleCount::Denied),
+            _ => None,
+        }
+    }
+}
+
+/// Index of the per-rule counter of (slot, kind, rule), or `None` for a rule past
+/// [`RULE_COUNTER_RULES`].
+#[inline(always)]
+pub const fn rule_counter_index(slot: u32, kind: RuleCount, rule_id: u32) -> Option<u32> {
+    if rule_id >= RULE_COUNTER_RULES {
+        return None;
+    }
+    let block = if slot < MAX_SLOTS {
+        slot
+    } else {
+        INVALID_SLOT_BLOCK
+    };
+    Some((block * RULE_COUNTER_KINDS + kind as u32) * RULE_COUNTER_RULES + rule_id)
+}
+
 // Every reason has its audited counter inside the slot's block.
 const _: () = {
     assert!(Reason::ALL.len() as u32 <= AUDIT_REASON_OFFSET);
@@ -249,6 +311,35 @@ pub enum Hook {
 #[cfg(test)]
 mod audit_tests {
     use super::*;
+
+    #[test]
+    fn rule_counters_are_distinct_and_bounded() {
+        let mut seen = [0u32; 36];
+        let mut n = 0;
+        for slot in [0, 1, MAX_SLOTS - 1, MAX_SLOTS] {
+            for kind in RuleCount::ALL {
+                for rule in [0, 1, RULE_COUNTER_RULES - 1] {
+                    let i = rule_counter_index(slot, kind, rule);
+                    assert!(i.is_some_and(|i| i < NUM_RULE_COUNTERS));
+                    let i = i.unwrap_or(u32::MAX);
+                    assert!(!seen[..n].contains(&i));
+                    seen[n] = i;
+                    n += 1;
+                }
+                assert_eq!(rule_counter_index(slot, kind, RULE_COUNTER_RULES), None);
+                assert_eq!(
+                    rule_counter_index(slot, kind, crate::verdict::NO_RULE),
+                    None
+                );
+            }
+        }
+        assert_eq!(RuleCount::of(Reason::DenyNoRule), None);
+        assert_eq!(RuleCount::of(Reason::DenyDoh), None);
+        assert_eq!(
+            RuleCount::of(Reason::AllowLearned),
+            Some(RuleCount::Allowed)
+        );
+    }
 
     #[test]
     fn audited_counters_are_apart_from_every_decision_counter_and_in_range() {

@@ -282,7 +282,9 @@ fn judge_addr(ctx: &SockAddrContext, hook: Hook, dst: egress_common::Dest) -> i3
                 },
                 DnsRoute::Judge => {
                     audit = cfg.flags & egress_common::maps::SLOT_AUDIT != 0;
-                    tables::judge_dest(&cfg, &dst)
+                    let decision = tables::judge_dest(&cfg, &dst);
+                    counters::count_rule(&decision);
+                    decision
                 }
             }
         }
