@@ -608,7 +608,11 @@ impl Supervisor {
                     egress_common::Proto::Other => {}
                 }
             }
-            self.recent.push(ctx.denial(&b));
+            // `status` and `explain-last` show blocked attempts: an audited one went through
+            // (it is in the log and the metrics).
+            if !b.audited() {
+                self.recent.push(ctx.denial(&b));
+            }
             self.log.record(b, &ctx);
         }
         self.count_lines(lines, collapsed);
