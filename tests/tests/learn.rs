@@ -8,10 +8,10 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use egress_tests::agent::{AgentRun, agent_bin};
+use egress_tests::agent::{AgentRun, agent_bin, run_learn};
 use egress_tests::dnsmasq::Dnsmasq;
 use egress_tests::policy::PolicyYaml;
-use egress_tests::process::{RunOutput, run_captured};
+use egress_tests::process::RunOutput;
 use egress_tests::server::SETTLE;
 use egress_tests::testbed::Testbed;
 use libc::EPERM;
@@ -20,7 +20,6 @@ use serde_json::Value;
 const PROBE: &str = env!("CARGO_BIN_EXE_egress-probe");
 const UPSTREAM: &str = "198.18.0.2";
 const WAIT: Duration = Duration::from_secs(3);
-const TIMEOUT: Duration = Duration::from_secs(60);
 
 fn ip(s: &str) -> IpAddr {
     s.parse().expect("IP literal")
@@ -67,22 +66,14 @@ fn a_learned_policy_passes_an_enforced_rerun_and_refuses_what_was_never_used() {
     let out_dir = tempfile::tempdir().expect("temp dir");
     let learned = out_dir.path().join("learned.yaml");
 
-    let mut cmd = Command::new(agent_bin().expect("agent"));
-    cmd.args(["--log-format", "json", "learn", "--out"])
-        .arg(&learned)
-        .arg("--policy")
-        .arg(&start)
-        .args(["--user", "nobody", "--cgroup-parent"])
-        .arg(tb.cgroups.path())
-        .arg("--")
-        .arg(tb.probe.path())
-        .args(RUN)
-        .current_dir("/");
-    tb.client().run_in(&mut cmd);
-    let parent = tb.cgroups.path().to_path_buf();
-    let out = run_captured(&mut cmd, TIMEOUT, move || {
-        let _ = std::fs::write(parent.join("cgroup.kill"), "1");
-    })
+    let out = run_learn(
+        tb.client(),
+        &learned,
+        &tb.cgroups,
+        &["--policy".as_ref(), start.as_os_str()],
+        tb.probe.path(),
+        &RUN,
+    )
     .expect("learn run");
     out.assert_exit(0);
     // Audit mode: both went through while learning.

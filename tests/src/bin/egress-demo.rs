@@ -625,22 +625,14 @@ Learn, then enforce: a policy generated from what a workload really does"
     );
     println!("      '{}' \\", RUN[0]);
     println!("      '{}'", RUN[1]);
-    let mut cmd = Command::new(agent);
-    cmd.args(["--log-format", "json", "learn", "--out"])
-        .arg(&learned)
-        .args(["--user", "nobody", "--resolv-conf"])
-        .arg(resolv_conf)
-        .arg("--cgroup-parent")
-        .arg(tb.cgroups.path())
-        .arg("--")
-        .arg(tb.probe.path())
-        .args(RUN)
-        .current_dir("/");
-    tb.client().run_in(&mut cmd);
-    let parent = tb.cgroups.path().to_path_buf();
-    let learn_run = egress_tests::process::run_captured(&mut cmd, AGENT_TIMEOUT, move || {
-        let _ = std::fs::write(parent.join("cgroup.kill"), "1");
-    })?;
+    let learn_run = egress_tests::agent::run_learn(
+        tb.client(),
+        &learned,
+        &tb.cgroups,
+        &["--resolv-conf".as_ref(), resolv_conf.as_os_str()],
+        tb.probe.path(),
+        &RUN,
+    )?;
     let mut passed = agent_exit_ok(&learn_run);
     let audited = log_objects(&learn_run)
         .filter(|o| o.get("event").and_then(Value::as_str) == Some("egress_audit"))
