@@ -300,8 +300,14 @@ fn judge_addr(ctx: &SockAddrContext, hook: Hook, dst: egress_common::Dest) -> i3
         }
         return ALLOW;
     }
-    // The start-up probe proves enforcement is attached: audit mode refuses it too.
-    if audit && !matches!(decision.reason, Reason::StartupProbe) {
+    // The start-up probe proves enforcement is attached: audit mode refuses it too. A slot
+    // without a policy fails closed whatever its flags say.
+    if audit
+        && !matches!(
+            decision.reason,
+            Reason::StartupProbe | Reason::DenyNoPolicy | Reason::DenyInternal
+        )
+    {
         audited(hook, &dst, decision);
         if dst.is_loopback() {
             loopback_source(ctx, hook, &dst);
