@@ -123,6 +123,9 @@ pub struct Instance {
     pub policy_id: u32,
     /// The agent that last owned the instance.
     pub agent_pid: u32,
+    /// `enforce` or `audit`; absent in records of agents before audit mode (enforce).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
 }
 
 /// The directory of one protected cgroup.
@@ -217,6 +220,7 @@ mod tests {
             slot: 0,
             policy_id: 3,
             agent_pid: 1,
+            mode: None,
         };
         let path = instance_file(dir.path(), 42);
         write_instance(&path, &inst).unwrap_or_else(|e| panic!("{e}"));

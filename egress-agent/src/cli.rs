@@ -42,6 +42,69 @@ pub enum Command {
     Status(StatusArgs),
     /// Show the last blocked attempts of the protected workloads, and what would allow them.
     ExplainLast(ExplainLastArgs),
+    /// Run CMD like exec, in audit mode, and write a policy that allows what it did.
+    Learn(LearnArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct LearnArgs {
+    /// Where to write the learned policy (MCP-NET-02 YAML, commented).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Start from this policy (run in audit mode, its entries kept) instead of one that
+    /// allows nothing.
+    #[arg(long)]
+    pub policy: Option<PathBuf>,
+    /// Collapse two or more names under one registrable domain into `*.domain` (never over
+    /// a public suffix).
+    #[arg(long)]
+    pub wildcards: bool,
+    /// User (name or uid) to run CMD as. Default: the invoking user from SUDO_UID, else nobody.
+    #[arg(long)]
+    pub user: Option<String>,
+    /// cgroup v2 directory under which the workload's cgroup is created.
+    #[arg(long)]
+    pub cgroup_parent: Option<PathBuf>,
+    /// Directory the workload starts in.
+    #[arg(long)]
+    pub cwd: Option<PathBuf>,
+    /// Set NAME=VALUE in the workload's environment, or pass NAME from the agent's own.
+    #[arg(long = "env", value_name = "NAME[=VALUE]", value_parser = crate::environment::parse_env_setting)]
+    pub env: Vec<crate::environment::EnvSetting>,
+    /// Start the workload with an empty environment (as for exec).
+    #[arg(long)]
+    pub env_clear: bool,
+    #[command(flatten)]
+    pub dns: DnsArgs,
+    #[command(flatten)]
+    pub telemetry: TelemetryArgs,
+    #[command(flatten)]
+    pub reload: ReloadArgs,
+    #[command(flatten)]
+    pub kernel: KernelArgs,
+    /// The command to run, after `--`.
+    #[arg(last = true, required = true, num_args = 1..)]
+    pub command: Vec<OsString>,
+}
+
+impl LearnArgs {
+    /// The `exec` that learn runs: audit mode, the starting policy's file (or none).
+    pub fn exec_args(&self) -> ExecArgs {
+        ExecArgs {
+            policy: self.policy.clone().unwrap_or_default(),
+            user: self.user.clone(),
+            cgroup_parent: self.cgroup_parent.clone(),
+            cwd: self.cwd.clone(),
+            env: self.env.clone(),
+            env_clear: self.env_clear,
+            mode: Some(ModeArg::Audit),
+            dns: self.dns.clone(),
+            telemetry: self.telemetry.clone(),
+            reload: self.reload.clone(),
+            kernel: self.kernel.clone(),
+            command: self.command.clone(),
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -117,6 +180,22 @@ pub struct KernelArgs {
     pub packet_check: PacketCheck,
 }
 
+/// `--mode`: enforce denials (the default), or only report them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ModeArg {
+    Enforce,
+    Audit,
+}
+
+impl From<ModeArg> for crate::policy::Mode {
+    fn from(m: ModeArg) -> Self {
+        match m {
+            ModeArg::Enforce => crate::policy::Mode::Enforce,
+            ModeArg::Audit => crate::policy::Mode::Audit,
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum PacketCheck {
     Auto,
@@ -154,6 +233,11 @@ pub struct ExecArgs {
     /// default PATH and what --env names) instead of the agent's.
     #[arg(long)]
     pub env_clear: bool,
+    /// `audit`: let denied attempts through, logging and counting them with verdict audit
+    /// (for a policy without `mode:`, or with `mode: audit`). A policy that says
+    /// `mode: enforce` is never run in audit. Default: the policy's mode, else enforce.
+    #[arg(long, value_enum)]
+    pub mode: Option<ModeArg>,
     #[command(flatten)]
     pub dns: DnsArgs,
     #[command(flatten)]
@@ -175,6 +259,11 @@ pub struct RunArgs {
     /// cgroup v2 directory to protect.
     #[arg(long)]
     pub cgroup: PathBuf,
+    /// `audit`: let denied attempts through, logging and counting them with verdict audit
+    /// (for a policy without `mode:`, or with `mode: audit`). A policy that says
+    /// `mode: enforce` is never run in audit. Default: the policy's mode, else enforce.
+    #[arg(long, value_enum)]
+    pub mode: Option<ModeArg>,
     #[command(flatten)]
     pub dns: DnsArgs,
     #[command(flatten)]
@@ -192,6 +281,10 @@ pub struct CheckArgs {
     /// Also say how the DNS proxy would judge this name (repeatable).
     #[arg(long = "name", value_name = "HOST")]
     pub names: Vec<String>,
+    /// Say whether a destination would be allowed, by which rule (file:line) and why:
+    /// HOST[:PORT][/PROTO], ADDR[:PORT][/PROTO] or [V6ADDR][:PORT][/PROTO] (repeatable).
+    #[arg(long = "explain", value_name = "DEST")]
+    pub explain: Vec<String>,
 }
 
 /// Telemetry options shared by `exec` and `run`.

@@ -339,6 +339,9 @@ pub fn slot_flags(policy: &Policy) -> u32 {
     if policy.dns.as_ref().is_some_and(|d| d.block_dot) {
         flags |= egress_common::maps::SLOT_BLOCK_DOT;
     }
+    if policy.audit() {
+        flags |= egress_common::maps::SLOT_AUDIT;
+    }
     flags
 }
 
@@ -547,6 +550,7 @@ mod tests {
             allow_loopback: true,
             allow_other_socket_types: false,
             inbound: Vec::new(),
+            mode: None,
         }
     }
 

@@ -582,6 +582,36 @@ impl Enforcer {
             }
             Err(error) => tracing::error!(%error, "reading verdict counters failed"),
         }
+        match self.maps.shared_counters().audited(self.slot()) {
+            Ok(counts) => {
+                for (reason, proto, count) in counts.into_iter().filter(|c| c.2 > 0) {
+                    tracing::info!(
+                        policy = %self.policy.name, slot = self.slot(), reason = reason.as_str(),
+                        protocol = proto_name(proto), verdict = "audit", count, "verdict count"
+                    );
+                }
+            }
+            Err(error) => tracing::error!(%error, "reading audited verdict counters failed"),
+        }
+        let (allowed, denied) = (
+            u32::try_from(self.policy.allowed.len()).unwrap_or(u32::MAX),
+            u32::try_from(self.policy.denied.len()).unwrap_or(u32::MAX),
+        );
+        match self
+            .maps
+            .shared_counters()
+            .rules(self.slot(), allowed, denied)
+        {
+            Ok(rules) => {
+                for r in rules.into_iter().filter(|r| r.allowed + r.denied > 0) {
+                    tracing::info!(
+                        policy = %self.policy.name, slot = self.slot(), list = r.list,
+                        rule = r.index, allowed = r.allowed, denied = r.denied, "rule count"
+                    );
+                }
+            }
+            Err(error) => tracing::error!(%error, "reading per-rule counters failed"),
+        }
     }
 
     /// Clamps a TTL-derived instant for tests and callers.

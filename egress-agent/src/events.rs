@@ -92,6 +92,16 @@ impl Blocked {
             .find(|r| *r as u32 == self.event.cause)
     }
 
+    /// Whether audit mode let the attempt through (the policy denies it).
+    pub fn audited(&self) -> bool {
+        self.event.verdict == egress_common::events::VERDICT_AUDIT
+    }
+
+    /// `deny`, or `audit` for an attempt audit mode let through.
+    pub fn verdict(&self) -> &'static str {
+        if self.audited() { "audit" } else { "deny" }
+    }
+
     /// Whether the refused attempt would have sent anything: a UDP connect does not.
     pub fn carries_data(&self) -> bool {
         self.reason() != Some(Reason::UdpConnectRefused)
@@ -271,6 +281,7 @@ struct Key {
     slot: u32,
     reason: u32,
     hook: u8,
+    verdict: u8,
     family: u8,
     proto: u8,
     addr: [u8; 16],
@@ -286,6 +297,7 @@ impl Key {
             slot: e.slot,
             reason: e.reason,
             hook: e.hook,
+            verdict: e.verdict,
             family: e.family,
             proto: e.proto,
             addr: e.addr,
@@ -414,11 +426,19 @@ impl EventLog {
         // A packet to a listener arrives outside any task of the workload: its event names
         // the socket's owner and cgroup, and no process.
         let task = b.hook() != Some(Hook::SkbIngress);
+        let audited = b.audited();
         tracing::warn!(
-            // A refused UDP connect sent nothing: reported, but not as blocked egress.
-            event = if carries_data { "egress_blocked" } else { "egress_refused_no_data" },
+            // A refused UDP connect sent nothing: reported, but not as blocked egress. An
+            // audited attempt went through: named apart, so that alerts on blocked egress do
+            // not fire while a policy is only being tried.
+            event = match (audited, carries_data) {
+                (false, true) => "egress_blocked",
+                (false, false) => "egress_refused_no_data",
+                (true, true) => "egress_audit",
+                (true, false) => "egress_audit_no_data",
+            },
             policy = %ctx.policy.name,
-            verdict = "deny",
+            verdict = b.verdict(),
             reason = reason.map_or("unknown", Reason::as_str),
             cause = cause.map(Reason::as_str),
             carries_data,
@@ -446,11 +466,16 @@ impl EventLog {
             repeated,
             window_secs = repeated.map(|_| self.window.as_secs_f64()),
             "{}",
-            match (carries_data, repeats > 0) {
-                (true, false) => "egress blocked",
-                (true, true) => "egress blocked (repeated)",
-                (false, false) => "udp connect refused (no data sent)",
-                (false, true) => "udp connect refused (no data sent, repeated)",
+            match (audited, carries_data, repeats > 0) {
+                (false, true, false) => "egress blocked",
+                (false, true, true) => "egress blocked (repeated)",
+                (false, false, false) => "udp connect refused (no data sent)",
+                (false, false, true) => "udp connect refused (no data sent, repeated)",
+                (true, true, false) => "egress the policy denies, let through (audit mode)",
+                (true, true, true) => "egress the policy denies, let through (audit mode, repeated)",
+                (true, false, false) => "udp connect the policy denies, let through (audit mode)",
+                (true, false, true) =>
+                    "udp connect the policy denies, let through (audit mode, repeated)",
             }
         );
     }
@@ -476,7 +501,8 @@ mod tests {
                 family: 4,
                 proto: 6,
                 hook: Hook::Connect4 as u8,
-                _pad: [0; 3],
+                verdict: 0,
+                _pad: [0; 2],
                 reason: Reason::DenyNoRule as u32,
                 rule_id: NO_RULE,
                 slot: 0,

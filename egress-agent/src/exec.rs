@@ -68,9 +68,22 @@ impl ExecError {
 /// 128 + signal when a signal ended it.
 pub async fn run(args: ExecArgs) -> Result<u8, ExecError> {
     let mut clock = StartupClock::new();
-    let (creds, account) = credentials(args.user.as_deref())?;
-    let policy = session::load_policy(&args.policy)?;
+    let mode = args.mode.map(crate::policy::Mode::from);
+    let policy = session::with_mode(session::load_policy(&args.policy)?, mode, &args.policy)?;
     clock.policy = clock.lap();
+    run_with(args, policy, None, clock).await
+}
+
+/// As [`run`], under `policy` (already read, its mode set); with a `recorder`, what the run
+/// shows is also recorded for `learn`. `clock` started before the policy was read.
+pub async fn run_with(
+    args: ExecArgs,
+    policy: crate::policy::Policy,
+    recorder: Option<crate::learn::Recorder>,
+    mut clock: StartupClock,
+) -> Result<u8, ExecError> {
+    let (creds, account) = credentials(args.user.as_deref())?;
+    let mode = args.mode.map(crate::policy::Mode::from);
     if args.kernel.packet_check == crate::cli::PacketCheck::Always {
         crate::mip6::check_always();
     }
@@ -99,6 +112,10 @@ pub async fn run(args: ExecArgs) -> Result<u8, ExecError> {
     match Supervisor::start(policy, &args.dns, &args.telemetry, EXEC_SLOT, &placement).await {
         Ok(mut sup) => {
             clock.programs = clock.lap();
+            sup.set_mode(mode);
+            if let Some(r) = recorder {
+                sup.record_for_learning(r);
+            }
             let result = supervise(&mut sup, &cg, &loc, &args, creds, &account, clock).await;
             // Anything the workload left behind dies with the cgroup, before enforcement is
             // removed; if it cannot be emptied, enforcement stays pinned.
@@ -135,7 +152,12 @@ async fn supervise(
     let probes = Probes::choose(sup.enforcer.compiled())?;
     sup.expect_probes(probes.v4, probes.v6)?;
     // The record first: if this agent dies from here on, the next exec finds its pins.
-    loc.write(Kind::Exec, EXEC_SLOT, sup.enforcer.compiled().policy_id)?;
+    loc.write(
+        Kind::Exec,
+        EXEC_SLOT,
+        sup.enforcer.compiled().policy_id,
+        sup.enforcer.policy().mode(),
+    )?;
     sup.publish_recent(&loc.record);
     sup.enforcer.attach(cg.path()).map_err(SessionError::from)?;
     clock.attach = clock.lap();
@@ -224,7 +246,7 @@ async fn supervise(
 /// names resolved, DNS proxy started), attaching them, and proving enforcement and
 /// spawning the workload.
 #[derive(Clone, Copy, Debug)]
-struct StartupClock {
+pub struct StartupClock {
     started: std::time::Instant,
     last: std::time::Instant,
     policy: Duration,
@@ -233,8 +255,14 @@ struct StartupClock {
     attach: Duration,
 }
 
+impl Default for StartupClock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl StartupClock {
-    fn new() -> Self {
+    pub fn new() -> Self {
         let now = std::time::Instant::now();
         StartupClock {
             started: now,
@@ -325,7 +353,7 @@ pub async fn reload(
     slot: u32,
 ) {
     if let Some(id) = sup.reload(path).await
-        && let Err(error) = loc.write(kind, slot, id)
+        && let Err(error) = loc.write(kind, slot, id, sup.enforcer.policy().mode())
     {
         tracing::error!(%error, "recording the reloaded policy id failed");
     }

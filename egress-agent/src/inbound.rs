@@ -239,6 +239,7 @@ mod tests {
             allow_loopback: true,
             allow_other_socket_types: false,
             inbound,
+            mode: None,
         }
     }
 

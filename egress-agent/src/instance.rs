@@ -121,7 +121,13 @@ impl Location {
         }
     }
 
-    pub fn write(&self, kind: Kind, slot: u32, policy_id: u32) -> Result<(), InstanceError> {
+    pub fn write(
+        &self,
+        kind: Kind,
+        slot: u32,
+        policy_id: u32,
+        mode: crate::policy::Mode,
+    ) -> Result<(), InstanceError> {
         let inst = Instance {
             layout: LAYOUT_VERSION,
             kind,
@@ -130,6 +136,7 @@ impl Location {
             slot,
             policy_id,
             agent_pid: std::process::id(),
+            mode: Some(mode.as_str().to_owned()),
         };
         Ok(bpffs::write_instance(&self.record, &inst)?)
     }

@@ -5,7 +5,7 @@ use std::io::Write as _;
 use std::process::ExitCode;
 
 use clap::Parser as _;
-use egress_agent::{check, cli, detach, exec, exit, logging, run, status};
+use egress_agent::{check, cli, detach, exec, exit, explain, learn, logging, run, status};
 
 fn main() -> ExitCode {
     let cli = match cli::Cli::try_parse() {
@@ -39,6 +39,9 @@ fn main() -> ExitCode {
             cli::Command::Exec(args) => exec::run(args)
                 .await
                 .unwrap_or_else(|e| fail(&e, e.exit_code())),
+            cli::Command::Learn(args) => learn::run(args)
+                .await
+                .unwrap_or_else(|e| fail(&e, e.exit_code())),
             cli::Command::Run(args) => run::run(args)
                 .await
                 .unwrap_or_else(|e| fail(&e, e.exit_code())),
@@ -55,10 +58,15 @@ fn main() -> ExitCode {
                 args.limit,
                 args.json,
             )),
+            // A malformed --explain is a usage error, reported before any output.
+            cli::Command::Check(args) if let Err(e) = explain::parse_all(&args.explain) => {
+                let _ = writeln!(std::io::stderr(), "{e}");
+                e.exit_code()
+            }
             cli::Command::Check(args) => match check::check(&args.file, &args.names) {
                 Ok(text) => {
                     let _ = std::io::stdout().write_all(text.as_bytes());
-                    exit::OK
+                    explain_or_fail(&args.file, &args.explain)
                 }
                 Err(e) => {
                     let _ = writeln!(std::io::stderr(), "{e}");
@@ -77,6 +85,23 @@ fn print_or_fail(r: Result<String, status::StatusError>) -> u8 {
             exit::OK
         }
         Err(e) => fail(&e, e.exit_code()),
+    }
+}
+
+/// `check --explain`: printed after the check's own text.
+fn explain_or_fail(file: &std::path::Path, queries: &[String]) -> u8 {
+    if queries.is_empty() {
+        return exit::OK;
+    }
+    match explain::explain_file(file, queries) {
+        Ok(text) => {
+            let _ = std::io::stdout().write_all(text.as_bytes());
+            exit::OK
+        }
+        Err(e) => {
+            let _ = writeln!(std::io::stderr(), "{e}");
+            e.exit_code()
+        }
     }
 }
 

@@ -8,6 +8,7 @@
 use std::sync::Arc;
 
 use aya::maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, RingBuf, lpm_trie::Key};
+use egress_common::counters::MAP_RULE_COUNTERS;
 use egress_common::{
     PortKey, Proto, Reason, RuleKey, RuleValue, SlotConfig,
     events::{MAP_EVENTS, MAP_EVENTS_LOST},
@@ -70,12 +71,18 @@ impl MapSet {
             ports: HashMap::try_from(programs.take_map(MAP_PORTS)?).map_err(conv(MAP_PORTS))?,
             inbound: LpmTrie::try_from(programs.take_map(MAP_INBOUND)?)
                 .map_err(conv(MAP_INBOUND))?,
-            counters: Arc::new(Counters::new(
-                PerCpuArray::try_from(programs.take_map(MAP_COUNTERS)?)
-                    .map_err(conv(MAP_COUNTERS))?,
-                PerCpuArray::try_from(programs.take_map(MAP_EVENTS_LOST)?)
-                    .map_err(conv(MAP_EVENTS_LOST))?,
-            )),
+            counters: Arc::new(
+                Counters::new(
+                    PerCpuArray::try_from(programs.take_map(MAP_COUNTERS)?)
+                        .map_err(conv(MAP_COUNTERS))?,
+                    PerCpuArray::try_from(programs.take_map(MAP_EVENTS_LOST)?)
+                        .map_err(conv(MAP_EVENTS_LOST))?,
+                )
+                .with_rules(
+                    PerCpuArray::try_from(programs.take_map(MAP_RULE_COUNTERS)?)
+                        .map_err(conv(MAP_RULE_COUNTERS))?,
+                ),
+            ),
             events: Some(
                 RingBuf::try_from(programs.take_map(MAP_EVENTS)?).map_err(conv(MAP_EVENTS))?,
             ),

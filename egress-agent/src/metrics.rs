@@ -25,6 +25,17 @@ use crate::counters::{Counters, proto_name};
 pub struct SlotInfo {
     pub policy: String,
     pub allowlist_entries: u64,
+    /// Entries of `allowed_destinations` and `denied_destinations`, for the per-rule counts.
+    pub allowed_rules: u32,
+    pub denied_rules: u32,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RuleLabels {
+    policy: String,
+    list: &'static str,
+    rule: String,
+    verdict: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -57,17 +68,33 @@ pub struct PolicyResultLabels {
 #[derive(Clone, Debug, Default)]
 pub struct AgentVerdicts(Arc<std::sync::Mutex<BTreeMap<VerdictKey, u64>>>);
 
-/// (policy, reason, protocol).
-type VerdictKey = (String, &'static str, &'static str);
+/// (policy, verdict, reason, protocol).
+type VerdictKey = (String, &'static str, &'static str, &'static str);
 
 impl AgentVerdicts {
     /// One denial with `reason` over `protocol` under `policy`.
     pub fn deny(&self, policy: &str, reason: &'static str, protocol: &'static str) {
+        self.record(policy, "deny", reason, protocol);
+    }
+
+    /// One refusal with `reason` that audit mode let through.
+    pub fn audit(&self, policy: &str, reason: &'static str, protocol: &'static str) {
+        self.record(policy, "audit", reason, protocol);
+    }
+
+    fn record(
+        &self,
+        policy: &str,
+        verdict: &'static str,
+        reason: &'static str,
+        protocol: &'static str,
+    ) {
         let mut m = self
             .0
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        *m.entry((policy.to_owned(), reason, protocol)).or_default() += 1;
+        *m.entry((policy.to_owned(), verdict, reason, protocol))
+            .or_default() += 1;
     }
 
     fn snapshot(&self) -> Vec<(VerdictKey, u64)> {
@@ -113,15 +140,57 @@ impl Collector for KernelCollector {
                     };
                     ConstCounter::new(n).encode(family.encode_family(&labels)?)?;
                 }
+                let Ok(audited) = self.counters.audited(*slot) else {
+                    continue;
+                };
+                for (reason, proto, n) in audited {
+                    let labels = DecisionLabels {
+                        policy: info.policy.clone(),
+                        verdict: "audit",
+                        reason: reason.as_str(),
+                        protocol: proto_name(proto),
+                    };
+                    ConstCounter::new(n).encode(family.encode_family(&labels)?)?;
+                }
             }
-            for ((policy, reason, protocol), n) in self.agent.snapshot() {
+            for ((policy, verdict, reason, protocol), n) in self.agent.snapshot() {
                 let labels = DecisionLabels {
                     policy,
-                    verdict: "deny",
+                    verdict,
                     reason,
                     protocol,
                 };
                 ConstCounter::new(n).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        {
+            let mut family = encoder.encode_descriptor(
+                "egress_rule_decisions",
+                "Kernel decisions per policy rule (the first 256 entries of each list), by verdict",
+                None,
+                MetricType::Counter,
+            )?;
+            for (slot, info) in &slots {
+                let Ok(rules) = self
+                    .counters
+                    .rules(*slot, info.allowed_rules, info.denied_rules)
+                else {
+                    continue;
+                };
+                for r in rules {
+                    for (verdict, n) in [("allow", r.allowed), ("deny", r.denied)] {
+                        if r.list == "denied_destinations" && verdict == "allow" {
+                            continue;
+                        }
+                        let labels = RuleLabels {
+                            policy: info.policy.clone(),
+                            list: r.list,
+                            rule: r.index.to_string(),
+                            verdict,
+                        };
+                        ConstCounter::new(n).encode(family.encode_family(&labels)?)?;
+                    }
+                }
             }
         }
         {

@@ -41,7 +41,8 @@ impl RunError {
 }
 
 pub async fn run(args: RunArgs) -> Result<u8, RunError> {
-    let policy = session::load_policy(&args.policy)?;
+    let mode = args.mode.map(crate::policy::Mode::from);
+    let policy = session::with_mode(session::load_policy(&args.policy)?, mode, &args.policy)?;
     if args.kernel.packet_check == crate::cli::PacketCheck::Always {
         crate::mip6::check_always();
     }
@@ -65,7 +66,10 @@ pub async fn run(args: RunArgs) -> Result<u8, RunError> {
     let adopting = matches!(placement, Placement::Adopt { .. });
     let mut sup =
         match Supervisor::start(policy, &args.dns, &args.telemetry, slot, &placement).await {
-            Ok(sup) => sup,
+            Ok(mut sup) => {
+                sup.set_mode(mode);
+                sup
+            }
             Err(e) => {
                 if !adopting {
                     let _ = loc.remove();
@@ -78,7 +82,12 @@ pub async fn run(args: RunArgs) -> Result<u8, RunError> {
         let _ = loc.remove();
         return Err(SessionError::from(e).into());
     }
-    loc.write(Kind::Run, slot, sup.enforcer.compiled().policy_id)?;
+    loc.write(
+        Kind::Run,
+        slot,
+        sup.enforcer.compiled().policy_id,
+        sup.enforcer.policy().mode(),
+    )?;
     sup.publish_recent(&loc.record);
     tracing::info!(cgroup = %path.display(), policy = %sup.enforcer.policy().name, pins = %loc.pins.display(),
         adopted = adopting, "enforcing");

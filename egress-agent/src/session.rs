@@ -40,6 +40,11 @@ pub enum SessionError {
     Enforcer(#[from] EnforcerError),
     #[error(transparent)]
     Proxy(#[from] crate::dns::proxy::ProxyError),
+    #[error(
+        "{file}: the policy says `mode: enforce`, so it is never run in audit mode; remove \
+         `--mode audit`, or change the policy's `mode:`"
+    )]
+    ModeConflict { file: String },
     #[error(transparent)]
     Other(Box<dyn std::error::Error + Send + Sync>),
 }
@@ -57,7 +62,8 @@ impl SessionError {
         match self {
             SessionError::Policy(_)
             | SessionError::Unsupported { .. }
-            | SessionError::IpRanges(_) => exit::CONFIG,
+            | SessionError::IpRanges(_)
+            | SessionError::ModeConflict { .. } => exit::CONFIG,
             SessionError::Resolve(
                 ResolveError::ReadConf { .. }
                 | ResolveError::ParseConf { .. }
@@ -79,6 +85,27 @@ pub fn load_policy(path: &Path) -> Result<Policy, SessionError> {
         });
     }
     Ok(policy)
+}
+
+/// The policy with the mode `--mode` asks for. Audit never replaces a `mode: enforce` the
+/// policy states; enforce may replace a policy's audit.
+pub fn with_mode(
+    mut policy: Policy,
+    asked: Option<policy::Mode>,
+    path: &Path,
+) -> Result<Policy, SessionError> {
+    match (policy.mode, asked) {
+        (Some(policy::Mode::Enforce), Some(policy::Mode::Audit)) => {
+            Err(SessionError::ModeConflict {
+                file: path.display().to_string(),
+            })
+        }
+        (_, Some(mode)) => {
+            policy.mode = Some(mode);
+            Ok(policy)
+        }
+        (_, None) => Ok(policy),
+    }
 }
 
 /// A resolver for the policy (its allowed resolvers, else the given resolv.conf).
@@ -359,8 +386,13 @@ pub async fn start(
     for (host, t) in due {
         enforcer.postpone(&host, t);
     }
+    if enforcer.policy().audit() {
+        tracing::warn!(policy = %enforcer.policy().name, mode = "audit",
+            "audit mode: attempts the policy denies are let through, and logged and counted with verdict audit");
+    }
     tracing::info!(
         policy = %enforcer.policy().name,
+        mode = %enforcer.policy().mode(),
         slot = enforcer.slot(),
         policy_id = enforcer.compiled().policy_id,
         entries = enforcer.compiled().entries(),
@@ -386,6 +418,10 @@ pub struct Supervisor {
     /// The last blocked attempts, for `status` and `explain-last`.
     recent: Recent,
     publisher: Option<tokio::task::JoinHandle<()>>,
+    /// `--mode`, applied again to every reloaded policy.
+    mode: Option<policy::Mode>,
+    /// `learn`: where the audited attempts are recorded.
+    recorder: Option<crate::learn::Recorder>,
 }
 
 enum Work {
@@ -451,10 +487,23 @@ impl Supervisor {
             liveness,
             recent,
             publisher: None,
+            mode: None,
+            recorder: None,
         };
         s.publish_slot();
         release_freed_memory();
         Ok(s)
+    }
+
+    /// `--mode` of the command line, for reloads (the first policy already has it).
+    pub fn set_mode(&mut self, mode: Option<policy::Mode>) {
+        self.mode = mode;
+    }
+
+    /// `learn`: records every audited attempt, and the names the proxy resolves, in `r`.
+    pub fn record_for_learning(&mut self, r: crate::learn::Recorder) {
+        r.set_names(self.proxy.observed());
+        self.recorder = Some(r);
     }
 
     /// Keeps the last blocked attempts in the file next to the instance record at `record`
@@ -470,6 +519,10 @@ impl Supervisor {
             SlotInfo {
                 policy: self.enforcer.policy().name.clone(),
                 allowlist_entries: self.enforcer.compiled().entries() as u64,
+                allowed_rules: u32::try_from(self.enforcer.policy().allowed.len())
+                    .unwrap_or(u32::MAX),
+                denied_rules: u32::try_from(self.enforcer.policy().denied.len())
+                    .unwrap_or(u32::MAX),
             },
         );
     }
@@ -555,7 +608,26 @@ impl Supervisor {
                 );
                 continue;
             }
-            self.recent.push(ctx.denial(&b));
+            if let Some(r) = &self.recorder
+                && b.audited()
+                && let Some(ip) = b.dst()
+                && b.event.port != 0
+            {
+                match b.proto() {
+                    egress_common::Proto::Tcp => {
+                        r.connection(ip, b.event.port, policy::Transport::Tcp)
+                    }
+                    egress_common::Proto::Udp => {
+                        r.connection(ip, b.event.port, policy::Transport::Udp)
+                    }
+                    egress_common::Proto::Other => {}
+                }
+            }
+            // `status` and `explain-last` show blocked attempts: an audited one went through
+            // (it is in the log and the metrics).
+            if !b.audited() {
+                self.recent.push(ctx.denial(&b));
+            }
             self.log.record(b, &ctx);
         }
         self.count_lines(lines, collapsed);
@@ -596,6 +668,7 @@ impl Supervisor {
     /// file is logged and counted, and the policy in force stays. Returns the new policy id.
     pub async fn reload(&mut self, path: &Path) -> Option<u32> {
         let prepared = load_policy(path).and_then(|policy| {
+            let policy = with_mode(policy, self.mode, path)?;
             let resolver = if policy_hosts(&policy).is_empty() {
                 None
             } else {
@@ -637,6 +710,7 @@ impl Supervisor {
                 self.publish_slot();
                 let id = self.enforcer.compiled().policy_id;
                 tracing::info!(file = %path.display(), policy = %name, policy_id = id,
+                    mode = %self.enforcer.policy().mode(),
                     rules_written = stats.rules_written, rules_removed = stats.rules_removed, "policy reloaded");
                 release_freed_memory();
                 Some(id)
@@ -722,5 +796,65 @@ mod tests {
         assert_eq!(kept, vec!["203.0.113.7".parse::<IpAddr>().unwrap()]);
         let labels = PolicyLabels { policy: "p".into() };
         assert_eq!(counter.get_or_create(&labels).get(), 3);
+    }
+
+    #[test]
+    fn audit_never_replaces_a_stated_enforce() {
+        let parse = |mode: &str| {
+            policy::parse_str(
+                &format!(
+                    "egress_policy:\n  default_action: DENY\n{mode}  allowed_destinations: []\n"
+                ),
+                Path::new("p.yaml"),
+            )
+            .unwrap()
+        };
+        let p = Path::new("p.yaml");
+        let audit = Some(policy::Mode::Audit);
+        let enforce = Some(policy::Mode::Enforce);
+        // Left out: enforce, unless --mode audit asks.
+        assert!(!with_mode(parse(""), None, p).unwrap().audit());
+        assert!(with_mode(parse(""), audit, p).unwrap().audit());
+        // Written audit: audit, unless --mode enforce asks.
+        assert!(
+            with_mode(parse("  mode: audit\n"), None, p)
+                .unwrap()
+                .audit()
+        );
+        assert!(
+            !with_mode(parse("  mode: audit\n"), enforce, p)
+                .unwrap()
+                .audit()
+        );
+        // Written enforce: never audit.
+        assert!(
+            !with_mode(parse("  mode: enforce\n"), None, p)
+                .unwrap()
+                .audit()
+        );
+        let err = with_mode(parse("  mode: enforce\n"), audit, p).unwrap_err();
+        assert_eq!(err.exit_code(), exit::CONFIG);
+        assert!(err.to_string().contains("never run in audit mode"), "{err}");
+        // Audit sets the kernel's slot flag; enforce does not.
+        let flags =
+            |pol: &Policy| crate::compile::slot_flags(pol) & egress_common::maps::SLOT_AUDIT;
+        assert_ne!(flags(&with_mode(parse(""), audit, p).unwrap()), 0);
+        assert_eq!(flags(&parse("  mode: enforce\n")), 0);
+    }
+
+    #[test]
+    fn the_mode_key_is_strict() {
+        let err = policy::parse_str(
+            "egress_policy:\n  default_action: DENY\n  mode: off\n",
+            Path::new("p.yaml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.starts_with(
+                "p.yaml:3:9: egress_policy.mode: unknown mode `off`; expected `enforce`"
+            ),
+            "{err}"
+        );
     }
 }

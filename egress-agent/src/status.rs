@@ -43,10 +43,15 @@ pub struct Entry {
     pub slot: u32,
     pub policy_id: u32,
     pub agent_pid: u32,
+    /// `enforce` or `audit`.
+    pub mode: String,
     /// Whether that agent is running (a stopped `run` agent leaves enforcement pinned).
     pub agent_running: bool,
     /// Oldest first.
     pub recent: Vec<Denial>,
+    /// The kernel's per-rule decision counts that are not zero (read from the pinned map;
+    /// empty when it cannot be read).
+    pub rules: Vec<crate::counters::RuleCounts>,
 }
 
 /// Every instance record in `state` with its recent denials.
@@ -87,8 +92,38 @@ fn entry_of(inst: Instance, recent: Vec<Denial>) -> Entry {
         slot: inst.slot,
         policy_id: inst.policy_id,
         agent_pid: inst.agent_pid,
+        rules: pinned_rule_counts(inst.cgroup_id, inst.slot),
+        mode: inst.mode.unwrap_or_else(|| "enforce".to_owned()),
         recent,
     }
+}
+
+/// The non-zero per-rule counts of a protected cgroup, from its pinned counter map. Only
+/// reads: nothing is mounted or created when bpffs or the pin is missing.
+fn pinned_rule_counts(cgroup_id: u64, slot: u32) -> Vec<crate::counters::RuleCounts> {
+    use egress_common::counters::{MAP_RULE_COUNTERS, RULE_COUNTER_RULES};
+    let Some(mount) = std::fs::read_to_string("/proc/self/mountinfo")
+        .ok()
+        .and_then(|info| bpffs::find_mount(&info))
+    else {
+        return Vec::new();
+    };
+    let base = mount
+        .join("egress")
+        .join(format!("v{}", egress_common::LAYOUT_VERSION));
+    let pin = bpffs::map_pin(&bpffs::instance_dir(&base, cgroup_id), MAP_RULE_COUNTERS);
+    let Ok(data) = aya::maps::MapData::from_pin(&pin) else {
+        return Vec::new();
+    };
+    let Ok(map) = aya::maps::PerCpuArray::<_, u64>::try_from(aya::maps::Map::PerCpuArray(data))
+    else {
+        return Vec::new();
+    };
+    crate::counters::read_rules(&map, slot, RULE_COUNTER_RULES, RULE_COUNTER_RULES)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|r| r.allowed + r.denied > 0)
+        .collect()
 }
 
 /// `status`: one block per protected cgroup.
@@ -108,7 +143,7 @@ pub fn render_status(all: &[Entry]) -> String {
     for e in all {
         let _ = writeln!(
             out,
-            "{}\n  {} agent pid {} ({}), slot {}, policy id {}, {} recent blocked attempt(s)",
+            "{}\n  {} agent pid {} ({}), slot {}, policy id {}, mode {}, {} recent blocked attempt(s)",
             e.cgroup.display(),
             match e.kind {
                 Kind::Exec => "exec",
@@ -122,8 +157,26 @@ pub fn render_status(all: &[Entry]) -> String {
             },
             e.slot,
             e.policy_id,
+            e.mode,
             e.recent.len()
         );
+        if !e.rules.is_empty() {
+            let rules: Vec<String> = e
+                .rules
+                .iter()
+                .map(|r| {
+                    if r.list == "denied_destinations" {
+                        format!("{}[{}] {} denied", r.list, r.index, r.denied)
+                    } else {
+                        format!(
+                            "{}[{}] {} allowed, {} denied",
+                            r.list, r.index, r.allowed, r.denied
+                        )
+                    }
+                })
+                .collect();
+            let _ = writeln!(out, "  rules: {}", rules.join("; "));
+        }
         if let Some(last) = e.recent.last() {
             let _ = writeln!(out, "  last: {}", one_line(last));
         }
@@ -242,6 +295,7 @@ mod tests {
                 slot: 0,
                 policy_id: 3,
                 agent_pid: u32::MAX,
+                mode: None,
             },
         )
         .unwrap();
@@ -265,6 +319,31 @@ mod tests {
         let text = render_status(&all);
         assert!(
             text.contains("exec agent pid") && text.contains("2 recent"),
+            "{text}"
+        );
+        assert!(text.contains("mode enforce"), "{text}");
+        let mut with_rules = all.clone();
+        with_rules[0].mode = "audit".into();
+        with_rules[0].rules = vec![
+            crate::counters::RuleCounts {
+                list: "allowed_destinations",
+                index: 1,
+                allowed: 4,
+                denied: 2,
+            },
+            crate::counters::RuleCounts {
+                list: "denied_destinations",
+                index: 0,
+                allowed: 0,
+                denied: 3,
+            },
+        ];
+        let text = render_status(&with_rules);
+        assert!(text.contains("mode audit"), "{text}");
+        assert!(
+            text.contains(
+                "  rules: allowed_destinations[1] 4 allowed, 2 denied; denied_destinations[0] 3 denied\n"
+            ),
             "{text}"
         );
         let text = render_explain(&all);

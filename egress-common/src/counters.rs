@@ -99,8 +99,12 @@ pub enum Reason {
     AllowInbound = 30,
 }
 
-/// Room for more reasons without a layout change of the counter map.
-pub const NUM_REASONS: u32 = 32;
+/// Room for more reasons without a layout change of the counter map: the lower half counts
+/// decisions as made, the upper half ([`AUDIT_REASON_OFFSET`] and above) the denials that audit
+/// mode let through, by the reason they would have been refused for.
+pub const NUM_REASONS: u32 = 64;
+/// Where the audited counters of a reason start within a slot's block.
+pub const AUDIT_REASON_OFFSET: u32 = 32;
 pub const NUM_PROTOS: u32 = 3;
 /// One block of counters per slot, plus a last block for programs whose slot is out of range
 /// (a load error that the kernel side still has to count).
@@ -208,6 +212,85 @@ pub const fn counter_index(slot: u32, reason: Reason, proto: Proto) -> u32 {
     (block * NUM_REASONS + reason as u32) * NUM_PROTOS + proto.counter_index()
 }
 
+/// Index of the counter of a denial with `reason` that audit mode let through.
+#[inline(always)]
+pub const fn counter_index_audit(slot: u32, reason: Reason, proto: Proto) -> u32 {
+    let block = if slot < MAX_SLOTS {
+        slot
+    } else {
+        INVALID_SLOT_BLOCK
+    };
+    (block * NUM_REASONS + AUDIT_REASON_OFFSET + reason as u32) * NUM_PROTOS + proto.counter_index()
+}
+
+/// `PerCpuArray<u64>`: the policy's decisions per rule, see [`rule_counter_index`].
+pub const MAP_RULE_COUNTERS: &str = "EGRESS_RULE_COUNTERS";
+/// Rules counted per list; rules past these are not counted per rule (the verdict counters
+/// still count them), which keeps the map and the metric's `rule` label bounded.
+pub const RULE_COUNTER_RULES: u32 = 256;
+/// Blocks of [`RULE_COUNTER_RULES`] per slot, one per [`RuleCount`].
+pub const RULE_COUNTER_KINDS: u32 = 3;
+/// One block per slot plus the block of out-of-range slots.
+pub const NUM_RULE_COUNTERS: u32 = (MAX_SLOTS + 1) * RULE_COUNTER_KINDS * RULE_COUNTER_RULES;
+
+/// What a per-rule counter counts.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum RuleCount {
+    /// `allowed_destinations[i]` allowed the attempt (by its cidr or resolved addresses, or
+    /// the addresses learned for its names).
+    Allowed = 0,
+    /// `allowed_destinations[i]` covered the address but denied the attempt: not its port
+    /// or protocol (`port_not_allowed`), or over its rate limit.
+    AllowedRuleDenied = 1,
+    /// `denied_destinations[j]` denied the attempt.
+    Denied = 2,
+}
+
+impl RuleCount {
+    pub const ALL: [RuleCount; 3] = [
+        RuleCount::Allowed,
+        RuleCount::AllowedRuleDenied,
+        RuleCount::Denied,
+    ];
+
+    /// Which per-rule counter a decision with `reason` counts under, if any: only decisions
+    /// whose rule id indexes `allowed_destinations` or `denied_destinations`.
+    #[inline(always)]
+    pub const fn of(reason: Reason) -> Option<RuleCount> {
+        match reason {
+            Reason::AllowRule | Reason::AllowLearned => Some(RuleCount::Allowed),
+            Reason::DenyPort
+            | Reason::RateLimitedDestination
+            | Reason::RateLimitedGlobal
+            | Reason::RateLimitTableFull => Some(RuleCount::AllowedRuleDenied),
+            Reason::DenyRule => Some(RuleCount::Denied),
+            _ => None,
+        }
+    }
+}
+
+/// Index of the per-rule counter of (slot, kind, rule), or `None` for a rule past
+/// [`RULE_COUNTER_RULES`].
+#[inline(always)]
+pub const fn rule_counter_index(slot: u32, kind: RuleCount, rule_id: u32) -> Option<u32> {
+    if rule_id >= RULE_COUNTER_RULES {
+        return None;
+    }
+    let block = if slot < MAX_SLOTS {
+        slot
+    } else {
+        INVALID_SLOT_BLOCK
+    };
+    Some((block * RULE_COUNTER_KINDS + kind as u32) * RULE_COUNTER_RULES + rule_id)
+}
+
+// Every reason has its audited counter inside the slot's block.
+const _: () = {
+    assert!(Reason::ALL.len() as u32 <= AUDIT_REASON_OFFSET);
+    assert!(AUDIT_REASON_OFFSET * 2 <= NUM_REASONS);
+};
+
 /// Which hook made a decision.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -223,4 +306,56 @@ pub enum Hook {
     SkbEgress = 7,
     /// A packet on its way in to a listening socket (the inbound check, always attached).
     SkbIngress = 8,
+}
+
+#[cfg(test)]
+mod audit_tests {
+    use super::*;
+
+    #[test]
+    fn rule_counters_are_distinct_and_bounded() {
+        let mut seen = [0u32; 36];
+        let mut n = 0;
+        for slot in [0, 1, MAX_SLOTS - 1, MAX_SLOTS] {
+            for kind in RuleCount::ALL {
+                for rule in [0, 1, RULE_COUNTER_RULES - 1] {
+                    let i = rule_counter_index(slot, kind, rule);
+                    assert!(i.is_some_and(|i| i < NUM_RULE_COUNTERS));
+                    let i = i.unwrap_or(u32::MAX);
+                    assert!(!seen[..n].contains(&i));
+                    seen[n] = i;
+                    n += 1;
+                }
+                assert_eq!(rule_counter_index(slot, kind, RULE_COUNTER_RULES), None);
+                assert_eq!(
+                    rule_counter_index(slot, kind, crate::verdict::NO_RULE),
+                    None
+                );
+            }
+        }
+        assert_eq!(RuleCount::of(Reason::DenyNoRule), None);
+        assert_eq!(RuleCount::of(Reason::DenyDoh), None);
+        assert_eq!(
+            RuleCount::of(Reason::AllowLearned),
+            Some(RuleCount::Allowed)
+        );
+    }
+
+    #[test]
+    fn audited_counters_are_apart_from_every_decision_counter_and_in_range() {
+        let protos = [Proto::Tcp, Proto::Udp, Proto::Other];
+        for slot in [0, MAX_SLOTS - 1, MAX_SLOTS + 5] {
+            for reason in Reason::ALL {
+                for proto in protos {
+                    let audited = counter_index_audit(slot, reason, proto);
+                    assert!(audited < NUM_COUNTERS);
+                    for other in Reason::ALL {
+                        for p in protos {
+                            assert_ne!(audited, counter_index(slot, other, p));
+                        }
+                    }
+                }
+            }
+        }
+    }
 }

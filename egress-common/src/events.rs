@@ -8,6 +8,11 @@ pub const MAP_EVENTS_LOST: &str = "EGRESS_EVENTS_LOST";
 /// Ring buffer size in bytes (a power of two, a multiple of the page size).
 pub const EVENTS_RING_BYTES: u32 = 1 << 22;
 
+/// [`Event::verdict`] of an attempt that was refused.
+pub const VERDICT_DENY: u8 = 0;
+/// [`Event::verdict`] of an attempt the policy denies that audit mode let through.
+pub const VERDICT_AUDIT: u8 = 1;
+
 /// One denied attempt. All integers in host byte order except `addr` (network order; IPv4 in
 /// the first four bytes).
 #[repr(C)]
@@ -30,7 +35,9 @@ pub struct Event {
     pub proto: u8,
     /// [`crate::Hook`] as u8.
     pub hook: u8,
-    pub _pad: [u8; 3],
+    /// [`VERDICT_DENY`]: the attempt was refused; [`VERDICT_AUDIT`]: audit mode let it through.
+    pub verdict: u8,
+    pub _pad: [u8; 2],
     /// [`crate::Reason`] as u32.
     pub reason: u32,
     pub rule_id: u32,

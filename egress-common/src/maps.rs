@@ -129,6 +129,14 @@ pub const SLOT_BLOCK_DOT: u32 = 1 << 3;
 /// second port and counted as [`crate::Reason::DnsUnauthorizedResolver`]).
 pub const SLOT_DNS_RESOLVERS: u32 = 1 << 4;
 
+/// Audit mode (`mode: audit`): a connect or send that the policy denies is let through, and
+/// counted and reported as audited ([`crate::counters::counter_index_audit`],
+/// [`crate::events::VERDICT_AUDIT`]) instead of refused. The start-up probe, socket creation,
+/// socket options, the packet checks, the inbound check and the DNS proxy's own guards stay
+/// enforced: what they refuse would be invisible to the hooks, or would let the workload
+/// reach past its own DNS proxy.
+pub const SLOT_AUDIT: u32 = 1 << 5;
+
 /// Where a redirected DNS query was addressed, and who sent it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

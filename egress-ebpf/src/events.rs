@@ -6,7 +6,10 @@ use aya_ebpf::{
     macros::map,
     maps::{PerCpuArray, RingBuf},
 };
-use egress_common::{Dest, Event, Hook, Proto, Reason, events::EVENTS_RING_BYTES};
+use egress_common::{
+    Dest, Event, Hook, Proto, Reason,
+    events::{EVENTS_RING_BYTES, VERDICT_DENY},
+};
 
 #[map(name = "EGRESS_EVENTS")]
 static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_RING_BYTES, 0);
@@ -27,6 +30,8 @@ pub struct Attempt {
     pub port: u16,
     pub sock_type: u32,
     pub sock_protocol: u32,
+    /// `VERDICT_DENY`, or `VERDICT_AUDIT` for a denial audit mode let through.
+    pub verdict: u8,
 }
 
 impl Attempt {
@@ -43,6 +48,7 @@ impl Attempt {
             port: dst.port,
             sock_type: 0,
             sock_protocol: 0,
+            verdict: VERDICT_DENY,
         }
     }
 }
@@ -107,7 +113,8 @@ fn write(slot: u32, a: &Attempt, who: Who) {
         family: a.family,
         proto: a.proto as u8,
         hook: a.hook as u8,
-        _pad: [0; 3],
+        verdict: a.verdict,
+        _pad: [0; 2],
         reason: a.reason as u32,
         rule_id: a.rule_id,
         slot,

@@ -110,6 +110,7 @@ pub fn egress_sock_create(ctx: SockContext) -> i32 {
         port: 0,
         sock_type: s.sock_type,
         sock_protocol: s.sock_protocol,
+        verdict: egress_common::events::VERDICT_DENY,
     };
     events::emit(tables::slot(), &attempt);
     DENY
@@ -209,6 +210,8 @@ fn judge_addr(ctx: &SockAddrContext, hook: Hook, dst: egress_common::Dest) -> i3
     use egress_common::{Reason, verdict::DnsRoute};
     let send4 = matches!(hook, Hook::Sendmsg4);
     let send6 = matches!(hook, Hook::Sendmsg6);
+    // Set only for the policy's own decision: the DNS proxy's guards stay enforced.
+    let mut audit = false;
     let decision = match tables::slot_config() {
         Ok(cfg) => {
             if (send4 || send6) && dns::no_address(ctx) {
@@ -277,7 +280,12 @@ fn judge_addr(ctx: &SockAddrContext, hook: Hook, dst: egress_common::Dest) -> i3
                     reason: Reason::DenyOtherProxy,
                     rule_id: egress_common::verdict::NO_RULE,
                 },
-                DnsRoute::Judge => tables::judge_dest(&cfg, &dst),
+                DnsRoute::Judge => {
+                    audit = cfg.flags & egress_common::maps::SLOT_AUDIT != 0;
+                    let decision = tables::judge_dest(&cfg, &dst);
+                    counters::count_rule(&decision);
+                    decision
+                }
             }
         }
         Err(reason) => egress_common::Decision {
@@ -292,7 +300,34 @@ fn judge_addr(ctx: &SockAddrContext, hook: Hook, dst: egress_common::Dest) -> i3
         }
         return ALLOW;
     }
+    // The start-up probe proves enforcement is attached: audit mode refuses it too. A slot
+    // without a policy fails closed whatever its flags say.
+    if audit
+        && !matches!(
+            decision.reason,
+            Reason::StartupProbe | Reason::DenyNoPolicy | Reason::DenyInternal
+        )
+    {
+        audited(hook, &dst, decision);
+        if dst.is_loopback() {
+            loopback_source(ctx, hook, &dst);
+        }
+        return ALLOW;
+    }
     deny(hook, &dst, decision)
+}
+
+/// Counts and reports a denial that audit mode lets through, under the reason it would have
+/// been refused for.
+#[inline(always)]
+fn audited(hook: Hook, dst: &egress_common::Dest, decision: egress_common::Decision) {
+    let connect = matches!(hook, Hook::Connect4 | Hook::Connect6);
+    let (reason, cause) = egress_common::verdict::classify_denial(connect, dst, decision.reason);
+    counters::count_audit(reason, dst.proto);
+    let mut attempt = events::Attempt::to(hook, dst, reason, decision.rule_id);
+    attempt.cause = cause;
+    attempt.verdict = egress_common::events::VERDICT_AUDIT;
+    events::emit(tables::slot(), &attempt);
 }
 
 /// Counts and reports a denial (a UDP connect, which carries no data, apart).

@@ -172,3 +172,35 @@ impl AgentRun {
         })
     }
 }
+
+/// Runs `egress-agent --log-format json learn --out OUT --user nobody --cgroup-parent PARENT
+/// EXTRA... -- PROGRAM ARGS...` inside `ns` and waits for it (bounded as [`AgentRun::run_in`]).
+pub fn run_learn(
+    ns: &Netns,
+    out: &Path,
+    parent: &TestCgroupParent,
+    extra: &[&OsStr],
+    program: &Path,
+    args: &[&str],
+) -> Result<RunOutput> {
+    let mut cmd = Command::new(agent_bin()?);
+    cmd.args(["--log-format", "json", "learn", "--out"])
+        .arg(out)
+        .args(["--user", "nobody", "--cgroup-parent"])
+        .arg(parent.path())
+        .args(extra)
+        .arg("--")
+        .arg(program)
+        .args(args)
+        .current_dir("/");
+    ns.run_in(&mut cmd);
+    let parent = parent.path().to_path_buf();
+    run_captured(&mut cmd, DEFAULT_TIMEOUT, move || {
+        if let Err(e) = std::fs::write(parent.join("cgroup.kill"), "1") {
+            eprintln!(
+                "egress-tests: killing processes below {}: {e}",
+                parent.display()
+            );
+        }
+    })
+}

@@ -21,6 +21,7 @@ pub mod ip_ranges;
 pub mod learn;
 pub mod message;
 pub mod names;
+pub mod observed;
 pub mod origin;
 pub mod proxy;
 pub mod rebind;

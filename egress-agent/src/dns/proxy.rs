@@ -245,6 +245,9 @@ pub struct Proxy {
     origins: Option<Origins>,
     /// The last blocked attempts (names refused, queries to unauthorized resolvers).
     recent: Recent,
+    /// Every name the workload resolved through the proxy and the addresses it got (for
+    /// `learn`).
+    observed: super::observed::Observed,
 }
 
 /// A query that came to the proxy's second port: the workload addressed it to a resolver
@@ -290,7 +293,13 @@ impl Proxy {
             connections: Arc::new(Semaphore::new(MAX_TCP_CONNECTIONS)),
             origins,
             recent,
+            observed: super::observed::Observed::default(),
         })
+    }
+
+    /// The names and addresses the workload resolved so far.
+    pub fn observed(&self) -> super::observed::Observed {
+        self.observed.clone()
     }
 
     /// After a reload: the new policy's name and resolvers (the learner is moved by the
@@ -473,7 +482,17 @@ impl Proxy {
             );
             return Some(query.refused());
         }
-        let decision = lock(&self.learner).view().decide(&q.qname);
+        let (decision, audit) = {
+            let learner = lock(&self.learner);
+            (
+                learner.view().decide(&q.qname),
+                learner.view().policy.audit(),
+            )
+        };
+        if audit && !matches!(decision, NameDecision::Allowed(_)) {
+            self.audit_name(&policy, &q.qname, q.qtype, &decision, transport);
+            return Some(self.resolve_unlearned(&policy, &query, transport).await);
+        }
         let detail = match &decision {
             NameDecision::Allowed(_) => None,
             NameDecision::Denied(rule) => Some(format!("denied by denied_destinations[{rule}]")),
@@ -615,6 +634,8 @@ impl Proxy {
                 ..l.clone()
             })
             .collect();
+        self.observed
+            .record(&q.qname, installed.kept.iter().map(|a| a.addr));
         let records: Vec<AddressRecord> = installed
             .kept
             .iter()
@@ -628,6 +649,78 @@ impl Proxy {
             Transport::Tcp => super::message::MAX_TCP_MESSAGE_LEN,
         };
         Some(address_response(&query, &chain, &records, max_len))
+    }
+
+    /// Audit mode: a name the policy refuses, logged and counted as audited (the query is
+    /// then answered).
+    fn audit_name(
+        &self,
+        policy: &str,
+        name: &str,
+        qtype: u16,
+        decision: &NameDecision,
+        transport: Transport,
+    ) {
+        let result = decision.result();
+        self.count(policy, result);
+        let protocol = match transport {
+            Transport::Udp => "udp",
+            Transport::Tcp => "tcp",
+        };
+        let detail = match decision {
+            NameDecision::Denied(rule) => format!("denied by denied_destinations[{rule}]"),
+            NameDecision::DohProvider(p) => format!("DNS-over-HTTPS endpoint of {p} (block_doh)"),
+            NameDecision::Restricted { rule, miss } => restriction_detail(*rule, miss),
+            NameDecision::NotAllowed | NameDecision::Allowed(_) => {
+                "no allowed_destinations entry names it".to_owned()
+            }
+        };
+        let Some(reason) = blocked_reason(result) else {
+            return;
+        };
+        self.metrics.verdicts.audit(policy, reason, protocol);
+        if !lock(&self.log).admit(policy, Instant::now()) {
+            return;
+        }
+        tracing::warn!(event = "egress_audit", policy = %policy, verdict = "audit",
+            reason, hook = "dns_proxy", protocol, dns.name = %name, dns.qtype = qtype_name(qtype),
+            result, detail = %detail, "a name the policy does not allow, resolved anyway (audit mode)");
+    }
+
+    /// Audit mode: the upstream answer to a name the policy refuses, passed on as it is. Its
+    /// addresses are recorded, not installed: in audit mode the kernel lets the connections
+    /// through and reports them, and `learn` names them by these records.
+    async fn resolve_unlearned(
+        &self,
+        policy: &str,
+        query: &super::message::Query,
+        transport: Transport,
+    ) -> Vec<u8> {
+        let q = &query.question;
+        if q.qclass != super::wire::CLASS_IN || !matches!(q.qtype, rtype::A | rtype::AAAA) {
+            return query.nodata();
+        }
+        let answer = match self.upstream().ask(q).await {
+            Ok(a) => a,
+            Err(error) => {
+                self.count(policy, "upstream_failure");
+                if lock(&self.log).admit(policy, Instant::now()) {
+                    tracing::warn!(event = "dns_upstream_failure", policy = %policy, name = %q.qname,
+                        qtype = qtype_name(q.qtype), %error, "upstream resolver failed; the workload gets SERVFAIL");
+                }
+                return query.servfail();
+            }
+        };
+        if answer.rcode != Rcode::NoError {
+            return query.with_rcode(answer.rcode);
+        }
+        self.observed
+            .record(&q.qname, answer.addresses.iter().map(|a| a.addr));
+        let max_len = match transport {
+            Transport::Udp => query.max_udp_response_len(),
+            Transport::Tcp => super::message::MAX_TCP_MESSAGE_LEN,
+        };
+        address_response(query, &answer.chain, &answer.addresses, max_len)
     }
 
     fn refusal(&self, query: &super::message::Query) -> Vec<u8> {

@@ -7,11 +7,13 @@
 
 pub mod aws;
 mod error;
+mod lines;
 mod model;
 mod parse;
 mod support;
 
 pub use error::PolicyError;
+pub use lines::{EntryLines, entry_lines};
 pub use model::*;
 pub use parse::{load_file, parse_str};
 pub use support::{Unsupported, unsupported_features};

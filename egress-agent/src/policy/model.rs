@@ -25,6 +25,32 @@ pub struct Policy {
     pub allow_other_socket_types: bool,
     /// Listening ports that accept connections from non-loopback peers, and from whom.
     pub inbound: Vec<InboundRule>,
+    /// `mode:` as written (`None`: left out, enforce unless `--mode audit` asks otherwise).
+    pub mode: Option<Mode>,
+}
+
+/// Whether denials are enforced or only reported.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Mode {
+    /// Denied attempts fail with `EPERM` (the default).
+    Enforce,
+    /// Denied attempts go through, and are logged and counted with `verdict: audit`.
+    Audit,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Enforce => "enforce",
+            Mode::Audit => "audit",
+        }
+    }
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// `inbound:` entry: peers in `from` may connect to the workload's TCP listener on `port`.
@@ -223,6 +249,16 @@ impl fmt::Display for RateLimit {
 }
 
 impl Policy {
+    /// The mode in force: enforce unless audit was asked for.
+    pub fn mode(&self) -> Mode {
+        self.mode.unwrap_or(Mode::Enforce)
+    }
+
+    /// Whether denials are only reported.
+    pub fn audit(&self) -> bool {
+        self.mode() == Mode::Audit
+    }
+
     /// What the policy allows and refuses, one line per rule, for `egress-agent check`.
     pub fn summary(&self) -> String {
         Summary(self).to_string()
@@ -235,6 +271,13 @@ impl fmt::Display for Summary<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let p = self.0;
         writeln!(f, "policy {}", p.name)?;
+        if p.audit() {
+            writeln!(
+                f,
+                "  mode: audit (denied attempts are let through, logged and counted with verdict \
+                 audit)"
+            )?;
+        }
         match p.default_action {
             DefaultAction::Deny => writeln!(
                 f,

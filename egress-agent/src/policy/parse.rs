@@ -29,7 +29,7 @@ use super::aws;
 use super::error::PolicyError;
 use super::model::{
     AllowedDestination, DefaultAction, DeniedDestination, DnsPolicy, HostPattern, InboundRule,
-    Policy, Protocol, RateLimit, RateLimits, Restrictions, Target,
+    Mode, Policy, Protocol, RateLimit, RateLimits, Restrictions, Target,
 };
 use crate::dns::names::{PublicSuffixKind, wildcard_public_suffix};
 
@@ -383,6 +383,7 @@ const POLICY_KEYS: &[&str] = &[
     "allow_loopback",
     "allow_other_socket_types",
     "inbound",
+    "mode",
 ];
 
 /// Everything of the policy except the name's default, which depends on the file name.
@@ -396,6 +397,7 @@ struct Body {
     allow_loopback: bool,
     allow_other_socket_types: bool,
     inbound: Vec<InboundRule>,
+    mode: Option<Mode>,
 }
 
 impl Body {
@@ -416,6 +418,7 @@ impl Body {
             allow_loopback: self.allow_loopback,
             allow_other_socket_types: self.allow_other_socket_types,
             inbound: self.inbound,
+            mode: self.mode,
         }
     }
 }
@@ -432,6 +435,7 @@ struct RawPolicy {
     allow_loopback: Option<bool>,
     allow_other_socket_types: Option<bool>,
     inbound: Option<Vec<inbound::InboundEntry>>,
+    mode: Option<ModeValue>,
 }
 
 struct PolicyBody(Body);
@@ -441,7 +445,7 @@ impl<'de> Deserialize<'de> for PolicyBody {
         deserializer.deserialize_map(Checked {
             expecting: "a mapping with `default_action`, `allowed_destinations` and optionally \
                         `denied_destinations`, `dns_policy`, `rate_limits`, `name`, \
-                        `allow_loopback`, `allow_other_socket_types`, `inbound`",
+                        `allow_loopback`, `allow_other_socket_types`, `inbound`, `mode`",
             check: check_policy,
             raw: PhantomData,
         })
@@ -490,6 +494,7 @@ fn check_policy(raw: RawPolicy) -> Result<PolicyBody, String> {
             .into_iter()
             .map(|e| e.0)
             .collect(),
+        mode: raw.mode.map(|m| m.0),
     }))
 }
 
@@ -839,6 +844,17 @@ string_scalar!(Action, "DENY or ALLOW", |v| {
             "unknown default action `{v}`; expected DENY or ALLOW"
         ))
     }
+});
+
+struct ModeValue(Mode);
+
+string_scalar!(ModeValue, "enforce or audit", |v| match v {
+    "enforce" => Ok(ModeValue(Mode::Enforce)),
+    "audit" => Ok(ModeValue(Mode::Audit)),
+    _ => Err(format!(
+        "unknown mode `{v}`; expected `enforce` (denied attempts fail, the default) or `audit` \
+         (denied attempts are let through and logged with verdict audit)"
+    )),
 });
 
 struct HostValue(Target);
@@ -1397,6 +1413,7 @@ mod tests {
             allow_loopback: true,
             allow_other_socket_types: false,
             inbound: Vec::new(),
+            mode: None,
         };
         assert_eq!(p, expected);
     }
