@@ -33,6 +33,7 @@ pub mod ratelimit;
 pub mod recent;
 pub mod reference;
 pub mod reload;
+pub mod report;
 pub mod resolve;
 pub mod run;
 pub mod session;

@@ -5,7 +5,7 @@ use std::io::Write as _;
 use std::process::ExitCode;
 
 use clap::Parser as _;
-use egress_agent::{check, cli, detach, exec, exit, logging, run, status};
+use egress_agent::{check, cli, detach, exec, exit, logging, report, run, status};
 
 fn main() -> ExitCode {
     let cli = match cli::Cli::try_parse() {
@@ -81,13 +81,7 @@ fn print_or_fail(r: Result<String, status::StatusError>) -> u8 {
 }
 
 fn fail(e: &dyn std::error::Error, code: u8) -> u8 {
-    let mut chain = e.to_string();
-    let mut src = e.source();
-    while let Some(s) = src {
-        chain.push_str(": ");
-        chain.push_str(&s.to_string());
-        src = s.source();
-    }
+    let chain = report::chain(e);
     tracing::error!(error = %chain, exit_code = code, "egress-agent failed");
     code
 }

@@ -81,6 +81,16 @@ pub fn load_policy(path: &Path) -> Result<Policy, SessionError> {
     Ok(policy)
 }
 
+/// [`load_policy`] on a blocking thread: the runtime thread serves the workload's DNS and
+/// reads its events, and must not wait on a large or slow policy file.
+pub async fn load_policy_off_thread(path: &Path) -> Result<Policy, SessionError> {
+    let owned = path.to_path_buf();
+    match tokio::task::spawn_blocking(move || load_policy(&owned)).await {
+        Ok(loaded) => loaded,
+        Err(joined) => Err(SessionError::Other(Box::new(joined))),
+    }
+}
+
 /// A resolver for the policy (its allowed resolvers, else the given resolv.conf).
 pub fn resolver(policy: &Policy, dns: &DnsArgs) -> Result<Arc<Resolver>, SessionError> {
     let servers = policy
@@ -580,7 +590,7 @@ impl Supervisor {
     /// Replaces the policy with the one in `path`, if it parses, validates and compiles. A bad
     /// file is logged and counted, and the policy in force stays. Returns the new policy id.
     pub async fn reload(&mut self, path: &Path) -> Option<u32> {
-        let prepared = load_policy(path).and_then(|policy| {
+        let prepared = load_policy_off_thread(path).await.and_then(|policy| {
             let resolver = if policy_hosts(&policy).is_empty() {
                 None
             } else {

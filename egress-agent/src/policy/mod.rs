@@ -6,11 +6,13 @@
 //! contradictory entries are errors naming the file, line, column and field.
 
 pub mod aws;
+mod bounds;
 mod error;
 mod model;
 mod parse;
 mod support;
 
+pub use bounds::{MAX_POLICY_BYTES, MAX_POLICY_DEPTH};
 pub use error::PolicyError;
 pub use model::*;
 pub use parse::{load_file, parse_str};

@@ -1,0 +1,286 @@
+//! Operator robustness on the real kernel: a policy reload, however hostile the file, never
+//! stalls the workload's DNS or its connects.
+#![expect(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    reason = "test code: a failure is a test failure"
+)]
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use egress_tests::agent::agent_bin;
+use egress_tests::dnsmasq::Dnsmasq;
+use egress_tests::netns::Netns;
+use egress_tests::policy::PolicyYaml;
+use egress_tests::probe::{errno_name, rcode};
+use egress_tests::process::RunOutput;
+use egress_tests::server::SETTLE;
+use egress_tests::testbed::{Testbed, run_probe_in_cgroup};
+use nix::sys::signal::Signal;
+
+const PROBE: &str = env!("CARGO_BIN_EXE_egress-probe");
+const UPSTREAM: &str = "198.18.0.2";
+
+/// A `run` agent in the background, its JSON log in a file.
+struct RunAgent {
+    child: Child,
+    log: PathBuf,
+}
+
+impl RunAgent {
+    fn start(ns: &Netns, policy: &Path, cgroup: &Path, log: PathBuf) -> Self {
+        let file = std::fs::File::create(&log).unwrap();
+        let mut cmd = Command::new(agent_bin().unwrap());
+        cmd.args(["--log-format", "json", "run", "--policy"])
+            .arg(policy)
+            .arg("--cgroup")
+            .arg(cgroup)
+            .args(["--watch-interval", "1"])
+            .current_dir("/")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(file);
+        ns.run_in(&mut cmd);
+        let child = cmd.spawn().unwrap();
+        let mut agent = RunAgent { child, log };
+        agent.wait_for("\"enforcing\"", 1);
+        agent
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits (bounded) until `needle` appears in at least `n` log lines.
+    fn wait_for(&mut self, needle: &str, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.log().lines().filter(|l| l.contains(needle)).count() < n {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "agent exited ({status}) before logging {needle:?}:\n{}",
+                    self.log()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "agent did not log {needle:?} {n} times:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn signal(&self, sig: Signal) {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).unwrap()),
+            sig,
+        )
+        .unwrap();
+    }
+
+    /// SIGTERM by pid and a bounded wait.
+    fn stop(&mut self) {
+        self.signal(Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.child.try_wait().unwrap().is_none() {
+            assert!(
+                Instant::now() < deadline,
+                "agent did not stop:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for RunAgent {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn detach(ns: &Netns, cgroup: &Path) {
+    let mut cmd = Command::new(agent_bin().unwrap());
+    cmd.args(["--log-format", "json", "detach", "--cgroup"])
+        .arg(cgroup);
+    ns.run_in(&mut cmd);
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+}
+
+fn in_cgroup(tb: &Testbed, cgroup: &Path, ops: &[String]) -> RunOutput {
+    let ops: Vec<&str> = ops.iter().map(String::as_str).collect();
+    let out = run_probe_in_cgroup(
+        tb.client(),
+        cgroup,
+        tb.probe.path(),
+        &ops,
+        Duration::from_secs(60),
+    )
+    .expect("workload run");
+    assert!(!out.timed_out, "workload timed out\n{}", out.describe());
+    out
+}
+
+/// Replaces the policy file by rename (so the watcher sees a new file) with `write`'s result.
+fn replace(path: &Path, write: impl FnOnce(&Path)) {
+    let tmp = path.with_extension("new");
+    let _ = std::fs::remove_file(&tmp);
+    write(&tmp);
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// Valid YAML of about `bytes` bytes whose last entry is invalid: every pass of the parser
+/// runs over the whole file before it is refused.
+fn large_but_refused(bytes: usize) -> String {
+    let mut text =
+        String::from("egress_policy:\n  default_action: DENY\n  allowed_destinations:\n");
+    let mut i = 0u32;
+    while text.len() < bytes {
+        let [_, a, b, c] = i.to_be_bytes();
+        text.push_str(&format!(
+            "    - cidr: 10.{a}.{b}.{c}/32\n      ports: [443]\n      protocols: [tcp]\n"
+        ));
+        i += 1;
+    }
+    text.push_str("    - cidr: 10.0.0.0/33\n      ports: [443]\n      protocols: [tcp]\n");
+    text
+}
+
+/// While hostile files are reloaded (by the watcher and by SIGHUP), the workload's lookups
+/// and connects all keep working: the file is screened and parsed off the thread that serves
+/// the DNS proxy, and each one is refused with an error naming the cap it broke.
+#[test]
+fn hostile_policy_reloads_never_stall_the_workloads_dns_or_connects() {
+    let Some(tb) = Testbed::for_test(Path::new(PROBE)) else {
+        return;
+    };
+    let upstream: IpAddr = UPSTREAM.parse().unwrap();
+    let _dns = Dnsmasq::config()
+        .record("api.example.test", upstream)
+        .listen(upstream)
+        .start(tb.remote())
+        .expect("dnsmasq");
+    let listener = tb.listen_tcp("198.18.0.2:8443".parse().unwrap()).unwrap();
+    let cg = tb.cgroups.child("hostile-reload").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("policy.yaml");
+    let policy = PolicyYaml::new().allowed_resolvers(&[UPSTREAM]).allow_host(
+        "api.example.test",
+        &[8443],
+        &["tcp"],
+    );
+    std::fs::write(&path, policy.render()).unwrap();
+    let mut agent = RunAgent::start(tb.client(), &path, &cg, dir.path().join("agent.log"));
+
+    const LOOP_MS: u64 = 9000;
+    const CONNECTS: usize = 80;
+    let lookups = vec![format!(
+        "dnsloop udp4 {UPSTREAM} api.example.test 50 {LOOP_MS}"
+    )];
+    let mut connects = Vec::new();
+    for i in 0..CONNECTS {
+        connects.push(format!("send tcp4 198.18.0.2 8443 c{i}"));
+        connects.push("sleep 100".to_owned());
+    }
+    let (dns_out, conn_out) = std::thread::scope(|s| {
+        let d = s.spawn(|| in_cgroup(&tb, &cg, &lookups));
+        let c = s.spawn(|| in_cgroup(&tb, &cg, &connects));
+        std::thread::sleep(Duration::from_millis(500));
+        let mut refusals = 0;
+        // Deeply nested: quadratic in the YAML parser without the depth cap.
+        replace(&path, |p| {
+            let text = format!(
+                "egress_policy: {}{}\n",
+                "[".repeat(100_000),
+                "]".repeat(100_000)
+            );
+            std::fs::write(p, text).unwrap();
+        });
+        refusals += 1;
+        agent.wait_for("policy reload refused", refusals);
+        agent.signal(Signal::SIGHUP);
+        refusals += 1;
+        agent.wait_for("policy reload refused", refusals);
+        // A FIFO with no writer.
+        replace(&path, |p| {
+            nix::unistd::mkfifo(p, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        });
+        refusals += 1;
+        agent.wait_for("policy reload refused", refusals);
+        // An endless device.
+        replace(&path, |p| {
+            std::os::unix::fs::symlink("/dev/zero", p).unwrap()
+        });
+        refusals += 1;
+        agent.wait_for("policy reload refused", refusals);
+        // Just under the size cap, parsed in full before it is refused.
+        replace(&path, |p| {
+            std::fs::write(p, large_but_refused(8 * 1024 * 1024 - 4096)).unwrap();
+        });
+        refusals += 1;
+        agent.wait_for("policy reload refused", refusals);
+        agent.signal(Signal::SIGHUP);
+        refusals += 1;
+        agent.wait_for("policy reload refused", refusals);
+        (d.join().unwrap(), c.join().unwrap())
+    });
+
+    let samples = dns_out
+        .results
+        .first()
+        .and_then(|r| r.samples.clone())
+        .unwrap_or_else(|| panic!("no dnsloop samples\n{}", dns_out.describe()));
+    assert!(samples.len() > 50, "{}", dns_out.describe());
+    let bad: Vec<String> = samples
+        .iter()
+        .filter(|s| !(s.ok && s.rcode == Some(rcode::NOERROR) && s.addrs == [upstream]))
+        .map(|s| {
+            format!(
+                "at {} ms: ok {} rcode {:?} addrs {:?} errno {:?}",
+                s.at_ms,
+                s.ok,
+                s.rcode,
+                s.addrs,
+                s.errno.map(errno_name)
+            )
+        })
+        .collect();
+    assert!(
+        bad.is_empty(),
+        "lookups failed during the reloads:\n{}\n{}",
+        bad.join("\n"),
+        agent.log()
+    );
+    let sends: Vec<_> = conn_out
+        .results
+        .iter()
+        .filter(|r| r.op.starts_with("send"))
+        .collect();
+    assert_eq!(sends.len(), CONNECTS, "{}", conn_out.describe());
+    assert!(
+        sends.iter().all(|r| r.ok),
+        "connects failed during the reloads:\n{}",
+        conn_out.describe()
+    );
+    std::thread::sleep(SETTLE);
+    assert_eq!(listener.connections(), CONNECTS);
+
+    let log = agent.log();
+    for why in [
+        "nest deeper than 32 levels",
+        "it is a FIFO, not a regular file",
+        "it is a character device, not a regular file",
+        "allowed_destinations",
+    ] {
+        assert!(log.contains(why), "no refusal saying {why:?}:\n{log}");
+    }
+    agent.stop();
+    detach(tb.client(), &cg);
+}
