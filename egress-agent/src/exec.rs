@@ -28,6 +28,8 @@ pub enum ExecError {
     Workload(#[from] WorkloadError),
     #[error(transparent)]
     Instance(#[from] InstanceError),
+    #[error(transparent)]
+    Privilege(#[from] crate::privilege::PrivilegeError),
     #[error("user {0:?} does not exist")]
     NoSuchUser(String),
     #[error("looking up user {name:?}: {source}")]
@@ -56,6 +58,8 @@ impl ExecError {
     pub fn exit_code(&self) -> u8 {
         match self {
             ExecError::Session(e) => e.exit_code(),
+            ExecError::Workload(e) => e.exit_code(),
+            ExecError::Privilege(_) => exit::FAILURE,
             ExecError::NoSuchUser(_) | ExecError::RootWorkload | ExecError::Netns { .. } => {
                 exit::USAGE
             }
@@ -69,6 +73,7 @@ impl ExecError {
 pub async fn run(args: ExecArgs) -> Result<u8, ExecError> {
     let (creds, account) = credentials(args.user.as_deref())?;
     let policy = session::load_policy(&args.policy)?;
+    crate::privilege::require("exec")?;
     if args.kernel.packet_check == crate::cli::PacketCheck::Always {
         crate::mip6::check_always();
     }

@@ -29,6 +29,7 @@ pub mod metrics;
 pub mod mip6;
 pub mod mountinfo;
 pub mod policy;
+pub mod privilege;
 pub mod ratelimit;
 pub mod recent;
 pub mod reference;

@@ -61,7 +61,7 @@ fn main() -> ExitCode {
                     exit::OK
                 }
                 Err(e) => {
-                    let _ = writeln!(std::io::stderr(), "{e}");
+                    let _ = writeln!(std::io::stderr(), "{}", report::chain(&e));
                     e.exit_code()
                 }
             },

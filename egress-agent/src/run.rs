@@ -26,6 +26,8 @@ pub enum RunError {
     Instance(#[from] InstanceError),
     #[error("installing signal handlers: {0}")]
     Signals(#[source] std::io::Error),
+    #[error(transparent)]
+    Privilege(#[from] crate::privilege::PrivilegeError),
 }
 
 impl RunError {
@@ -42,6 +44,7 @@ impl RunError {
 
 pub async fn run(args: RunArgs) -> Result<u8, RunError> {
     let policy = session::load_policy(&args.policy)?;
+    crate::privilege::require("run")?;
     if args.kernel.packet_check == crate::cli::PacketCheck::Always {
         crate::mip6::check_always();
     }

@@ -602,7 +602,7 @@ impl Supervisor {
         let (policy, resolver, upstream) = match prepared {
             Ok(v) => v,
             Err(error) => {
-                tracing::error!(file = %path.display(), error = %error, "policy reload refused; the policy in force stays");
+                tracing::error!(file = %path.display(), error = %crate::report::chain(&error), "policy reload refused; the policy in force stays");
                 self.count_failed_load();
                 return None;
             }

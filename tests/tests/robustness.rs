@@ -284,3 +284,99 @@ fn hostile_policy_reloads_never_stall_the_workloads_dns_or_connects() {
     agent.stop();
     detach(tb.client(), &cg);
 }
+
+/// Like a shell: a workload command that does not exist exits 127, one that cannot be
+/// executed 126, and the error names the command and the OS reason once.
+#[test]
+fn a_missing_command_exits_127_and_one_that_cannot_run_126() {
+    let Some(tb) = Testbed::for_test(Path::new(PROBE)) else {
+        return;
+    };
+    let policy = tb
+        .write_policy(
+            &PolicyYaml::new()
+                .allow_cidr("198.18.0.2/32", &[8443], &["tcp"])
+                .render(),
+        )
+        .unwrap();
+    let dir = tempfile::Builder::new()
+        .prefix("egress-cmd")
+        .tempdir()
+        .unwrap();
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let plain = dir.path().join("not-executable");
+    std::fs::write(&plain, "#!/bin/sh\nexit 0\n").unwrap();
+    std::fs::set_permissions(&plain, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let missing = dir.path().join("missing");
+    for (program, code, reason) in [
+        (&missing, 127, "No such file or directory"),
+        (&plain, 126, "Permission denied"),
+    ] {
+        let out = egress_tests::agent::AgentRun::new(&policy, &tb.cgroups, program)
+            .unwrap()
+            .run_in(tb.client())
+            .unwrap();
+        assert_eq!(out.status.code(), Some(code), "{}", out.describe());
+        // As the JSON log line spells it, quotes escaped.
+        let needle = format!(
+            "cannot run the workload command \\\"{}\\\": {reason}\"",
+            program.display()
+        );
+        assert!(out.stderr.contains(&needle), "{needle}\n{}", out.describe());
+        assert_eq!(
+            out.stderr.matches(reason).count(),
+            1,
+            "the reason is said once\n{}",
+            out.describe()
+        );
+    }
+}
+
+/// Without root, `exec` and `run` say that root (or which capabilities) is needed, before
+/// they try anything; `check` needs no privilege.
+#[test]
+fn without_root_exec_and_run_say_what_is_needed() {
+    use std::os::unix::process::CommandExt as _;
+    let Some(tb) = Testbed::for_test(Path::new(PROBE)) else {
+        return;
+    };
+    let policy = tb
+        .write_policy(
+            &PolicyYaml::new()
+                .allow_cidr("198.18.0.2/32", &[8443], &["tcp"])
+                .render(),
+        )
+        .unwrap();
+    let as_nobody = |args: &[&str]| {
+        let mut cmd = Command::new(agent_bin().unwrap());
+        cmd.args(args)
+            .current_dir("/")
+            .uid(egress_tests::NOBODY_UID)
+            .gid(egress_tests::NOBODY_GID)
+            .stdin(Stdio::null());
+        cmd.output().unwrap()
+    };
+    let p = policy.to_str().unwrap();
+    let out = as_nobody(&["check", p]);
+    assert!(out.status.success(), "{out:?}");
+    for args in [
+        vec!["exec", "--policy", p, "--", "/bin/true"],
+        vec!["run", "--policy", p, "--cgroup", "/sys/fs/cgroup"],
+    ] {
+        let out = as_nobody(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains(&format!(
+                "`egress-agent {}` must run as root (or with the capabilities CAP_BPF, \
+                 CAP_NET_ADMIN, CAP_SYS_ADMIN)",
+                args[0]
+            )),
+            "{args:?}: {stderr}"
+        );
+    }
+}

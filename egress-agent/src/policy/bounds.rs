@@ -101,15 +101,15 @@ fn too_large(path: &Path) -> PolicyError {
 pub fn check_depth(text: &str, file: &Path) -> Result<(), PolicyError> {
     let mut parser = Parser::new(text);
     let mut depth = 0usize;
-    while let Some((kind, line, column)) = parser.next_event() {
-        match kind {
+    while let Some(event) = parser.next_event() {
+        match event.kind {
             unsafe_yaml::YAML_SEQUENCE_START_EVENT | unsafe_yaml::YAML_MAPPING_START_EVENT => {
                 depth += 1;
                 if depth > MAX_POLICY_DEPTH {
                     return Err(PolicyError::TooDeep {
                         file: file.to_path_buf(),
-                        line,
-                        column,
+                        line: event.line,
+                        column: event.column,
                         limit: MAX_POLICY_DEPTH,
                     });
                 }
@@ -122,6 +122,114 @@ pub fn check_depth(text: &str, file: &Path) -> Result<(), PolicyError> {
         }
     }
     Ok(())
+}
+
+/// The byte range of every sequence element, by the field path of its sequence (as
+/// serde_path_to_error spells it: `egress_policy.allowed_destinations`). Element `i`'s range
+/// runs from the end of element `i - 1` (or the sequence's start) to its own end, so it holds
+/// the `- ` indicator of a block sequence. Empty when the text is not well-formed YAML.
+pub fn element_spans(text: &str) -> std::collections::HashMap<String, Vec<(usize, usize)>> {
+    enum Frame {
+        Map {
+            path: String,
+            key: Option<String>,
+            at_key: bool,
+        },
+        Seq {
+            path: String,
+            prev_end: usize,
+        },
+    }
+    fn child_path(
+        frames: &[Frame],
+        spans: &std::collections::HashMap<String, Vec<(usize, usize)>>,
+    ) -> String {
+        match frames.last() {
+            Some(Frame::Map { path, key, .. }) => {
+                let key = key.as_deref().unwrap_or("?");
+                if path.is_empty() {
+                    key.to_owned()
+                } else {
+                    format!("{path}.{key}")
+                }
+            }
+            Some(Frame::Seq { path, .. }) => {
+                let i = spans.get(path).map_or(0, Vec::len);
+                format!("{path}[{i}]")
+            }
+            None => String::new(),
+        }
+    }
+    fn completed(
+        frames: &mut [Frame],
+        spans: &mut std::collections::HashMap<String, Vec<(usize, usize)>>,
+        end: usize,
+        scalar: Option<String>,
+    ) {
+        match frames.last_mut() {
+            Some(Frame::Map { key, at_key, .. }) => {
+                if *at_key {
+                    *key = scalar;
+                }
+                *at_key = !*at_key;
+            }
+            Some(Frame::Seq { path, prev_end }) => {
+                spans
+                    .entry(path.clone())
+                    .or_default()
+                    .push((*prev_end, end));
+                *prev_end = end;
+            }
+            None => {}
+        }
+    }
+    let mut spans = std::collections::HashMap::new();
+    let mut frames: Vec<Frame> = Vec::new();
+    let mut parser = Parser::new(text);
+    while let Some(event) = parser.next_event() {
+        match event.kind {
+            unsafe_yaml::YAML_MAPPING_START_EVENT => {
+                let path = child_path(&frames, &spans);
+                frames.push(Frame::Map {
+                    path,
+                    key: None,
+                    at_key: true,
+                });
+            }
+            unsafe_yaml::YAML_SEQUENCE_START_EVENT => {
+                let path = child_path(&frames, &spans);
+                spans.entry(path.clone()).or_default();
+                frames.push(Frame::Seq {
+                    path,
+                    prev_end: event.start,
+                });
+            }
+            unsafe_yaml::YAML_MAPPING_END_EVENT | unsafe_yaml::YAML_SEQUENCE_END_EVENT => {
+                frames.pop();
+                completed(&mut frames, &mut spans, event.end, None);
+            }
+            unsafe_yaml::YAML_SCALAR_EVENT | unsafe_yaml::YAML_ALIAS_EVENT => {
+                completed(&mut frames, &mut spans, event.end, event.scalar);
+            }
+            unsafe_yaml::YAML_STREAM_END_EVENT => return spans,
+            _ => {}
+        }
+    }
+    // A syntax error: no recovery on a text that does not parse.
+    std::collections::HashMap::new()
+}
+
+/// One parser event.
+struct Event {
+    kind: unsafe_yaml::yaml_event_type_t,
+    /// 1-based position of its start.
+    line: usize,
+    column: usize,
+    /// Byte offsets of its start and end.
+    start: usize,
+    end: usize,
+    /// A scalar's value.
+    scalar: Option<String>,
 }
 
 /// libyaml's event parser over borrowed text (the one serde_norway uses, driven directly
@@ -158,15 +266,15 @@ impl<'a> Parser<'a> {
         }
     }
 
-    /// The next event's kind and 1-based line and column; `None` at an error (or when the
-    /// parser could not be set up).
-    fn next_event(&mut self) -> Option<(unsafe_yaml::yaml_event_type_t, usize, usize)> {
+    /// The next event; `None` at an error (or when the parser could not be set up).
+    fn next_event(&mut self) -> Option<Event> {
         if !self.live {
             return None;
         }
         let mut event = MaybeUninit::<unsafe_yaml::yaml_event_t>::uninit();
-        // SAFETY: the parser was initialized (`live`); parse fills `event` when it succeeds,
-        // and the event is read and then deleted exactly once.
+        // SAFETY: the parser was initialized (`live`); parse fills `event` when it succeeds;
+        // the scalar union member is read only for a scalar event, within its length; the
+        // event is deleted exactly once, after it was read.
         unsafe {
             if !unsafe_yaml::yaml_parser_parse(self.sys.as_mut_ptr(), event.as_mut_ptr()).ok {
                 self.live = false;
@@ -175,14 +283,26 @@ impl<'a> Parser<'a> {
             let e = event.as_mut_ptr();
             let kind = (*e).type_;
             let mark = (*e).start_mark;
+            let end = (*e).end_mark;
+            let scalar = (kind == unsafe_yaml::YAML_SCALAR_EVENT).then(|| {
+                let s = (*e).data.scalar;
+                let len = usize::try_from(s.length).unwrap_or(0);
+                if s.value.is_null() {
+                    String::new()
+                } else {
+                    String::from_utf8_lossy(std::slice::from_raw_parts(s.value, len)).into_owned()
+                }
+            });
             unsafe_yaml::yaml_event_delete(e);
-            let line = usize::try_from(mark.line)
-                .unwrap_or(usize::MAX)
-                .saturating_add(1);
-            let column = usize::try_from(mark.column)
-                .unwrap_or(usize::MAX)
-                .saturating_add(1);
-            Some((kind, line, column))
+            let n = |v: u64| usize::try_from(v).unwrap_or(usize::MAX);
+            Some(Event {
+                kind,
+                line: n(mark.line).saturating_add(1),
+                column: n(mark.column).saturating_add(1),
+                start: n(mark.index),
+                end: n(end.index),
+                scalar,
+            })
         }
     }
 }

@@ -7,12 +7,14 @@
 
 pub mod aws;
 mod bounds;
+mod collect;
 mod error;
 mod model;
 mod parse;
 mod support;
 
-pub use bounds::{MAX_POLICY_BYTES, MAX_POLICY_DEPTH};
+pub use bounds::{MAX_POLICY_BYTES, MAX_POLICY_DEPTH, read_policy_text};
+pub use collect::{MAX_REPORTED, all_errors};
 pub use error::PolicyError;
 pub use model::*;
 pub use parse::{load_file, parse_str};
