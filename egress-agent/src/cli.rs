@@ -154,6 +154,10 @@ pub struct ExecArgs {
     /// default PATH and what --env names) instead of the agent's.
     #[arg(long)]
     pub env_clear: bool,
+    /// Seconds the workload has to exit after a forwarded SIGTERM or SIGINT; then every
+    /// process in its cgroup is killed (cgroup.kill) and the agent exits 137.
+    #[arg(long, value_name = "SECS", default_value_t = 10)]
+    pub stop_timeout: u64,
     #[command(flatten)]
     pub dns: DnsArgs,
     #[command(flatten)]

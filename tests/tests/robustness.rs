@@ -380,3 +380,75 @@ fn without_root_exec_and_run_say_what_is_needed() {
         );
     }
 }
+
+/// `exec` forwards SIGTERM; a workload that ignores it is killed with its whole cgroup once
+/// `--stop-timeout` has passed, and the agent exits 137 within that bound. A workload that
+/// does stop exits on the signal (143) without waiting for the timeout.
+#[test]
+fn a_workload_that_ignores_sigterm_is_killed_after_the_stop_timeout() {
+    let Some(tb) = Testbed::for_test(Path::new(PROBE)) else {
+        return;
+    };
+    let policy = PolicyYaml::new().allow_cidr("198.18.0.2/32", &[8443], &["tcp"]);
+    let sync = tb.sync_dir().unwrap();
+    for (ignores, code, within) in [
+        (true, 137, Duration::from_secs(2)..Duration::from_secs(6)),
+        (false, 143, Duration::ZERO..Duration::from_secs(2)),
+    ] {
+        let ready = sync.path().join(format!("ready-{ignores}"));
+        let mut ops = Vec::new();
+        if ignores {
+            ops.push("ignore-sigterm".to_owned());
+        }
+        ops.push(format!("touch {}", ready.display()));
+        ops.push("sleep 60000".to_owned());
+        let run = tb
+            .agent(&policy)
+            .unwrap()
+            .json_log()
+            .agent_arg("--stop-timeout")
+            .agent_arg("2")
+            .args(&ops);
+        let mut cmd = run.command();
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        tb.client().run_in(&mut cmd);
+        let mut agent = cmd.spawn().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !ready.exists() {
+            assert!(Instant::now() < deadline, "the workload did not start");
+            assert!(
+                agent.try_wait().unwrap().is_none(),
+                "the agent exited early"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let signalled = Instant::now();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(i32::try_from(agent.id()).unwrap()),
+            Signal::SIGTERM,
+        )
+        .unwrap();
+        let status = loop {
+            if let Some(status) = agent.try_wait().unwrap() {
+                break status;
+            }
+            if signalled.elapsed() > Duration::from_secs(20) {
+                let _ = agent.kill();
+                panic!("the agent did not exit within 20 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let took = signalled.elapsed();
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(&mut agent.stderr.take().unwrap(), &mut stderr).unwrap();
+        assert_eq!(status.code(), Some(code), "{stderr}");
+        assert!(within.contains(&took), "exited after {took:?}\n{stderr}");
+        assert_eq!(
+            stderr.contains("did not exit within --stop-timeout"),
+            ignores,
+            "{stderr}"
+        );
+    }
+}
