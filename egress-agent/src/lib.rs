@@ -8,6 +8,7 @@
 
 pub mod bpf_sys;
 pub mod bpffs;
+pub mod capacity;
 pub mod cgroup;
 pub mod check;
 pub mod cli;

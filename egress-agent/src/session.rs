@@ -35,6 +35,8 @@ pub enum SessionError {
     #[error(transparent)]
     IpRanges(#[from] crate::dns::ip_ranges::IpRangesError),
     #[error(transparent)]
+    Capacity(#[from] crate::capacity::CapacityError),
+    #[error(transparent)]
     Resolve(#[from] ResolveError),
     #[error(transparent)]
     Enforcer(#[from] EnforcerError),
@@ -57,7 +59,8 @@ impl SessionError {
         match self {
             SessionError::Policy(_)
             | SessionError::Unsupported { .. }
-            | SessionError::IpRanges(_) => exit::CONFIG,
+            | SessionError::IpRanges(_)
+            | SessionError::Capacity(_) => exit::CONFIG,
             SessionError::Resolve(
                 ResolveError::ReadConf { .. }
                 | ResolveError::ParseConf { .. }
@@ -78,6 +81,7 @@ pub fn load_policy(path: &Path) -> Result<Policy, SessionError> {
             items,
         });
     }
+    crate::capacity::check(&policy, path)?;
     Ok(policy)
 }
 

@@ -17,8 +17,8 @@ use unsafe_libyaml_norway as unsafe_yaml;
 
 use super::error::PolicyError;
 
-/// Largest policy file accepted, in bytes. A policy at the kernel maps' capacity (see
-/// docs/policy.md, "Limits") takes well under this.
+/// Largest policy file accepted, in bytes: about what a policy at the kernel maps' capacity
+/// (131072 allowed entries, see `capacity`) takes when written one entry per line.
 pub const MAX_POLICY_BYTES: u64 = 8 * 1024 * 1024;
 
 /// Deepest nesting of YAML mappings and sequences accepted. A policy needs six levels
