@@ -201,9 +201,19 @@ pub struct CheckArgs {
 /// Telemetry options shared by `exec` and `run`.
 #[derive(Debug, Clone, Args)]
 pub struct TelemetryArgs {
-    /// Serve Prometheus metrics at http://ADDR/metrics (for example 127.0.0.1:9464).
-    #[arg(long)]
-    pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Serve Prometheus metrics at /metrics and a health check at /healthz, over HTTP on
+    /// ADDR: HOST:PORT (for example 127.0.0.1:9464) or unix:/PATH, a Unix socket (for many
+    /// agents on one host; `{pid}` in PATH becomes the agent's process id).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_addr: Option<crate::scrape::MetricsAddr>,
+    /// Also write the metrics to FILE in the Prometheus text format, replaced atomically
+    /// every --metrics-textfile-interval seconds (for node_exporter's textfile collector;
+    /// `{pid}` becomes the agent's process id). Removed when the agent stops.
+    #[arg(long, value_name = "FILE")]
+    pub metrics_textfile: Option<PathBuf>,
+    /// Seconds between rewrites of --metrics-textfile.
+    #[arg(long, value_name = "SECS", default_value_t = 15)]
+    pub metrics_textfile_interval: u64,
     /// Seconds over which identical blocked attempts are folded into one "repeated N times"
     /// log line.
     #[arg(long, default_value_t = 5)]

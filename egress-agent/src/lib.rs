@@ -38,6 +38,7 @@ pub mod reload;
 pub mod report;
 pub mod resolve;
 pub mod run;
+pub mod scrape;
 pub mod session;
 pub mod status;
 pub mod workload;

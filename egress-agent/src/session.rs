@@ -379,7 +379,8 @@ pub struct Supervisor {
     events: Option<EventStream>,
     log: EventLog,
     metrics: Metrics,
-    server: Option<tokio::task::JoinHandle<()>>,
+    /// The metrics endpoint and textfile, when asked for.
+    outputs: Vec<crate::scrape::Output>,
     proxy: Arc<Proxy>,
     proxy_tasks: Vec<tokio::task::JoinHandle<()>>,
     liveness: Arc<Mutex<crate::dns::install::Liveness>>,
@@ -430,14 +431,28 @@ impl Supervisor {
             }
             None => None,
         };
-        let server = match telemetry.metrics_addr {
-            Some(addr) => Some(
-                crate::metrics::serve(addr, Arc::new(registry))
+        metrics.declare(&enforcer.policy().name);
+        let registry = Arc::new(registry);
+        let mut outputs = Vec::new();
+        if let Some(addr) = &telemetry.metrics_addr {
+            outputs.push(
+                crate::scrape::serve(addr, Arc::clone(&registry))
                     .await
                     .map_err(|e| SessionError::Other(Box::new(e)))?,
-            ),
-            None => None,
-        };
+            );
+        }
+        if let Some(path) = &telemetry.metrics_textfile {
+            let every = Duration::from_secs(telemetry.metrics_textfile_interval.max(1));
+            match crate::scrape::textfile(path, Arc::clone(&registry), every) {
+                Ok(out) => outputs.push(out),
+                Err(e) => {
+                    for out in outputs {
+                        out.stop();
+                    }
+                    return Err(SessionError::Other(Box::new(e)));
+                }
+            }
+        }
         let s = Supervisor {
             enforcer,
             resolver,
@@ -445,7 +460,7 @@ impl Supervisor {
             events,
             log: EventLog::new(Duration::from_secs(telemetry.log_window.max(1))),
             metrics,
-            server,
+            outputs,
             proxy,
             proxy_tasks,
             liveness,
@@ -629,6 +644,7 @@ impl Supervisor {
                     tracing::warn!(%error, "naming the new policy's resolvers to the kernel failed; queries to them may be reported as unauthorized");
                 }
                 self.proxy.update(name.clone(), upstream);
+                self.metrics.declare(&name);
                 self.metrics
                     .policy_loads
                     .get_or_create(&ResultLabels { result: "success" })
@@ -668,8 +684,8 @@ impl Supervisor {
             ),
             Err(error) => tracing::error!(%error, "reading the lost-events counter failed"),
         }
-        if let Some(server) = self.server.take() {
-            server.abort();
+        for out in self.outputs.drain(..) {
+            out.stop();
         }
         if let Some(publisher) = self.publisher.take() {
             publisher.abort();
