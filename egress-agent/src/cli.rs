@@ -32,7 +32,8 @@ pub enum LogFormat {
 pub enum Command {
     /// Run CMD in a fresh cgroup under the policy; exit with CMD's status.
     Exec(ExecArgs),
-    /// Protect an existing cgroup until SIGINT or SIGTERM.
+    /// Protect an existing cgroup; enforcement stays pinned after the agent stops, until
+    /// `detach`.
     Run(RunArgs),
     /// Validate a policy and print what it allows (exit 0), or the error (exit 78).
     Check(CheckArgs),

@@ -138,6 +138,7 @@ async fn supervise(
     loc.write(Kind::Exec, EXEC_SLOT, sup.enforcer.compiled().policy_id)?;
     sup.publish_recent(&loc.record);
     sup.enforcer.attach(cg.path()).map_err(SessionError::from)?;
+    sup.set_cgroup(cg.path());
     let mut watcher = Watcher::new(
         &args.policy,
         Duration::from_secs(args.reload.watch_interval.max(1)),

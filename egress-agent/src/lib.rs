@@ -41,4 +41,5 @@ pub mod run;
 pub mod scrape;
 pub mod session;
 pub mod status;
+pub mod walltime;
 pub mod workload;

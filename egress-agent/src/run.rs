@@ -81,6 +81,7 @@ pub async fn run(args: RunArgs) -> Result<u8, RunError> {
         let _ = loc.remove();
         return Err(SessionError::from(e).into());
     }
+    sup.set_cgroup(&path);
     loc.write(Kind::Run, slot, sup.enforcer.compiled().policy_id)?;
     sup.publish_recent(&loc.record);
     tracing::info!(cgroup = %path.display(), policy = %sup.enforcer.policy().name, pins = %loc.pins.display(),

@@ -471,6 +471,11 @@ impl Supervisor {
         Ok(s)
     }
 
+    /// Names the protected cgroup in the blocked-attempt log lines.
+    pub fn set_cgroup(&mut self, path: &Path) {
+        self.log.set_cgroup(path);
+    }
+
     /// Keeps the last blocked attempts in the file next to the instance record at `record`
     /// (for `status` and `explain-last`) while the supervisor runs.
     pub fn publish_recent(&mut self, record: &Path) {

@@ -610,3 +610,75 @@ fn many_exec_agents_each_have_their_own_metrics_socket_and_textfile() {
         .collect();
     assert!(left.is_empty(), "left behind: {left:?}");
 }
+
+/// A blocked attempt's line says when the kernel judged it (`attempt_time`, at or before the
+/// line's own `timestamp`) and names the protected cgroup's path.
+#[test]
+fn blocked_events_carry_the_attempt_time_and_the_cgroup_path() {
+    let Some(tb) = Testbed::for_test(Path::new(PROBE)) else {
+        return;
+    };
+    let policy = PolicyYaml::new().allow_cidr("198.18.0.2/32", &[8443], &["tcp"]);
+    let before = now_rfc3339();
+    let out = tb
+        .agent(&policy)
+        .unwrap()
+        .json_log()
+        .args(["connect tcp4 198.18.0.9 8443"])
+        .run_in(tb.client())
+        .unwrap();
+    out.assert_exit(0);
+    let line = out
+        .stderr
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["event"] == "egress_blocked" && v["dst.ip"] == "198.18.0.9")
+        .unwrap_or_else(|| panic!("no blocked event\n{}", out.describe()));
+    let at = line["attempt_time"].as_str().unwrap_or_default();
+    let logged = line["timestamp"].as_str().unwrap_or_default();
+    assert_eq!(at.len(), "2026-01-01T00:00:00.000000Z".len(), "{line}");
+    assert!(
+        before.as_str() <= at && at <= logged,
+        "{before} <= {at} <= {logged}\n{line}"
+    );
+    let cgroup = line["cgroup.path"].as_str().unwrap_or_default();
+    let parent = tb.cgroups.path().display().to_string();
+    assert!(
+        cgroup.starts_with(&format!("{parent}/exec-")),
+        "{cgroup} is not an exec cgroup under {parent}\n{line}"
+    );
+}
+
+/// Now in the log's own format.
+fn now_rfc3339() -> String {
+    let out = Command::new("date")
+        .args(["-u", "+%Y-%m-%dT%H:%M:%S.%6NZ"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// Text logs to a pipe or file carry no colour codes.
+#[test]
+fn text_logs_to_a_pipe_have_no_colour_codes() {
+    let out = Command::new(agent_bin().unwrap())
+        .args([
+            "--log-format",
+            "text",
+            "exec",
+            "--policy",
+            "/nonexistent/egress.yaml",
+            "--",
+            "/bin/true",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{stderr}");
+    assert!(
+        stderr.contains("cannot read the policy file: No such file or directory"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains('\u{1b}'), "colour codes in {stderr:?}");
+}
