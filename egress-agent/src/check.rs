@@ -26,10 +26,19 @@ impl CheckError {
     }
 }
 
+/// What `check` says about a policy it accepts.
+#[derive(Debug)]
+pub struct Checked {
+    /// For stdout: the summary and the name judgements.
+    pub text: String,
+    /// For stderr: likely mistakes (`lint`), each `FILE: warning: ...`.
+    pub warnings: Vec<String>,
+}
+
 /// The text to print for a policy that this version can enforce, followed by how the DNS
-/// proxy would judge each of `names`. A policy with errors in several entries gets all of
-/// them (up to `policy::MAX_REPORTED`).
-pub fn check(path: &Path, names: &[String]) -> Result<String, CheckError> {
+/// proxy would judge each of `names`, and its warnings. A policy with errors in several
+/// entries gets all of them (up to `policy::MAX_REPORTED`).
+pub fn check(path: &Path, names: &[String]) -> Result<Checked, CheckError> {
     let policy = match session::load_policy(path) {
         Ok(p) => p,
         Err(SessionError::Policy(first @ PolicyError::Invalid { .. })) => {
@@ -48,12 +57,16 @@ pub fn check(path: &Path, names: &[String]) -> Result<String, CheckError> {
     if !text.ends_with('\n') {
         text.push('\n');
     }
+    let warnings = crate::lint::warnings(&policy)
+        .into_iter()
+        .map(|w| format!("{}: warning: {w}", path.display()))
+        .collect();
     let view = NamePolicy::new(Arc::new(policy));
     for name in names {
         text.push_str(&judge_name(&view, name));
         text.push('\n');
     }
-    Ok(text)
+    Ok(Checked { text, warnings })
 }
 
 /// One line: the name, its AWS classification, and the proxy's decision without
@@ -186,7 +199,7 @@ mod tests {
         )
         .unwrap_or_else(|e| panic!("{e}"));
         let e = match check(&p, &[]) {
-            Ok(t) => panic!("{t}"),
+            Ok(t) => panic!("{}", t.text),
             Err(e) => e,
         };
         assert_eq!(e.exit_code(), 78);
@@ -210,7 +223,7 @@ mod tests {
             "/../policies/mcp-net-02-example.yaml"
         ));
         let text = match check(path, &["s3.us-east-1.amazonaws.com".to_owned()]) {
-            Ok(t) => t,
+            Ok(t) => t.text,
             Err(e) => panic!("{e}"),
         };
         assert!(text.contains(": OK\n"), "{text}");

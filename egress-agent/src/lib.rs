@@ -23,6 +23,7 @@ pub mod exec;
 pub mod exit;
 pub mod inbound;
 pub mod instance;
+pub mod lint;
 pub mod loader;
 pub mod logging;
 pub mod maps;

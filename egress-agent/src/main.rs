@@ -56,8 +56,11 @@ fn main() -> ExitCode {
                 args.json,
             )),
             cli::Command::Check(args) => match check::check(&args.file, &args.names) {
-                Ok(text) => {
-                    let _ = std::io::stdout().write_all(text.as_bytes());
+                Ok(checked) => {
+                    let _ = std::io::stdout().write_all(checked.text.as_bytes());
+                    for w in &checked.warnings {
+                        let _ = writeln!(std::io::stderr(), "{w}");
+                    }
                     exit::OK
                 }
                 Err(e) => {

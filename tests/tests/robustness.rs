@@ -682,3 +682,59 @@ fn text_logs_to_a_pipe_have_no_colour_codes() {
     );
     assert!(!stderr.contains('\u{1b}'), "colour codes in {stderr:?}");
 }
+
+/// What `check`'s loopback warning advises works: with `allow_loopback: false`, an entry for
+/// 127.0.0.1 on one port allows that local port (here nothing listens: ECONNREFUSED from the
+/// kernel's TCP, not EPERM from the policy) and no other.
+#[test]
+fn loopback_can_be_limited_to_the_ports_an_entry_allows() {
+    let Some(tb) = Testbed::for_test(Path::new(PROBE)) else {
+        return;
+    };
+    let policy =
+        PolicyYaml::new()
+            .allow_loopback(false)
+            .allow_cidr("127.0.0.1/32", &[5432], &["tcp"]);
+    let out = tb
+        .agent(&policy)
+        .unwrap()
+        .json_log()
+        .args(["connect tcp4 127.0.0.1 5432", "connect tcp4 127.0.0.1 8080"])
+        .run_in(tb.client())
+        .unwrap();
+    out.assert_exit(0);
+    out.assert_errno("connect tcp4 127.0.0.1 5432", libc::ECONNREFUSED);
+    out.assert_errno("connect tcp4 127.0.0.1 8080", libc::EPERM);
+}
+
+/// `check` passes a legal but suspicious policy (exit 0, the summary on stdout) and prints
+/// its warnings on stderr.
+#[test]
+fn check_warns_on_stderr_and_still_exits_0() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("wide.yaml");
+    std::fs::write(
+        &path,
+        PolicyYaml::new()
+            .allow_cidr("0.0.0.0/0", &[443], &["tcp"])
+            .render(),
+    )
+    .unwrap();
+    let out = Command::new(agent_bin().unwrap())
+        .arg("check")
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(
+        stdout.contains(": OK\n") && !stdout.contains("warning"),
+        "{stdout}"
+    );
+    let prefix = format!(
+        "{}: warning: egress_policy.allowed_destinations[0]: `0.0.0.0/0` allows every IPv4 address",
+        path.display()
+    );
+    assert!(stderr.lines().any(|l| l.starts_with(&prefix)), "{stderr}");
+}
