@@ -80,7 +80,8 @@ pub enum ScrapeError {
     },
 }
 
-/// A running metrics output; `stop` ends it and removes the socket or file it made.
+/// A running metrics output; stopping (or dropping) it ends it and removes the socket or
+/// file it made.
 #[derive(Debug)]
 pub struct Output {
     task: tokio::task::JoinHandle<()>,
@@ -89,8 +90,14 @@ pub struct Output {
 
 impl Output {
     pub fn stop(self) {
+        drop(self);
+    }
+}
+
+impl Drop for Output {
+    fn drop(&mut self) {
         self.task.abort();
-        if let Some(path) = self.remove
+        if let Some(path) = self.remove.take()
             && let Err(error) = std::fs::remove_file(&path)
             && error.kind() != std::io::ErrorKind::NotFound
         {

@@ -220,7 +220,7 @@ fn hostile_policy_reloads_never_stall_the_workloads_dns_or_connects() {
         });
         refusals += 1;
         agent.wait_for("policy reload refused", refusals);
-        // Just under the size cap, parsed in full before it is refused.
+        // A large file (8 MiB, half the size cap), parsed in full before it is refused.
         replace(&path, |p| {
             std::fs::write(p, large_but_refused(8 * 1024 * 1024 - 4096)).unwrap();
         });

@@ -17,9 +17,10 @@ use unsafe_libyaml_norway as unsafe_yaml;
 
 use super::error::PolicyError;
 
-/// Largest policy file accepted, in bytes: about what a policy at the kernel maps' capacity
-/// (131072 allowed entries, see `capacity`) takes when written one entry per line.
-pub const MAX_POLICY_BYTES: u64 = 8 * 1024 * 1024;
+/// Largest policy file accepted, in bytes: room for a policy at the kernel maps' capacity
+/// (131072 allowed entries, see `capacity`) written one entry per line in up to 128 bytes.
+/// Parsing a file this size takes a few seconds, on a worker thread.
+pub const MAX_POLICY_BYTES: u64 = 16 * 1024 * 1024;
 
 /// Deepest nesting of YAML mappings and sequences accepted. A policy needs six levels
 /// (`egress_policy` > `allowed_destinations` > entry > `restrictions` > `regions` > item);
@@ -374,7 +375,7 @@ mod tests {
         text.push_str(&"#".repeat(pad));
         std::fs::write(&p, &text).unwrap();
         let e = refused(&p);
-        assert!(e.contains("larger than 8388608 bytes"), "{e}");
+        assert!(e.contains("larger than 16777216 bytes"), "{e}");
         assert!(e.contains("MAX_POLICY_BYTES"), "{e}");
         // One byte less is read (and parsed: the padding is a comment).
         text.pop();
