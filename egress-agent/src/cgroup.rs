@@ -104,6 +104,12 @@ impl WorkloadCgroup {
     pub fn remove(self, wait: Duration) -> Result<(), CgroupError> {
         remove_path(&self.path, wait)
     }
+
+    /// SIGKILL to every process in the cgroup (`cgroup.kill`), without waiting.
+    pub fn kill(&self) -> Result<(), CgroupError> {
+        let kill = self.path.join("cgroup.kill");
+        fs::write(&kill, b"1").map_err(io("writing", &kill))
+    }
 }
 
 /// Kills everything in the cgroup at `path`, waits (bounded) for it to empty, removes it.

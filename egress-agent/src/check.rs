@@ -5,23 +5,68 @@ use std::path::Path;
 use std::sync::Arc;
 
 use crate::dns::install::{NameDecision, NamePolicy, restriction_detail};
-use crate::policy::{Policy, aws};
+use crate::policy::{Policy, PolicyError, aws};
 use crate::session::{self, SessionError};
 
+#[derive(Debug, thiserror::Error)]
+pub enum CheckError {
+    #[error(transparent)]
+    Session(#[from] SessionError),
+    /// Several entries are invalid: each error on its own line.
+    #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
+    Policy(Vec<PolicyError>),
+}
+
+impl CheckError {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            CheckError::Session(e) => e.exit_code(),
+            CheckError::Policy(_) => crate::exit::CONFIG,
+        }
+    }
+}
+
+/// What `check` says about a policy it accepts.
+#[derive(Debug)]
+pub struct Checked {
+    /// For stdout: the summary and the name judgements.
+    pub text: String,
+    /// For stderr: likely mistakes (`lint`), each `FILE: warning: ...`.
+    pub warnings: Vec<String>,
+}
+
 /// The text to print for a policy that this version can enforce, followed by how the DNS
-/// proxy would judge each of `names`.
-pub fn check(path: &Path, names: &[String]) -> Result<String, SessionError> {
-    let policy = session::load_policy(path)?;
+/// proxy would judge each of `names`, and its warnings. A policy with errors in several
+/// entries gets all of them (up to `policy::MAX_REPORTED`).
+pub fn check(path: &Path, names: &[String]) -> Result<Checked, CheckError> {
+    let policy = match session::load_policy(path) {
+        Ok(p) => p,
+        Err(SessionError::Policy(first @ PolicyError::Invalid { .. })) => {
+            let all = crate::policy::read_policy_text(path)
+                .map(|text| crate::policy::all_errors(&text, path))
+                .unwrap_or_default();
+            return Err(if all.len() > 1 {
+                CheckError::Policy(all)
+            } else {
+                SessionError::Policy(first).into()
+            });
+        }
+        Err(e) => return Err(e.into()),
+    };
     let mut text = format!("{}: OK\n{}", path.display(), policy.summary());
     if !text.ends_with('\n') {
         text.push('\n');
     }
+    let warnings = crate::lint::warnings(&policy)
+        .into_iter()
+        .map(|w| format!("{}: warning: {w}", path.display()))
+        .collect();
     let view = NamePolicy::new(Arc::new(policy));
     for name in names {
         text.push_str(&judge_name(&view, name));
         text.push('\n');
     }
-    Ok(text)
+    Ok(Checked { text, warnings })
 }
 
 /// One line: the name, its AWS classification, and the proxy's decision without
@@ -142,13 +187,43 @@ mod tests {
     }
 
     #[test]
+    fn check_reports_the_errors_of_every_entry() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let p = dir.path().join("p.yaml");
+        std::fs::write(
+            &p,
+            "egress_policy:\n  default_action: DENY\n  allowed_destinations:\n    - cidr: \
+             10.0.0.0/33\n      ports: [443]\n      protocols: [tcp]\n    - host: ok.example.com\n      \
+             ports: [443]\n      protocols: [tcp]\n    - cidr: 10.0.0.0/8\n      ports: [70000]\n      \
+             protocols: [tcp]\n",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let e = match check(&p, &[]) {
+            Ok(t) => panic!("{}", t.text),
+            Err(e) => e,
+        };
+        assert_eq!(e.exit_code(), 78);
+        let text = e.to_string();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        assert!(
+            lines[0].contains(":4:13: egress_policy.allowed_destinations[0].cidr"),
+            "{text}"
+        );
+        assert!(
+            lines[1].contains(":11:15: egress_policy.allowed_destinations[2].ports"),
+            "{text}"
+        );
+    }
+
+    #[test]
     fn check_prints_the_summary_and_the_names() {
         let path = Path::new(concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/../policies/mcp-net-02-example.yaml"
         ));
         let text = match check(path, &["s3.us-east-1.amazonaws.com".to_owned()]) {
-            Ok(t) => t,
+            Ok(t) => t.text,
             Err(e) => panic!("{e}"),
         };
         assert!(text.contains(": OK\n"), "{text}");

@@ -32,7 +32,8 @@ pub enum LogFormat {
 pub enum Command {
     /// Run CMD in a fresh cgroup under the policy; exit with CMD's status.
     Exec(ExecArgs),
-    /// Protect an existing cgroup until SIGINT or SIGTERM.
+    /// Protect an existing cgroup; enforcement stays pinned after the agent stops, until
+    /// `detach`.
     Run(RunArgs),
     /// Validate a policy and print what it allows (exit 0), or the error (exit 78).
     Check(CheckArgs),
@@ -74,6 +75,9 @@ pub struct LearnArgs {
     /// Start the workload with an empty environment (as for exec).
     #[arg(long)]
     pub env_clear: bool,
+    /// Seconds the workload has to exit after a forwarded SIGTERM or SIGINT (as for exec).
+    #[arg(long, value_name = "SECS", default_value_t = 10)]
+    pub stop_timeout: u64,
     #[command(flatten)]
     pub dns: DnsArgs,
     #[command(flatten)]
@@ -98,6 +102,7 @@ impl LearnArgs {
             env: self.env.clone(),
             env_clear: self.env_clear,
             mode: Some(ModeArg::Audit),
+            stop_timeout: self.stop_timeout,
             dns: self.dns.clone(),
             telemetry: self.telemetry.clone(),
             reload: self.reload.clone(),
@@ -238,6 +243,10 @@ pub struct ExecArgs {
     /// `mode: enforce` is never run in audit. Default: the policy's mode, else enforce.
     #[arg(long, value_enum)]
     pub mode: Option<ModeArg>,
+    /// Seconds the workload has to exit after a forwarded SIGTERM or SIGINT; then every
+    /// process in its cgroup is killed (cgroup.kill) and the agent exits 137.
+    #[arg(long, value_name = "SECS", default_value_t = 10)]
+    pub stop_timeout: u64,
     #[command(flatten)]
     pub dns: DnsArgs,
     #[command(flatten)]
@@ -290,9 +299,19 @@ pub struct CheckArgs {
 /// Telemetry options shared by `exec` and `run`.
 #[derive(Debug, Clone, Args)]
 pub struct TelemetryArgs {
-    /// Serve Prometheus metrics at http://ADDR/metrics (for example 127.0.0.1:9464).
-    #[arg(long)]
-    pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Serve Prometheus metrics at /metrics and a health check at /healthz, over HTTP on
+    /// ADDR: HOST:PORT (for example 127.0.0.1:9464) or unix:/PATH, a Unix socket (for many
+    /// agents on one host; `{pid}` in PATH becomes the agent's process id).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_addr: Option<crate::scrape::MetricsAddr>,
+    /// Also write the metrics to FILE in the Prometheus text format, replaced atomically
+    /// every --metrics-textfile-interval seconds (for node_exporter's textfile collector;
+    /// `{pid}` becomes the agent's process id). Removed when the agent stops.
+    #[arg(long, value_name = "FILE")]
+    pub metrics_textfile: Option<PathBuf>,
+    /// Seconds between rewrites of --metrics-textfile.
+    #[arg(long, value_name = "SECS", default_value_t = 15)]
+    pub metrics_textfile_interval: u64,
     /// Seconds over which identical blocked attempts are folded into one "repeated N times"
     /// log line.
     #[arg(long, default_value_t = 5)]

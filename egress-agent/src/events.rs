@@ -322,6 +322,8 @@ pub struct EventLog {
     /// Lines written and lines saved by collapsing, for metrics.
     pub lines: u64,
     pub collapsed: u64,
+    /// The protected cgroup (the events' cgroup or an ancestor of it), for `cgroup.path`.
+    cgroup: Option<String>,
 }
 
 impl EventLog {
@@ -334,7 +336,13 @@ impl EventLog {
             cmdlines: HashMap::new(),
             lines: 0,
             collapsed: 0,
+            cgroup: None,
         }
+    }
+
+    /// Names the protected cgroup in every line from now on.
+    pub fn set_cgroup(&mut self, path: &std::path::Path) {
+        self.cgroup = Some(path.display().to_string());
     }
 
     /// When the current window closes.
@@ -462,6 +470,9 @@ impl EventLog {
             comm = task.then(|| b.comm()),
             cmdline = cmdline,
             cgroup.id = b.event.cgroup_id,
+            cgroup.path = self.cgroup.as_deref(),
+            // When the kernel judged the attempt (`timestamp` is when this line was written).
+            attempt_time = crate::walltime::boot_to_unix_ns(b.event.boot_ns).map(crate::walltime::rfc3339),
             slot = b.event.slot,
             repeated,
             window_secs = repeated.map(|_| self.window.as_secs_f64()),

@@ -28,6 +28,8 @@ pub enum ExecError {
     Workload(#[from] WorkloadError),
     #[error(transparent)]
     Instance(#[from] InstanceError),
+    #[error(transparent)]
+    Privilege(#[from] crate::privilege::PrivilegeError),
     #[error("user {0:?} does not exist")]
     NoSuchUser(String),
     #[error("looking up user {name:?}: {source}")]
@@ -56,6 +58,8 @@ impl ExecError {
     pub fn exit_code(&self) -> u8 {
         match self {
             ExecError::Session(e) => e.exit_code(),
+            ExecError::Workload(e) => e.exit_code(),
+            ExecError::Privilege(_) => exit::FAILURE,
             ExecError::NoSuchUser(_) | ExecError::RootWorkload | ExecError::Netns { .. } => {
                 exit::USAGE
             }
@@ -84,6 +88,7 @@ pub async fn run_with(
 ) -> Result<u8, ExecError> {
     let (creds, account) = credentials(args.user.as_deref())?;
     let mode = args.mode.map(crate::policy::Mode::from);
+    crate::privilege::require("exec")?;
     if args.kernel.packet_check == crate::cli::PacketCheck::Always {
         crate::mip6::check_always();
     }
@@ -161,6 +166,7 @@ async fn supervise(
     sup.publish_recent(&loc.record);
     sup.enforcer.attach(cg.path()).map_err(SessionError::from)?;
     clock.attach = clock.lap();
+    sup.set_cgroup(cg.path());
     let mut watcher = Watcher::new(
         &args.policy,
         Duration::from_secs(args.reload.watch_interval.max(1)),
@@ -220,11 +226,38 @@ async fn supervise(
             unsafe { libc::kill(pid as libc::pid_t, sig) };
         }
     };
+    let stop_timeout = Duration::from_secs(args.stop_timeout);
+    // Set by the first forwarded stop signal: a workload that ignores it must not keep the
+    // agent (and its MCP client) waiting for ever.
+    let mut kill_at: Option<tokio::time::Instant> = None;
+    let mut killed = false;
     let status = loop {
+        let deadline = async {
+            match kill_at {
+                Some(t) => tokio::time::sleep_until(t).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             status = child.wait() => break status.map_err(ExecError::Wait)?,
-            _ = sigint.recv() => forward(libc::SIGINT),
-            _ = sigterm.recv() => forward(libc::SIGTERM),
+            _ = sigint.recv() => {
+                forward(libc::SIGINT);
+                kill_at.get_or_insert_with(|| tokio::time::Instant::now() + stop_timeout);
+            }
+            _ = sigterm.recv() => {
+                forward(libc::SIGTERM);
+                kill_at.get_or_insert_with(|| tokio::time::Instant::now() + stop_timeout);
+            }
+            () = deadline, if !killed => {
+                tracing::warn!(pid, cgroup = %cgroup_path.display(), stop_timeout_secs = args.stop_timeout,
+                    "the workload did not exit within --stop-timeout of the stop signal; killing every process in its cgroup");
+                if let Err(error) = cg.kill() {
+                    tracing::error!(%error, "killing the workload's cgroup failed");
+                }
+                // Once: the wait for the workload goes on, and whatever is left is killed
+                // again when the cgroup is removed.
+                killed = true;
+            }
             _ = sigquit.recv() => forward(libc::SIGQUIT),
             _ = sighup.recv() => {
                 watcher.mark_seen();

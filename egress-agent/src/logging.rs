@@ -24,8 +24,10 @@ pub fn init(format: Option<LogFormat>, filter: &str) -> Result<(), LogError> {
     } else {
         LogFormat::Json
     });
+    // Colour codes only for a person at a terminal: in a file or a journal they are noise.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(env)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     let result = match format {
         LogFormat::Json => builder

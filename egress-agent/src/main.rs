@@ -5,7 +5,7 @@ use std::io::Write as _;
 use std::process::ExitCode;
 
 use clap::Parser as _;
-use egress_agent::{check, cli, detach, exec, exit, explain, learn, logging, run, status};
+use egress_agent::{check, cli, detach, exec, exit, explain, learn, logging, report, run, status};
 
 fn main() -> ExitCode {
     let cli = match cli::Cli::try_parse() {
@@ -64,12 +64,15 @@ fn main() -> ExitCode {
                 e.exit_code()
             }
             cli::Command::Check(args) => match check::check(&args.file, &args.names) {
-                Ok(text) => {
-                    let _ = std::io::stdout().write_all(text.as_bytes());
+                Ok(checked) => {
+                    let _ = std::io::stdout().write_all(checked.text.as_bytes());
+                    for w in &checked.warnings {
+                        let _ = writeln!(std::io::stderr(), "{w}");
+                    }
                     explain_or_fail(&args.file, &args.explain)
                 }
                 Err(e) => {
-                    let _ = writeln!(std::io::stderr(), "{e}");
+                    let _ = writeln!(std::io::stderr(), "{}", report::chain(&e));
                     e.exit_code()
                 }
             },
@@ -106,13 +109,7 @@ fn explain_or_fail(file: &std::path::Path, queries: &[String]) -> u8 {
 }
 
 fn fail(e: &dyn std::error::Error, code: u8) -> u8 {
-    let mut chain = e.to_string();
-    let mut src = e.source();
-    while let Some(s) = src {
-        chain.push_str(": ");
-        chain.push_str(&s.to_string());
-        src = s.source();
-    }
+    let chain = report::chain(e);
     tracing::error!(error = %chain, exit_code = code, "egress-agent failed");
     code
 }

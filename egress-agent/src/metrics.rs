@@ -3,9 +3,7 @@
 //! protocol, result) — never an address or a host name. docs/metrics.md lists every metric.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
 
 use prometheus_client::{
     collector::Collector,
@@ -16,9 +14,23 @@ use prometheus_client::{
     },
     registry::Registry,
 };
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use crate::counters::{Counters, proto_name};
+
+/// The `result` values of `egress_dns_queries_total` (docs/metrics.md).
+pub const DNS_QUERY_RESULTS: [&str; 11] = [
+    "allowed",
+    "not_allowed",
+    "denied",
+    "doh_provider",
+    "restriction_region",
+    "restriction_service",
+    "restriction_unclassified",
+    "restriction_address",
+    "rate_limited",
+    "malformed",
+    "upstream_failure",
+];
 
 /// What the collector knows about each slot it reports.
 #[derive(Clone, Debug, Default)]
@@ -336,6 +348,34 @@ impl Metrics {
         (m, registry)
     }
 
+    /// Every labelled series of `policy` at zero, so that each metric is in the exposition
+    /// from the start (a rate over a series that appears at its first increment misses that
+    /// increment, and an absent series cannot be told from a broken exporter).
+    pub fn declare(&self, policy: &str) {
+        let p = || PolicyLabels {
+            policy: policy.to_owned(),
+        };
+        for result in DNS_QUERY_RESULTS {
+            drop(self.dns.queries.get_or_create(&PolicyResultLabels {
+                policy: policy.to_owned(),
+                result,
+            }));
+        }
+        for result in ["success", "failure"] {
+            drop(self.policy_loads.get_or_create(&ResultLabels { result }));
+            drop(self.dns_refreshes.get_or_create(&PolicyResultLabels {
+                policy: policy.to_owned(),
+                result,
+            }));
+        }
+        drop(self.dns.rebinding_blocked.get_or_create(&p()));
+        drop(self.dns.address_cap.get_or_create(&p()));
+        drop(self.dns.learned.get_or_create(&p()));
+        drop(self.dns.aws_unproven.get_or_create(&p()));
+        drop(self.log_lines.get_or_create(&p()));
+        drop(self.events_collapsed.get_or_create(&p()));
+    }
+
     /// Registers (or updates) what a slot reports.
     pub fn set_slot(&self, slot: u32, info: SlotInfo) {
         match self.slots.write() {
@@ -343,79 +383,4 @@ impl Metrics {
             Err(poisoned) => poisoned.into_inner().insert(slot, info),
         };
     }
-}
-
-#[derive(Debug, thiserror::Error)]
-#[error("listening for metrics on {addr}: {source}")]
-pub struct ServeError {
-    addr: SocketAddr,
-    #[source]
-    source: std::io::Error,
-}
-
-/// Serves `GET /metrics` on `addr` until the task is dropped. Requests are read with a size
-/// and time bound; anything else gets 404 or 400.
-pub async fn serve(
-    addr: SocketAddr,
-    registry: Arc<Registry>,
-) -> Result<tokio::task::JoinHandle<()>, ServeError> {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|source| ServeError { addr, source })?;
-    let local = listener.local_addr().unwrap_or(addr);
-    tracing::info!(addr = %local, "serving metrics at /metrics");
-    Ok(tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
-            let registry = Arc::clone(&registry);
-            tokio::spawn(async move {
-                let _ =
-                    tokio::time::timeout(Duration::from_secs(5), answer(stream, &registry)).await;
-            });
-        }
-    }))
-}
-
-async fn answer(mut stream: tokio::net::TcpStream, registry: &Registry) -> std::io::Result<()> {
-    let mut buf = vec![0u8; 8192];
-    let mut len = 0;
-    while !buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
-        if len == buf.len() {
-            return respond(&mut stream, "431 Request Header Fields Too Large", "").await;
-        }
-        let n = stream.read(&mut buf[len..]).await?;
-        if n == 0 {
-            return Ok(());
-        }
-        len += n;
-    }
-    let request = String::from_utf8_lossy(&buf[..len]);
-    let mut parts = request.lines().next().unwrap_or("").split_whitespace();
-    match (parts.next(), parts.next()) {
-        (Some("GET"), Some("/metrics")) => {
-            let mut body = String::new();
-            if prometheus_client::encoding::text::encode(&mut body, registry).is_err() {
-                return respond(&mut stream, "500 Internal Server Error", "").await;
-            }
-            respond(&mut stream, "200 OK", &body).await
-        }
-        (Some(_), Some(_)) => respond(&mut stream, "404 Not Found", "").await,
-        _ => respond(&mut stream, "400 Bad Request", "").await,
-    }
-}
-
-async fn respond(
-    stream: &mut tokio::net::TcpStream,
-    status: &str,
-    body: &str,
-) -> std::io::Result<()> {
-    let head = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: application/openmetrics-text; version=1.0.0; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    stream.write_all(head.as_bytes()).await?;
-    stream.write_all(body.as_bytes()).await?;
-    stream.shutdown().await
 }

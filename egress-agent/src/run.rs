@@ -26,6 +26,8 @@ pub enum RunError {
     Instance(#[from] InstanceError),
     #[error("installing signal handlers: {0}")]
     Signals(#[source] std::io::Error),
+    #[error(transparent)]
+    Privilege(#[from] crate::privilege::PrivilegeError),
 }
 
 impl RunError {
@@ -43,6 +45,7 @@ impl RunError {
 pub async fn run(args: RunArgs) -> Result<u8, RunError> {
     let mode = args.mode.map(crate::policy::Mode::from);
     let policy = session::with_mode(session::load_policy(&args.policy)?, mode, &args.policy)?;
+    crate::privilege::require("run")?;
     if args.kernel.packet_check == crate::cli::PacketCheck::Always {
         crate::mip6::check_always();
     }
@@ -82,6 +85,7 @@ pub async fn run(args: RunArgs) -> Result<u8, RunError> {
         let _ = loc.remove();
         return Err(SessionError::from(e).into());
     }
+    sup.set_cgroup(&path);
     loc.write(
         Kind::Run,
         slot,

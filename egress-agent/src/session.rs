@@ -35,6 +35,8 @@ pub enum SessionError {
     #[error(transparent)]
     IpRanges(#[from] crate::dns::ip_ranges::IpRangesError),
     #[error(transparent)]
+    Capacity(#[from] crate::capacity::CapacityError),
+    #[error(transparent)]
     Resolve(#[from] ResolveError),
     #[error(transparent)]
     Enforcer(#[from] EnforcerError),
@@ -63,7 +65,8 @@ impl SessionError {
             SessionError::Policy(_)
             | SessionError::Unsupported { .. }
             | SessionError::IpRanges(_)
-            | SessionError::ModeConflict { .. } => exit::CONFIG,
+            | SessionError::ModeConflict { .. }
+            | SessionError::Capacity(_) => exit::CONFIG,
             SessionError::Resolve(
                 ResolveError::ReadConf { .. }
                 | ResolveError::ParseConf { .. }
@@ -84,6 +87,7 @@ pub fn load_policy(path: &Path) -> Result<Policy, SessionError> {
             items,
         });
     }
+    crate::capacity::check(&policy, path)?;
     Ok(policy)
 }
 
@@ -105,6 +109,16 @@ pub fn with_mode(
             Ok(policy)
         }
         (_, None) => Ok(policy),
+    }
+}
+
+/// [`load_policy`] on a blocking thread: the runtime thread serves the workload's DNS and
+/// reads its events, and must not wait on a large or slow policy file.
+pub async fn load_policy_off_thread(path: &Path) -> Result<Policy, SessionError> {
+    let owned = path.to_path_buf();
+    match tokio::task::spawn_blocking(move || load_policy(&owned)).await {
+        Ok(loaded) => loaded,
+        Err(joined) => Err(SessionError::Other(Box::new(joined))),
     }
 }
 
@@ -411,7 +425,8 @@ pub struct Supervisor {
     events: Option<EventStream>,
     log: EventLog,
     metrics: Metrics,
-    server: Option<tokio::task::JoinHandle<()>>,
+    /// The metrics endpoint and textfile, when asked for.
+    outputs: Vec<crate::scrape::Output>,
     proxy: Arc<Proxy>,
     proxy_tasks: Vec<tokio::task::JoinHandle<()>>,
     liveness: Arc<Mutex<crate::dns::install::Liveness>>,
@@ -466,14 +481,28 @@ impl Supervisor {
             }
             None => None,
         };
-        let server = match telemetry.metrics_addr {
-            Some(addr) => Some(
-                crate::metrics::serve(addr, Arc::new(registry))
+        metrics.declare(&enforcer.policy().name);
+        let registry = Arc::new(registry);
+        let mut outputs = Vec::new();
+        if let Some(addr) = &telemetry.metrics_addr {
+            outputs.push(
+                crate::scrape::serve(addr, Arc::clone(&registry))
                     .await
                     .map_err(|e| SessionError::Other(Box::new(e)))?,
-            ),
-            None => None,
-        };
+            );
+        }
+        if let Some(path) = &telemetry.metrics_textfile {
+            let every = Duration::from_secs(telemetry.metrics_textfile_interval.max(1));
+            match crate::scrape::textfile(path, Arc::clone(&registry), every) {
+                Ok(out) => outputs.push(out),
+                Err(e) => {
+                    for out in outputs {
+                        out.stop();
+                    }
+                    return Err(SessionError::Other(Box::new(e)));
+                }
+            }
+        }
         let s = Supervisor {
             enforcer,
             resolver,
@@ -481,7 +510,7 @@ impl Supervisor {
             events,
             log: EventLog::new(Duration::from_secs(telemetry.log_window.max(1))),
             metrics,
-            server,
+            outputs,
             proxy,
             proxy_tasks,
             liveness,
@@ -504,6 +533,11 @@ impl Supervisor {
     pub fn record_for_learning(&mut self, r: crate::learn::Recorder) {
         r.set_names(self.proxy.observed());
         self.recorder = Some(r);
+    }
+
+    /// Names the protected cgroup in the blocked-attempt log lines.
+    pub fn set_cgroup(&mut self, path: &Path) {
+        self.log.set_cgroup(path);
     }
 
     /// Keeps the last blocked attempts in the file next to the instance record at `record`
@@ -667,7 +701,7 @@ impl Supervisor {
     /// Replaces the policy with the one in `path`, if it parses, validates and compiles. A bad
     /// file is logged and counted, and the policy in force stays. Returns the new policy id.
     pub async fn reload(&mut self, path: &Path) -> Option<u32> {
-        let prepared = load_policy(path).and_then(|policy| {
+        let prepared = load_policy_off_thread(path).await.and_then(|policy| {
             let policy = with_mode(policy, self.mode, path)?;
             let resolver = if policy_hosts(&policy).is_empty() {
                 None
@@ -680,7 +714,7 @@ impl Supervisor {
         let (policy, resolver, upstream) = match prepared {
             Ok(v) => v,
             Err(error) => {
-                tracing::error!(file = %path.display(), error = %error, "policy reload refused; the policy in force stays");
+                tracing::error!(file = %path.display(), error = %crate::report::chain(&error), "policy reload refused; the policy in force stays");
                 self.count_failed_load();
                 return None;
             }
@@ -703,6 +737,7 @@ impl Supervisor {
                     tracing::warn!(%error, "naming the new policy's resolvers to the kernel failed; queries to them may be reported as unauthorized");
                 }
                 self.proxy.update(name.clone(), upstream);
+                self.metrics.declare(&name);
                 self.metrics
                     .policy_loads
                     .get_or_create(&ResultLabels { result: "success" })
@@ -744,8 +779,8 @@ impl Supervisor {
             ),
             Err(error) => tracing::error!(%error, "reading the lost-events counter failed"),
         }
-        if let Some(server) = self.server.take() {
-            server.abort();
+        for out in self.outputs.drain(..) {
+            out.stop();
         }
         if let Some(publisher) = self.publisher.take() {
             publisher.abort();

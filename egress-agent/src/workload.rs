@@ -57,6 +57,28 @@ pub enum WorkloadError {
     },
     #[error("starting the workload: {0}")]
     Spawn(#[source] io::Error),
+    /// execve(2) of the workload's command failed: missing, not executable, bad format.
+    #[error("cannot run the workload command {command:?}: {}", crate::report::without_os_code(&source.to_string()))]
+    Exec {
+        command: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl WorkloadError {
+    /// Like a shell: 127 when the command is not found, 126 when it cannot be executed.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            WorkloadError::Exec { source, .. } => match source.raw_os_error() {
+                Some(libc::ENOENT | libc::ENOTDIR | libc::ELOOP | libc::ENAMETOOLONG) => {
+                    crate::exit::NOT_FOUND
+                }
+                _ => crate::exit::NOT_EXECUTABLE,
+            },
+            _ => crate::exit::FAILURE,
+        }
+    }
 }
 
 /// The user the workload runs as.
@@ -204,7 +226,10 @@ pub fn spawn(
                     source: err,
                 }),
                 // All stages passed: exec itself failed (missing binary, permissions).
-                None => Err(WorkloadError::Spawn(err)),
+                None => Err(WorkloadError::Exec {
+                    command: program.to_string_lossy().into_owned(),
+                    source: err,
+                }),
             }
         }
     }

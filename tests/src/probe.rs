@@ -89,6 +89,7 @@
 //! wait-file        PATH MS                                       wait until PATH exists, at most MS
 //!                                                                (<= 120000) ms; ETIMEDOUT otherwise
 //! sleep            MS
+//! ignore-sigterm                                                 ignore SIGTERM and SIGINT from now on
 //! whoami                                                         uid, euid, gid, egid, groups, CapEff
 //! cgroup                                                         this process's cgroup v2 path
 //! exit             N                                             flush and exit with status N

@@ -616,8 +616,9 @@ fn a_reload_that_fails_half_way_leaves_nothing_that_a_later_policy_could_inherit
     let mut agent = RunAgent::start(tb.client(), &path, &cg, dir.path(), &[]);
     agent.wait_for("\"enforcing\"");
 
-    // Every port on five addresses: 327,675 port entries, more than the port map holds, so
-    // writing this policy fails part-way through.
+    // Every port on five addresses: 327,675 port entries, more than the port map holds.
+    // Writing it would fail part-way through; the capacity check refuses it before anything
+    // is written, naming the map.
     let all: Vec<u16> = (1..=u16::MAX).collect();
     let mut huge = PolicyYaml::new();
     for last in 2..7 {
@@ -626,7 +627,14 @@ fn a_reload_that_fails_half_way_leaves_nothing_that_a_later_policy_could_inherit
     let tmp = dir.path().join("policy.yaml.new");
     std::fs::write(&tmp, huge.render()).unwrap();
     std::fs::rename(&tmp, &path).unwrap();
-    agent.wait_for("applying the reloaded policy failed");
+    agent.wait_for("policy reload refused");
+    assert!(
+        agent
+            .log()
+            .contains("327675 port-set entries needed, at most 131072 allowed (MAX_PORTS"),
+        "{}",
+        agent.log()
+    );
 
     // A good policy whose three ports live in the port map, like the failed one's did.
     let good = PolicyYaml::new().allow_cidr("198.18.0.2/32", &[8443, 8444, 8445], &["tcp"]);

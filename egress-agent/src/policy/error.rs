@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyError {
-    /// The policy file could not be read (missing, unreadable, not UTF-8).
-    #[error("{}: cannot read the policy file", path.display())]
+    /// The policy file could not be read (missing, unreadable).
+    #[error("{}: cannot read the policy file: {}", path.display(), os_reason(source))]
     Io {
         path: PathBuf,
         #[source]
@@ -45,6 +45,54 @@ pub enum PolicyError {
         /// What is wrong and what would be valid.
         message: String,
     },
+
+    /// The path names a directory, FIFO, device or socket: refused by its metadata, before
+    /// anything is read from it.
+    #[error("{}: cannot read the policy file: it is {kind}, not a regular file", path.display())]
+    NotRegular { path: PathBuf, kind: &'static str },
+
+    /// Larger than `policy::MAX_POLICY_BYTES`.
+    #[error(
+        "{}: the policy file is larger than {limit} bytes, the most a policy file may hold \
+         (MAX_POLICY_BYTES)",
+        path.display()
+    )]
+    TooLarge { path: PathBuf, limit: u64 },
+
+    /// Not valid UTF-8.
+    #[error("{}: the policy file is not UTF-8 text (invalid byte at offset {offset})", path.display())]
+    NotUtf8 { path: PathBuf, offset: usize },
+
+    /// Mappings and sequences nested deeper than `policy::MAX_POLICY_DEPTH`.
+    #[error(
+        "{}: mappings and sequences nest deeper than {limit} levels, the most a policy file \
+         may use (MAX_POLICY_DEPTH)",
+        Position { file, line: *line, column: *column }
+    )]
+    TooDeep {
+        file: PathBuf,
+        line: usize,
+        column: usize,
+        limit: usize,
+    },
+}
+
+/// The OS's reason without Rust's `(os error N)` suffix, which says nothing more to a reader.
+fn os_reason(e: &io::Error) -> String {
+    crate::report::without_os_code(&e.to_string()).to_owned()
+}
+
+/// `{file}:{line}:{column}`.
+struct Position<'a> {
+    file: &'a Path,
+    line: usize,
+    column: usize,
+}
+
+impl fmt::Display for Position<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}:{}", self.file.display(), self.line, self.column)
+    }
 }
 
 impl PolicyError {
@@ -57,10 +105,14 @@ impl PolicyError {
     /// The policy file the error is about.
     pub fn file(&self) -> &Path {
         match self {
-            PolicyError::Io { path, .. } => path,
+            PolicyError::Io { path, .. }
+            | PolicyError::NotRegular { path, .. }
+            | PolicyError::TooLarge { path, .. }
+            | PolicyError::NotUtf8 { path, .. } => path,
             PolicyError::Syntax { file, .. }
             | PolicyError::Empty { file }
-            | PolicyError::Invalid { file, .. } => file,
+            | PolicyError::Invalid { file, .. }
+            | PolicyError::TooDeep { file, .. } => file,
         }
     }
 }

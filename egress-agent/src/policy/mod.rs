@@ -6,12 +6,16 @@
 //! contradictory entries are errors naming the file, line, column and field.
 
 pub mod aws;
+mod bounds;
+mod collect;
 mod error;
 mod lines;
 mod model;
 mod parse;
 mod support;
 
+pub use bounds::{MAX_POLICY_BYTES, MAX_POLICY_DEPTH, read_policy_text};
+pub use collect::{MAX_REPORTED, all_errors};
 pub use error::PolicyError;
 pub use lines::{EntryLines, entry_lines};
 pub use model::*;

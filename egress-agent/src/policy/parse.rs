@@ -46,17 +46,16 @@ const CIDR_EXPECTED: &str = "expected a network such as `10.0.0.0/8` or `2001:db
                              single address such as `192.0.2.1`";
 const PROTOCOLS_EXPECTED: &str = "tcp, udp, http, https or dns";
 
-/// Reads and parses the policy file at `path`.
+/// Reads and parses the policy file at `path` (a regular file within the caps of
+/// `policy::bounds`).
 pub fn load_file(path: &Path) -> Result<Policy, PolicyError> {
-    let text = std::fs::read_to_string(path).map_err(|source| PolicyError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let text = super::bounds::read_policy_text(path)?;
     parse_str(&text, path)
 }
 
 /// Parses policy `text`; `file` is only used in error messages and for the default name.
 pub fn parse_str(text: &str, file: &Path) -> Result<Policy, PolicyError> {
+    super::bounds::check_depth(text, file)?;
     // Each pass reads the whole document: the syntax check runs only when the duplicate-key
     // pass fails, to tell a YAML syntax error from an invalid policy (a large policy is
     // parsed twice, not three times).
@@ -2099,7 +2098,8 @@ mod tests {
         assert!(matches!(e, PolicyError::Io { .. }));
         assert_eq!(
             e.to_string(),
-            "/nonexistent/egress/policy.yaml: cannot read the policy file"
+            "/nonexistent/egress/policy.yaml: cannot read the policy file: No such file or \
+             directory"
         );
         assert_eq!(e.exit_code(), 78);
         assert_eq!(e.file(), missing);

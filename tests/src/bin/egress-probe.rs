@@ -52,6 +52,8 @@ enum Action {
     Tfo(Transport, Family, SocketAddr, Vec<u8>),
     Socket(SocketKind, Family),
     Sleep(Duration),
+    /// Ignore SIGTERM and SIGINT from now on (a workload that will not stop).
+    IgnoreStop,
     Flood(Family, SocketAddr, u64),
     /// UDP over IPv6 to ADDR with a segment-routing header whose first hop is VIA.
     Srh6(std::net::Ipv6Addr, SocketAddr, Vec<u8>),
@@ -389,6 +391,10 @@ fn parse_op(text: &str) -> Result<Op, String> {
                     .parse()
                     .map_err(|_| bad("ADDR must be an IPv4 address"))?,
             )
+        }
+        "ignore-sigterm" => {
+            exact(1)?;
+            Action::IgnoreStop
         }
         "sleep" => {
             exact(2)?;
@@ -871,6 +877,14 @@ fn run(op: &Op) -> ProbeResult {
         Action::Sleep(d) => {
             std::thread::sleep(*d);
             Ok(())
+        }
+        Action::IgnoreStop => {
+            // SAFETY: setting the disposition of two signals to SIG_IGN.
+            let failed = unsafe {
+                libc::signal(libc::SIGTERM, libc::SIG_IGN) == libc::SIG_ERR
+                    || libc::signal(libc::SIGINT, libc::SIG_IGN) == libc::SIG_ERR
+            };
+            if failed { Err(Failure::last()) } else { Ok(()) }
         }
         Action::Whoami => return whoami(text),
         Action::Environ => {
