@@ -601,7 +601,7 @@ fn learn_then_enforce(
     listeners: &[Listener],
 ) -> Result<bool> {
     const RUN: [&str; 2] = [
-        "resolve udp4 198.18.0.53 api.company.com A then-connect tcp4 443 learned-api",
+        "resolve udp4 10.0.0.53 api.company.com A then-connect tcp4 443 learned-api",
         "send tcp4 198.18.0.20 5432 learned-db",
     ];
     const NEVER: &str = "send tcp4 198.18.0.66 443 never-used";
