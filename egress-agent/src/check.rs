@@ -5,8 +5,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use crate::dns::install::{NameDecision, NamePolicy, restriction_detail};
-use crate::policy::{Policy, PolicyError, aws};
 use crate::session::{self, SessionError};
+use egress_policy::{Policy, PolicyError, aws};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CheckError {
@@ -42,8 +42,8 @@ pub fn check(path: &Path, names: &[String]) -> Result<Checked, CheckError> {
     let policy = match session::load_policy(path) {
         Ok(p) => p,
         Err(SessionError::Policy(first @ PolicyError::Invalid { .. })) => {
-            let all = crate::policy::read_policy_text(path)
-                .map(|text| crate::policy::all_errors(&text, path))
+            let all = egress_policy::read_policy_text(path)
+                .map(|text| egress_policy::all_errors(&text, path))
                 .unwrap_or_default();
             return Err(if all.len() > 1 {
                 CheckError::Policy(all)
@@ -57,7 +57,7 @@ pub fn check(path: &Path, names: &[String]) -> Result<Checked, CheckError> {
     if !text.ends_with('\n') {
         text.push('\n');
     }
-    let warnings = crate::lint::warnings(&policy)
+    let warnings = egress_policy::lint::warnings(&policy)
         .into_iter()
         .map(|w| format!("{}: warning: {w}", path.display()))
         .collect();
@@ -133,7 +133,7 @@ mod tests {
 
     fn seed_view() -> NamePolicy {
         let text = include_str!("../../policies/mcp-net-02-example.yaml");
-        match crate::policy::parse_str(text, Path::new("mcp-net-02-example.yaml")) {
+        match egress_policy::parse_str(text, Path::new("mcp-net-02-example.yaml")) {
             Ok(p) => NamePolicy::new(Arc::new(p)),
             Err(e) => panic!("{e}"),
         }

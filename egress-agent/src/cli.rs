@@ -192,11 +192,11 @@ pub enum ModeArg {
     Audit,
 }
 
-impl From<ModeArg> for crate::policy::Mode {
+impl From<ModeArg> for egress_policy::Mode {
     fn from(m: ModeArg) -> Self {
         match m {
-            ModeArg::Enforce => crate::policy::Mode::Enforce,
-            ModeArg::Audit => crate::policy::Mode::Audit,
+            ModeArg::Enforce => egress_policy::Mode::Enforce,
+            ModeArg::Audit => egress_policy::Mode::Audit,
         }
     }
 }

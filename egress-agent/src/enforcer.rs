@@ -10,14 +10,15 @@ use std::time::Duration;
 use egress_common::SlotConfig;
 use tokio::time::Instant;
 
-use crate::compile::{Compiled, Deadlines, Resolved, SetIds, compile_with_deadlines};
 use crate::dns::install::{LearnedMaps, Learner, Liveness, ResolverMap};
 use crate::dns::origin::Origins;
 use crate::loader::{LoadError, Programs};
 use crate::maps::{ApplyStats, MapSet, MapsError};
-use crate::policy::Policy;
-use crate::ratelimit::{COLLECT_PERIOD, CompiledLimits, RateMaps, RateMapsError, compile_limits};
+use crate::ratelimit::{COLLECT_PERIOD, RateMaps, RateMapsError};
 use crate::resolve::{Resolver, policy_hosts};
+use egress_policy::Policy;
+use egress_policy::compile::{Compiled, Deadlines, Resolved, SetIds, compile_with_deadlines};
+use egress_policy::limits::{CompiledLimits, compile_limits};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EnforcerError {
@@ -126,8 +127,14 @@ impl Enforcer {
         let origins = Origins::take(&mut programs)?;
         let mut maps = MapSet::take(&mut programs)?;
         let mut sets = SetIds::default();
-        let compiled =
-            compile_with_deadlines(&policy, FIRST_POLICY_ID, &resolved, &deadlines, &mut sets);
+        let compiled = compile_with_deadlines(
+            &policy,
+            FIRST_POLICY_ID,
+            &resolved,
+            &deadlines,
+            crate::dns::doh_list(),
+            &mut sets,
+        );
         maps.apply(&Compiled::default(), &compiled)?;
         let mut rate = RateMaps::take(&mut programs)?;
         let limits = compile_limits(&policy, compiled.policy_id);
@@ -180,7 +187,14 @@ impl Enforcer {
         learned.retain_policy(old.policy_id)?;
         let policy_id = next_policy_id(old.policy_id);
         let mut sets = SetIds::default();
-        let compiled = compile_with_deadlines(&policy, policy_id, &resolved, &deadlines, &mut sets);
+        let compiled = compile_with_deadlines(
+            &policy,
+            policy_id,
+            &resolved,
+            &deadlines,
+            crate::dns::doh_list(),
+            &mut sets,
+        );
         maps.apply(&Compiled::default(), &compiled)?;
         let limits = compile_limits(&policy, policy_id);
         rate.apply(&CompiledLimits::default(), &limits)?;
@@ -290,7 +304,14 @@ impl Enforcer {
         let policy_id = next_policy_id(self.last_id.max(self.current.policy_id));
         self.last_id = policy_id;
         let mut sets = SetIds::default();
-        let compiled = compile_with_deadlines(&policy, policy_id, &resolved, &deadlines, &mut sets);
+        let compiled = compile_with_deadlines(
+            &policy,
+            policy_id,
+            &resolved,
+            &deadlines,
+            crate::dns::doh_list(),
+            &mut sets,
+        );
         let limits = compile_limits(&policy, policy_id);
         let policy = Arc::new(policy);
         let written = self
@@ -461,6 +482,7 @@ impl Enforcer {
             self.current.policy_id,
             &self.resolved,
             &self.deadlines,
+            crate::dns::doh_list(),
             &mut self.sets,
         );
         let stats = self.maps.apply(&self.current, &compiled)?;

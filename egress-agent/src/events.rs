@@ -13,9 +13,9 @@ use aya::maps::{MapData, RingBuf};
 use egress_common::{Event, Hook, Proto, Reason, verdict::NO_RULE};
 use tokio::io::unix::AsyncFd;
 
-use crate::compile::Resolved;
 use crate::counters::proto_name;
-use crate::policy::Policy;
+use egress_policy::Policy;
+use egress_policy::compile::Resolved;
 
 /// Distinct (process, destination, reason) keys remembered per window; past this, further
 /// distinct attempts in the window are summarised in one overflow line.
@@ -259,7 +259,8 @@ impl Context<'_> {
             },
             Some(Reason::DenyDoh) => (
                 crate::dns::doh_list()
-                    .and_then(|l| l.providers().get(idx))
+                    .providers()
+                    .get(idx)
                     .map(|p| format!("dns_policy.block_doh: {}", p.name)),
                 None,
             ),
@@ -547,7 +548,7 @@ mod tests {
 
     #[test]
     fn floods_collapse_but_distinct_attempts_do_not() {
-        let policy = crate::policy::parse_str(
+        let policy = egress_policy::parse_str(
             "egress_policy:\n  default_action: DENY\n",
             std::path::Path::new("t.yaml"),
         )

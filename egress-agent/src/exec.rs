@@ -72,7 +72,7 @@ impl ExecError {
 /// 128 + signal when a signal ended it.
 pub async fn run(args: ExecArgs) -> Result<u8, ExecError> {
     let mut clock = StartupClock::new();
-    let mode = args.mode.map(crate::policy::Mode::from);
+    let mode = args.mode.map(egress_policy::Mode::from);
     let policy = session::with_mode(session::load_policy(&args.policy)?, mode, &args.policy)?;
     clock.policy = clock.lap();
     run_with(args, policy, None, clock).await
@@ -82,12 +82,12 @@ pub async fn run(args: ExecArgs) -> Result<u8, ExecError> {
 /// shows is also recorded for `learn`. `clock` started before the policy was read.
 pub async fn run_with(
     args: ExecArgs,
-    policy: crate::policy::Policy,
+    policy: egress_policy::Policy,
     recorder: Option<crate::learn::Recorder>,
     mut clock: StartupClock,
 ) -> Result<u8, ExecError> {
     let (creds, account) = credentials(args.user.as_deref())?;
-    let mode = args.mode.map(crate::policy::Mode::from);
+    let mode = args.mode.map(egress_policy::Mode::from);
     crate::privilege::require("exec")?;
     if args.kernel.packet_check == crate::cli::PacketCheck::Always {
         crate::mip6::check_always();

@@ -1,7 +1,7 @@
 //! `egress-agent check POLICY --explain DEST`: would a destination be allowed, by which rule
 //! (file:line), and why.
 //!
-//! The verdict is never computed here: an address is judged by [`crate::reference::decide`],
+//! The verdict is never computed here: an address is judged by [`egress_policy::reference::decide`],
 //! the decision the tests hold the kernel to, and a name by the DNS proxy's
 //! [`NamePolicy::decide`] plus the ports of the rules it returns (the ports the proxy installs
 //! with the name's addresses). This module only adds the words: which rule, where it is
@@ -14,11 +14,11 @@ use std::sync::Arc;
 
 use egress_common::{Dest, Proto, Reason, verdict::NO_RULE};
 
-use crate::compile::{Resolved, canonical_net};
 use crate::dns::install::{NameDecision, NamePolicy, restriction_detail};
-use crate::dns::names::normalize;
-use crate::policy::{EntryLines, HostPattern, Policy, Target, Transport, entry_lines};
 use crate::session::{self, SessionError};
+use egress_policy::compile::{Resolved, canonical_net};
+use egress_policy::names::normalize;
+use egress_policy::{EntryLines, HostPattern, Policy, Target, Transport, entry_lines};
 
 /// A destination to explain: `HOST[:PORT][/PROTO]`, `ADDR[:PORT][/PROTO]`, `[V6][:PORT][/PROTO]`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -530,7 +530,7 @@ impl Context {
             IpAddr::V4(a) => Dest::v4(a.octets(), port, proto),
             IpAddr::V6(a) => Dest::v6(a.octets(), port, proto),
         };
-        let d = crate::reference::decide(p, &Resolved::new(), &dst);
+        let d = egress_policy::reference::decide(p, &Resolved::new(), crate::dns::doh_list(), &dst);
         let index = (d.rule_id != NO_RULE)
             .then(|| usize::try_from(d.rule_id).ok())
             .flatten();
@@ -555,7 +555,7 @@ impl Context {
             ),
             Reason::DenyDoh => {
                 let provider = index.and_then(|k| {
-                    crate::dns::doh_list()?
+                    crate::dns::doh_list()
                         .providers()
                         .get(k)
                         .map(|pr| (k, pr.name.clone()))

@@ -23,7 +23,7 @@ egress_policy:
 
 fn ctx() -> Context {
     let file = Path::new("p.yaml");
-    let policy = match crate::policy::parse_str(POLICY, file) {
+    let policy = match egress_policy::parse_str(POLICY, file) {
         Ok(p) => p,
         Err(e) => panic!("{e}"),
     };

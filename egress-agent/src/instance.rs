@@ -126,7 +126,7 @@ impl Location {
         kind: Kind,
         slot: u32,
         policy_id: u32,
-        mode: crate::policy::Mode,
+        mode: egress_policy::Mode,
     ) -> Result<(), InstanceError> {
         let inst = Instance {
             layout: LAYOUT_VERSION,

@@ -1,18 +1,15 @@
 //! The egress agent: turns an MCP-NET-02 egress policy into kernel enforcement on a cgroup.
 //!
-//! `policy` parses and validates; `compile` turns a policy and resolved addresses into map
-//! contents (pure); `reference` is the decision read straight off the policy, for tests;
-//! `ratelimit` does the same three jobs for the connection budgets;
-//! `loader`, `maps`, `enforcer` load, fill and keep the kernel side; `workload`, `cgroup`,
-//! `exec` and `run` supervise the protected process.
+//! The policy itself (model, parser, the pure compile step, the reference decision) is the
+//! `egress-policy` crate. Here: `loader`, `maps`, `ratelimit`, `inbound` and `enforcer` load,
+//! fill and keep the kernel side; `dns` is the DNS proxy; `workload`, `cgroup`, `exec` and
+//! `run` supervise the protected process.
 
 pub mod bpf_sys;
 pub mod bpffs;
-pub mod capacity;
 pub mod cgroup;
 pub mod check;
 pub mod cli;
-pub mod compile;
 pub mod counters;
 pub mod detach;
 pub mod dns;
@@ -25,18 +22,15 @@ pub mod explain;
 pub mod inbound;
 pub mod instance;
 pub mod learn;
-pub mod lint;
 pub mod loader;
 pub mod logging;
 pub mod maps;
 pub mod metrics;
 pub mod mip6;
 pub mod mountinfo;
-pub mod policy;
 pub mod privilege;
 pub mod ratelimit;
 pub mod recent;
-pub mod reference;
 pub mod reload;
 pub mod report;
 pub mod resolve;
@@ -46,3 +40,9 @@ pub mod session;
 pub mod status;
 pub mod walltime;
 pub mod workload;
+
+// The policy core under the paths the integration tests and tools use.
+pub use egress_policy::{compile, reference};
+pub mod policy {
+    pub use egress_policy::*;
+}

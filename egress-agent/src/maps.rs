@@ -18,8 +18,8 @@ use egress_common::{
 
 use crate::counters::Counters;
 
-use crate::compile::{Compiled, LpmKey};
 use crate::loader::{LoadError, Programs};
+use egress_policy::compile::{Compiled, LpmKey};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MapsError {

@@ -16,7 +16,7 @@ use hickory_resolver::{
     net::runtime::TokioRuntimeProvider,
 };
 
-use crate::policy::{HostPattern, Policy, Target};
+use egress_policy::{HostPattern, Policy, Target};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ResolveError {

@@ -43,7 +43,7 @@ impl RunError {
 }
 
 pub async fn run(args: RunArgs) -> Result<u8, RunError> {
-    let mode = args.mode.map(crate::policy::Mode::from);
+    let mode = args.mode.map(egress_policy::Mode::from);
     let policy = session::with_mode(session::load_policy(&args.policy)?, mode, &args.policy)?;
     crate::privilege::require("run")?;
     if args.kernel.packet_check == crate::cli::PacketCheck::Always {

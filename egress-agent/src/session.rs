@@ -7,8 +7,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::cli::{DnsArgs, Refusal, TelemetryArgs};
-use crate::compile::{Deadlines, Resolved};
-use crate::dns::ip_ranges::AwsIpRanges;
 use crate::dns::message::Rcode;
 use crate::dns::proxy::{Listeners, Proxy, Settings};
 use crate::dns::rebind::{RebindFilter, Source, report_rejection};
@@ -19,9 +17,11 @@ use crate::exit;
 use crate::metrics::{
     DnsMetrics, Metrics, PolicyLabels, PolicyResultLabels, ResultLabels, SlotInfo,
 };
-use crate::policy::{self, Policy, PolicyError, Unsupported};
 use crate::recent::Recent;
 use crate::resolve::{ResolveError, Resolver, TtlBounds, deadline_s, policy_hosts};
+use egress_policy::compile::{Deadlines, Resolved};
+use egress_policy::ip_ranges::AwsIpRanges;
+use egress_policy::{self as policy, Policy, PolicyError, Unsupported};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
@@ -33,9 +33,9 @@ pub enum SessionError {
         items: Vec<Unsupported>,
     },
     #[error(transparent)]
-    IpRanges(#[from] crate::dns::ip_ranges::IpRangesError),
+    IpRanges(#[from] egress_policy::ip_ranges::IpRangesError),
     #[error(transparent)]
-    Capacity(#[from] crate::capacity::CapacityError),
+    Capacity(#[from] egress_policy::capacity::CapacityError),
     #[error(transparent)]
     Resolve(#[from] ResolveError),
     #[error(transparent)]
@@ -80,14 +80,14 @@ impl SessionError {
 /// Parses and validates the policy file, and refuses what this version cannot enforce.
 pub fn load_policy(path: &Path) -> Result<Policy, SessionError> {
     let policy = policy::load_file(path)?;
-    let items = policy::unsupported_features(&policy);
+    let items = policy::unsupported_features(&policy, crate::dns::doh_list());
     if !items.is_empty() {
         return Err(SessionError::Unsupported {
             file: path.display().to_string(),
             items,
         });
     }
-    crate::capacity::check(&policy, path)?;
+    egress_policy::capacity::check(&policy, crate::dns::doh_list(), path)?;
     Ok(policy)
 }
 
@@ -169,7 +169,7 @@ fn has_names(policy: &Policy) -> bool {
     let allowed = policy.allowed.iter().map(|r| &r.target);
     allowed
         .into_iter()
-        .any(|t| matches!(t, crate::policy::Target::Host(_)))
+        .any(|t| matches!(t, egress_policy::Target::Host(_)))
 }
 
 /// Opens the workload's DNS proxy (in its network namespace), starts serving it and points the
@@ -871,8 +871,9 @@ mod tests {
         assert_eq!(err.exit_code(), exit::CONFIG);
         assert!(err.to_string().contains("never run in audit mode"), "{err}");
         // Audit sets the kernel's slot flag; enforce does not.
-        let flags =
-            |pol: &Policy| crate::compile::slot_flags(pol) & egress_common::maps::SLOT_AUDIT;
+        let flags = |pol: &Policy| {
+            egress_policy::compile::slot_flags(pol) & egress_common::maps::SLOT_AUDIT
+        };
         assert_ne!(flags(&with_mode(parse(""), audit, p).unwrap()), 0);
         assert_eq!(flags(&parse("  mode: enforce\n")), 0);
     }

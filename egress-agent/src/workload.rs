@@ -13,8 +13,8 @@ use egress_common::{Dest, Proto, SlotConfig, decide};
 
 use std::os::unix::ffi::OsStrExt as _;
 
-use crate::compile::Compiled;
 use crate::environment::WorkDir;
+use egress_policy::compile::Compiled;
 
 /// Destinations the probe tries, in order; the first that the policy denies for UDP is used.
 /// A UDP `connect()` sends nothing, so even where enforcement were absent no packet leaves.

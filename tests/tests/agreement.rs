@@ -157,7 +157,12 @@ fn kernel_agrees_with_reference_on_random_destinations() {
         );
         for ((op, dst), result) in ops.iter().zip(&out.results) {
             assert_eq!(&result.op, op);
-            let want = reference::decide(&policy, &Resolved::new(), dst);
+            let want = reference::decide(
+                &policy,
+                &Resolved::new(),
+                egress_agent::dns::doh_list(),
+                dst,
+            );
             let kernel_denied = result.errno == Some(libc::EPERM);
             let kind: &'static str = if op.starts_with("connect") {
                 "connect"

@@ -659,7 +659,7 @@ fn dns_over_tls_is_blocked_to_every_host() {
 #[test]
 fn doh_providers_are_blocked_by_name_and_by_address_even_under_a_wildcard() {
     let Some(tb) = testbed() else { return };
-    let doh = egress_agent::dns::doh::DohList::builtin().expect("the built-in DoH list");
+    let doh = egress_agent::dns::doh_list();
     assert!(doh.provider_for_name("dns.quad9.net").is_some());
     assert!(doh.provider_for_name("www.quad9.net").is_none());
     for a in ["9.9.9.9", "2620:fe::fe"] {

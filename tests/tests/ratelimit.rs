@@ -624,7 +624,13 @@ impl Direct {
 
 fn compiled(p: &Policy, policy_id: u32) -> (Compiled, CompiledLimits) {
     (
-        compile(p, policy_id, &Resolved::new(), &mut SetIds::default()),
+        compile(
+            p,
+            policy_id,
+            &Resolved::new(),
+            egress_agent::dns::doh_list(),
+            &mut SetIds::default(),
+        ),
         compile_limits(p, policy_id),
     )
 }
@@ -820,7 +826,12 @@ fn kernel_rate_limits_agree_with_the_reference() {
         let mut rates = ratelimit::reference::Reference::new();
         let mut disagreements = Vec::new();
         for ((op, dst), result) in ops.iter().zip(&out.results) {
-            let base = reference::decide(&policy, &Resolved::new(), dst);
+            let base = reference::decide(
+                &policy,
+                &Resolved::new(),
+                egress_agent::dns::doh_list(),
+                dst,
+            );
             let want = rates.judge(&policy, base, dst, 0);
             *tally.entry(want.reason.as_str()).or_default() += 1;
             if result.failed_with(EPERM) == want.allowed() {

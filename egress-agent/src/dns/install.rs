@@ -12,15 +12,15 @@ use egress_common::{
 };
 
 use super::answer::AddressRecord;
-use super::ip_ranges::AwsIpRanges;
-use super::learn::{LearnedTable, Writes};
-use super::names::{NameMatcher, NameVerdict};
 use super::rebind::{RebindFilter, Rejection, Source, report_rejection};
 use crate::loader::Programs;
 use crate::maps::MapsError;
-use crate::policy::aws::{self, Admission, RestrictionMiss};
-use crate::policy::{AwsService, Policy, Restrictions};
 use crate::session::RebindCounter;
+use egress_policy::aws::{self, Admission, RestrictionMiss};
+use egress_policy::ip_ranges::AwsIpRanges;
+use egress_policy::learned::{LearnedTable, Writes};
+use egress_policy::names::{NameMatcher, NameVerdict};
+use egress_policy::{AwsService, Policy, Restrictions};
 
 fn op_err(map: &'static str, op: &'static str) -> impl FnOnce(MapError) -> MapsError {
     move |e| MapsError::Op {
@@ -310,7 +310,7 @@ impl NamePolicy {
             NameVerdict::Denied { rule } => NameDecision::Denied(rule),
             verdict => {
                 if self.block_doh
-                    && let Some(p) = super::doh_list().and_then(|l| l.provider_for_name(name))
+                    && let Some(p) = super::doh_list().provider_for_name(name)
                 {
                     return NameDecision::DohProvider(p.name.clone());
                 }
@@ -646,7 +646,7 @@ fn install_into(
         .filter(|a| {
             table
                 .entries()
-                .contains_key(&super::learn::rule_key(policy_id, a.addr))
+                .contains_key(&egress_policy::learned::rule_key(policy_id, a.addr))
         })
         .collect();
     Ok(Installed {

@@ -3,7 +3,7 @@ use std::path::Path;
 use super::*;
 
 fn policy(text: &str) -> Arc<Policy> {
-    match crate::policy::parse_str(text, Path::new("t.yaml")) {
+    match egress_policy::parse_str(text, Path::new("t.yaml")) {
         Ok(p) => Arc::new(p),
         Err(e) => panic!("{e}"),
     }
@@ -14,7 +14,7 @@ fn seed() -> Arc<Policy> {
 }
 
 fn ranges() -> Arc<AwsIpRanges> {
-    let text = include_str!("../../tests/data/aws-ip-ranges.json");
+    let text = include_str!("../../../egress-policy/tests/data/aws-ip-ranges.json");
     match AwsIpRanges::parse(text, Path::new("aws-ip-ranges.json")) {
         Ok(r) => Arc::new(r),
         Err(e) => panic!("{e}"),

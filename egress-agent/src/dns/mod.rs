@@ -5,22 +5,13 @@
 //!   REFUSED, SERVFAIL, FORMERR, NOTIMP, BADVERS) and TCP framing.
 //! - `answer`: an upstream answer reduced to the CNAME chain and the addresses it gives the
 //!   queried name, and the sanitised answer the workload receives.
-//! - `names`: the policy's allowed and denied hosts (exact and `*.suffix`; deny wins), and the
-//!   public-suffix check for wildcards.
 //! - `rebind`: which answer addresses may enter the allow map.
-//! - `ip_ranges`: AWS's published address ranges (a local ip-ranges.json), the address check
-//!   of `restrictions`.
-//! - `doh`: the known DNS-over-HTTPS resolvers (`egress-agent/data/doh-providers.yaml`).
 //!
 //! The proxy itself (sockets, rate limits, the allow-map updates) is not here.
 
 pub mod answer;
-pub mod doh;
 pub mod install;
-pub mod ip_ranges;
-pub mod learn;
 pub mod message;
-pub mod names;
 pub mod observed;
 pub mod origin;
 pub mod proxy;
@@ -33,9 +24,13 @@ mod robustness;
 #[cfg(test)]
 mod testutil;
 
-/// The built-in DoH provider list, parsed once. `None` only if the embedded file does not
-/// parse, which a unit test rules out; policy loading refuses `block_doh` in that case.
-pub fn doh_list() -> Option<&'static doh::DohList> {
-    static LIST: std::sync::OnceLock<Option<doh::DohList>> = std::sync::OnceLock::new();
-    LIST.get_or_init(|| doh::DohList::builtin().ok()).as_ref()
+/// The built-in DoH provider list (`egress-policy/data/doh-providers.yaml`), parsed once. Empty
+/// only if the embedded file does not parse, which a unit test rules out; policy loading then
+/// refuses `block_doh` as unenforceable.
+pub fn doh_list() -> &'static egress_policy::doh::DohList {
+    static LIST: std::sync::OnceLock<egress_policy::doh::DohList> = std::sync::OnceLock::new();
+    LIST.get_or_init(|| {
+        egress_policy::doh::DohList::builtin()
+            .unwrap_or_else(|_| egress_policy::doh::DohList::empty())
+    })
 }

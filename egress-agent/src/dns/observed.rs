@@ -24,7 +24,7 @@ struct Inner {
 impl Observed {
     /// One answer: `name` (normalised here: lowercase, no trailing dot) resolved to `addrs`.
     pub fn record(&self, name: &str, addrs: impl IntoIterator<Item = IpAddr>) {
-        let Some(name) = super::names::normalize(name) else {
+        let Some(name) = egress_policy::names::normalize(name) else {
             return;
         };
         let mut inner = self.lock();

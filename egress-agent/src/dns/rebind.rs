@@ -17,11 +17,11 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 use super::answer::AddressRecord;
-use super::doh::DohList;
+use egress_policy::doh::DohList;
 use prometheus_client::metrics::{counter::Counter, family::Family};
 
 use crate::metrics::PolicyLabels;
-use crate::policy::{Policy, Target};
+use egress_policy::{Policy, Target};
 
 /// A range that public names have no business pointing into.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -176,9 +176,10 @@ impl RebindFilter {
     pub fn for_policy(policy: &Policy) -> Self {
         let filter = RebindFilter::from_policy(policy);
         let block_doh = policy.dns.as_ref().is_some_and(|d| d.block_doh);
-        match super::doh_list() {
-            Some(list) if block_doh => filter.with_doh(list),
-            _ => filter,
+        if block_doh {
+            filter.with_doh(super::doh_list())
+        } else {
+            filter
         }
     }
 
@@ -407,7 +408,7 @@ mod tests {
         let text = "egress_policy:\n  default_action: DENY\n  allowed_destinations: []\n  \
                     denied_destinations:\n    - host: evil.com\n    - cidr: 10.0.0.0/8\n    \
                     - host: 192.0.2.7\n";
-        let p = crate::policy::parse_str(text, std::path::Path::new("t.yaml"))
+        let p = egress_policy::parse_str(text, std::path::Path::new("t.yaml"))
             .unwrap_or_else(|e| panic!("{e}"));
         let f = RebindFilter::from_policy(&p);
         assert!(matches!(

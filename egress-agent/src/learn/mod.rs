@@ -20,9 +20,9 @@ use std::sync::{Arc, Mutex};
 use ipnet::IpNet;
 
 use crate::dns::install::{NameDecision, NamePolicy};
-use crate::dns::names::wildcard_public_suffix;
 use crate::dns::observed::Observed;
-use crate::policy::{AllowedDestination, HostPattern, Mode, Policy, Protocol, Target, Transport};
+use egress_policy::names::wildcard_public_suffix;
+use egress_policy::{AllowedDestination, HostPattern, Mode, Policy, Protocol, Target, Transport};
 use render::Commented;
 
 /// Distinct (address, port, transport) destinations kept; more are counted, not kept.
@@ -220,7 +220,7 @@ fn covers(target: &Target, name: &str) -> bool {
 
 fn start_denies(start: &Policy, ip: IpAddr) -> bool {
     start.denied.iter().any(|d| match d.target {
-        Target::Cidr(net) => crate::compile::canonical_net(net).contains(&ip),
+        Target::Cidr(net) => egress_policy::compile::canonical_net(net).contains(&ip),
         Target::Host(_) => false,
     })
 }
@@ -234,7 +234,7 @@ fn collapse(uses: &mut Uses) {
     let mut groups: BTreeMap<(String, Transport), Vec<String>> = BTreeMap::new();
     for (target, transport) in uses.entries.keys() {
         if let Target::Host(HostPattern::Exact(name)) = target
-            && let Some(domain) = psl::domain_str(name)
+            && let Some(domain) = egress_policy::names::registrable_domain(name)
             && domain != name
         {
             groups
@@ -304,7 +304,7 @@ pub enum LearnError {
     #[error(transparent)]
     Session(#[from] crate::session::SessionError),
     #[error("the learned policy does not parse (a bug in learn): {0}")]
-    Invalid(#[source] crate::policy::PolicyError),
+    Invalid(#[source] egress_policy::PolicyError),
     #[error("writing {}: {source}", path.display())]
     Write {
         path: PathBuf,
@@ -328,7 +328,7 @@ impl LearnError {
 pub fn start_policy(path: Option<&std::path::Path>) -> Result<Policy, LearnError> {
     let mut policy = match path {
         Some(p) => crate::session::load_policy(p)?,
-        None => crate::policy::parse_str(
+        None => egress_policy::parse_str(
             "egress_policy:\n  name: learned\n  default_action: DENY\n  allowed_destinations: []\n",
             std::path::Path::new("learned.yaml"),
         )
@@ -358,7 +358,7 @@ pub async fn run(args: crate::cli::LearnArgs) -> Result<u8, LearnError> {
     .await?;
     let seen = recorder.snapshot();
     let text = build(&start, &seen, args.wildcards, &command);
-    let parsed = crate::policy::parse_str(&text, &args.out).map_err(LearnError::Invalid)?;
+    let parsed = egress_policy::parse_str(&text, &args.out).map_err(LearnError::Invalid)?;
     std::fs::write(&args.out, &text).map_err(|source| LearnError::Write {
         path: args.out.clone(),
         source,

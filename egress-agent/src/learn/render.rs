@@ -4,7 +4,7 @@
 
 use std::fmt::Write as _;
 
-use crate::policy::{AllowedDestination, DefaultAction, Policy, RateLimit, Target};
+use egress_policy::{AllowedDestination, DefaultAction, Policy, RateLimit, Target};
 
 /// One allowed entry with the comment lines to put above it.
 #[derive(Clone, Debug)]
@@ -169,7 +169,7 @@ mod tests {
     fn the_seed_policy_renders_to_an_equal_policy() {
         let text = include_str!("../../../policies/mcp-net-02-example.yaml");
         let parse =
-            |t: &str| match crate::policy::parse_str(t, Path::new("mcp-net-02-example.yaml")) {
+            |t: &str| match egress_policy::parse_str(t, Path::new("mcp-net-02-example.yaml")) {
                 Ok(p) => p,
                 Err(e) => panic!("{e}\n{t}"),
             };

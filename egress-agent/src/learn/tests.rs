@@ -10,7 +10,7 @@ fn ip(s: &str) -> IpAddr {
 }
 
 fn parse(text: &str) -> Policy {
-    match crate::policy::parse_str(text, Path::new("learned.yaml")) {
+    match egress_policy::parse_str(text, Path::new("learned.yaml")) {
         Ok(p) => p,
         Err(e) => panic!("{e}\n{text}"),
     }
@@ -32,7 +32,13 @@ fn allowed(p: &Policy, addr: &str, port: u16, proto: Proto) -> bool {
         IpAddr::V4(a) => Dest::v4(a.octets(), port, proto),
         IpAddr::V6(a) => Dest::v6(a.octets(), port, proto),
     };
-    crate::reference::decide(p, &crate::compile::Resolved::new(), &dst).allowed()
+    egress_policy::reference::decide(
+        p,
+        &egress_policy::compile::Resolved::new(),
+        crate::dns::doh_list(),
+        &dst,
+    )
+    .allowed()
 }
 
 #[test]

@@ -17,8 +17,8 @@ use egress_common::ratelimit::{
     Bucket, BucketKey, LimitKey, MAP_BUCKETS, MAP_RATE_LIMITS, RuleLimits, is_full,
 };
 
-use super::CompiledLimits;
 use crate::loader::{LoadError, Programs};
+use egress_policy::limits::CompiledLimits;
 
 /// How often the collector looks for full buckets.
 pub const COLLECT_PERIOD: Duration = Duration::from_secs(10);

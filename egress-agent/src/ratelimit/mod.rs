@@ -1,16 +1,9 @@
-//! Connection rate limits: `rate_limits.per_destination`, `rate_limits.global` and the
-//! per-rule `rate_limit` of MCP-NET-02, enforced in the kernel (see docs/rate-limits.md).
-//!
-//! `compile` turns a policy into the limit entries the kernel reads (pure); `maps` writes them
-//! and deletes buckets that have refilled; `reference` is the decision computed straight
-//! from the policy with plain token buckets, for tests.
+//! Connection rate limits in the kernel (see docs/rate-limits.md): `maps` writes the limit
+//! entries `egress_policy::limits` compiles and deletes buckets that have refilled.
 
-mod compile;
 mod maps;
-pub mod reference;
 
-pub use compile::{
-    CompiledLimits, budget_id, compile_limits, destination_identity, destination_limit,
-    global_identity, has_limits,
-};
 pub use maps::{COLLECT_PERIOD, RateMaps, RateMapsError, monotonic_ns};
+
+// The compiled limits and their reference, under the paths the integration tests use.
+pub use egress_policy::limits::{CompiledLimits, compile_limits, reference};

@@ -698,7 +698,7 @@ fn load_egress(
     let t = Instant::now();
     let policy = policy::parse_str(&yaml, Path::new("bench.yaml"))?;
     let parse = t.elapsed();
-    let unsupported = policy::unsupported_features(&policy);
+    let unsupported = policy::unsupported_features(&policy, egress_agent::dns::doh_list());
     ensure!(
         unsupported.is_empty(),
         "the policy is refused: {}",
@@ -709,7 +709,13 @@ fn load_egress(
             .join("; ")
     );
     let t = Instant::now();
-    let compiled = compile(&policy, 1, &Resolved::new(), &mut SetIds::default());
+    let compiled = compile(
+        &policy,
+        1,
+        &Resolved::new(),
+        egress_agent::dns::doh_list(),
+        &mut SetIds::default(),
+    );
     let compile_time = t.elapsed();
     let t = Instant::now();
     let mut enforcer = Enforcer::start(policy, Resolved::new(), slot)?;

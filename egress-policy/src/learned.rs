@@ -15,8 +15,8 @@ use egress_common::{
     maps::{ACTION_ALLOW, address_bits, name_tag},
 };
 
+use crate::Policy;
 use crate::compile::{inline_ports, port_entries, port_pairs};
-use crate::policy::Policy;
 
 /// Port-set ids of learned entries start here, far from the ids `compile` hands out (which
 /// count up from 1), so the two never share an id under one policy id.
@@ -289,5 +289,5 @@ pub fn rule_key(policy_id: u32, addr: IpAddr) -> RuleKey {
 }
 
 #[cfg(test)]
-#[path = "learn_tests.rs"]
+#[path = "learned_tests.rs"]
 mod tests;

@@ -19,7 +19,8 @@ use egress_common::{
 };
 use ipnet::IpNet;
 
-use crate::policy::{HostPattern, Policy, Target, Transport};
+use crate::doh::DohList;
+use crate::{HostPattern, Policy, Target, Transport};
 
 /// Addresses each exact host name of the policy resolved to.
 pub type Resolved = BTreeMap<String, Vec<IpAddr>>;
@@ -123,9 +124,10 @@ pub fn compile(
     policy: &Policy,
     policy_id: u32,
     resolved: &Resolved,
+    doh: &DohList,
     sets: &mut SetIds,
 ) -> Compiled {
-    compile_with_deadlines(policy, policy_id, resolved, &Deadlines::new(), sets)
+    compile_with_deadlines(policy, policy_id, resolved, &Deadlines::new(), doh, sets)
 }
 
 /// As [`compile`]; the addresses of a host name with a deadline expire in the kernel at that
@@ -135,6 +137,7 @@ pub fn compile_with_deadlines(
     policy_id: u32,
     resolved: &Resolved,
     deadlines: &Deadlines,
+    doh: &DohList,
     sets: &mut SetIds,
 ) -> Compiled {
     let mut nodes: BTreeMap<(Family, [u8; 16], u8), Node> = BTreeMap::new();
@@ -157,7 +160,7 @@ pub fn compile_with_deadlines(
             node.deny = Some(node.deny.map_or(index(j), |d| d.min(index(j))));
         }
     }
-    for (net, rule_id) in doh_denials(policy) {
+    for (net, rule_id) in doh_denials(policy, doh) {
         let node = nodes.entry(node_key(net)).or_default();
         node.lifetime(None);
         node.deny = Some(node.deny.map_or(rule_id, |d| d.min(rule_id)));
@@ -306,14 +309,11 @@ pub fn inline_ports(
 
 /// The known DNS-over-HTTPS provider addresses a policy with `block_doh` denies, each with the
 /// deny entry's rule id ([`RULE_DOH_BIT`] | provider index).
-pub fn doh_denials(policy: &Policy) -> Vec<(IpNet, u32)> {
+pub fn doh_denials(policy: &Policy, doh: &DohList) -> Vec<(IpNet, u32)> {
     if !policy.dns.as_ref().is_some_and(|d| d.block_doh) {
         return Vec::new();
     }
-    let Some(list) = crate::dns::doh_list() else {
-        return Vec::new();
-    };
-    list.providers()
+    doh.providers()
         .iter()
         .enumerate()
         .flat_map(|(k, p)| {
@@ -333,7 +333,7 @@ pub fn slot_flags(policy: &Policy) -> u32 {
     if policy.allow_other_socket_types {
         flags |= SLOT_ALLOW_OTHER_SOCKETS;
     }
-    if crate::ratelimit::has_limits(policy) {
+    if crate::limits::has_limits(policy) {
         flags |= egress_common::maps::SLOT_RATE_LIMITED;
     }
     if policy.dns.as_ref().is_some_and(|d| d.block_dot) {
@@ -512,8 +512,8 @@ mod tests {
     use rand::{Rng, SeedableRng, rngs::StdRng};
 
     use super::*;
-    use crate::policy::{AllowedDestination, DefaultAction, DeniedDestination, Protocol};
     use crate::reference;
+    use crate::{AllowedDestination, DefaultAction, DeniedDestination, Protocol};
 
     fn allow(target: &str, ports: &[u16], protocols: &[Protocol]) -> AllowedDestination {
         AllowedDestination {
@@ -555,7 +555,13 @@ mod tests {
     }
 
     fn judge(p: &Policy, resolved: &Resolved, dst: &Dest) -> (Reason, Reason) {
-        let c = compile(p, 7, resolved, &mut SetIds::default());
+        let c = compile(
+            p,
+            7,
+            resolved,
+            crate::doh::testing::builtin(),
+            &mut SetIds::default(),
+        );
         let slot = SlotConfig {
             policy_id: 7,
             flags: c.slot_flags,
@@ -563,7 +569,7 @@ mod tests {
         };
         (
             decide(&c, &slot, dst).reason,
-            reference::decide(p, resolved, dst).reason,
+            reference::decide(p, resolved, crate::doh::testing::builtin(), dst).reason,
         )
     }
 
@@ -742,7 +748,7 @@ mod tests {
         let mut sets = SetIds::default();
         let mut r = Resolved::new();
         r.insert("a.test".into(), vec![Ipv4Addr::new(10, 0, 0, 1).into()]);
-        let c1 = compile(&p, 1, &r, &mut sets);
+        let c1 = compile(&p, 1, &r, crate::doh::testing::builtin(), &mut sets);
         r.insert(
             "a.test".into(),
             vec![
@@ -750,7 +756,7 @@ mod tests {
                 Ipv4Addr::new(10, 0, 0, 2).into(),
             ],
         );
-        let c2 = compile(&p, 1, &r, &mut sets);
+        let c2 = compile(&p, 1, &r, crate::doh::testing::builtin(), &mut sets);
         for (k, v) in &c1.ports {
             assert_eq!(c2.ports.get(k), Some(v), "port entry {k:?} changed meaning");
         }
@@ -767,7 +773,13 @@ mod tests {
             vec![],
         );
         let r = Resolved::new();
-        let c = compile(&p, 7, &r, &mut SetIds::default());
+        let c = compile(
+            &p,
+            7,
+            &r,
+            crate::doh::testing::builtin(),
+            &mut SetIds::default(),
+        );
         let inline: Vec<u8> = c.exact.values().map(|v| v.n_inline).collect();
         assert_eq!(inline, vec![1, 2, 0], "{c:?}");
         for (addr, port, proto, want) in [
@@ -798,7 +810,14 @@ mod tests {
         r.insert("bad.test".into(), vec![Ipv4Addr::new(10, 1, 9, 9).into()]);
         let deadlines: Deadlines =
             [("api.test".to_owned(), 100), ("bad.test".to_owned(), 200)].into();
-        let c = compile_with_deadlines(&p, 7, &r, &deadlines, &mut SetIds::default());
+        let c = compile_with_deadlines(
+            &p,
+            7,
+            &r,
+            &deadlines,
+            crate::doh::testing::builtin(),
+            &mut SetIds::default(),
+        );
         let slot = SlotConfig {
             policy_id: 7,
             flags: c.slot_flags,
@@ -838,7 +857,14 @@ mod tests {
         let mut r = Resolved::new();
         r.insert("api.test".into(), vec![Ipv4Addr::new(10, 1, 2, 3).into()]);
         let deadlines: Deadlines = [("api.test".to_owned(), 100)].into();
-        let c = compile_with_deadlines(&p, 7, &r, &deadlines, &mut SetIds::default());
+        let c = compile_with_deadlines(
+            &p,
+            7,
+            &r,
+            &deadlines,
+            crate::doh::testing::builtin(),
+            &mut SetIds::default(),
+        );
         assert_eq!(
             (c.rules.len(), c.exact.len()),
             (0, 1),
@@ -847,7 +873,14 @@ mod tests {
         assert!(c.exact.values().all(|v| v.expires_s == 0), "{c:?}");
         // Only host-derived entries carry the deadline.
         let only_host = policy(vec![allow("api.test", &[443], &[Protocol::Tcp])], vec![]);
-        let c = compile_with_deadlines(&only_host, 7, &r, &deadlines, &mut SetIds::default());
+        let c = compile_with_deadlines(
+            &only_host,
+            7,
+            &r,
+            &deadlines,
+            crate::doh::testing::builtin(),
+            &mut SetIds::default(),
+        );
         assert_eq!(c.exact.len(), 1, "{c:?}");
         assert!(
             c.exact
@@ -898,7 +931,13 @@ mod tests {
             let mut p = policy(allowed, denied);
             p.allow_loopback = rng.random_bool(0.5);
             let r = Resolved::new();
-            let c = compile(&p, 3, &r, &mut SetIds::default());
+            let c = compile(
+                &p,
+                3,
+                &r,
+                crate::doh::testing::builtin(),
+                &mut SetIds::default(),
+            );
             let slot = SlotConfig {
                 policy_id: 3,
                 flags: c.slot_flags,
@@ -907,7 +946,7 @@ mod tests {
             for _ in 0..200 {
                 let dst = random_dest(&mut rng);
                 let k = decide(&c, &slot, &dst);
-                let want = reference::decide(&p, &r, &dst);
+                let want = reference::decide(&p, &r, crate::doh::testing::builtin(), &dst);
                 assert_eq!(k, want, "dst {dst:?} policy {p:#?}");
                 checked += 1;
             }
@@ -920,9 +959,7 @@ mod tests {
     /// refused everywhere, and the compiled tables agree with the reference.
     #[test]
     fn doh_addresses_and_dot_are_denied_and_agree_with_reference() {
-        let Some(list) = crate::dns::doh_list() else {
-            panic!("the built-in DoH list does not parse");
-        };
+        let list = crate::doh::testing::builtin();
         let addrs: Vec<IpAddr> = list.addresses().map(|(a, _)| a).collect();
         assert!(!addrs.is_empty());
         let mut p = policy(
@@ -935,13 +972,19 @@ mod tests {
         p.denied.push(DeniedDestination {
             target: Target::Cidr(IpNet::from(addrs[0].to_canonical())),
         });
-        p.dns = Some(crate::policy::DnsPolicy {
+        p.dns = Some(crate::DnsPolicy {
             allowed_resolvers: Vec::new(),
             block_doh: true,
             block_dot: true,
         });
         let r = Resolved::new();
-        let c = compile(&p, 3, &r, &mut SetIds::default());
+        let c = compile(
+            &p,
+            3,
+            &r,
+            crate::doh::testing::builtin(),
+            &mut SetIds::default(),
+        );
         let slot = SlotConfig {
             policy_id: 3,
             flags: c.slot_flags,
@@ -954,7 +997,11 @@ mod tests {
         for (i, a) in addrs.iter().enumerate() {
             let dst = dest(*a, 443);
             let k = decide(&c, &slot, &dst);
-            assert_eq!(k, reference::decide(&p, &r, &dst), "{a}");
+            assert_eq!(
+                k,
+                reference::decide(&p, &r, crate::doh::testing::builtin(), &dst),
+                "{a}"
+            );
             let want = if i == 0 || a.to_canonical() == addrs[0].to_canonical() {
                 Reason::DenyRule
             } else {
@@ -966,10 +1013,19 @@ mod tests {
         assert_eq!(decide(&c, &slot, &other).reason, Reason::AllowRule);
         let dot = dest("198.51.100.7".parse().unwrap_or(IpAddr::from([0; 4])), 853);
         assert_eq!(decide(&c, &slot, &dot).reason, Reason::DenyDot);
-        assert_eq!(reference::decide(&p, &r, &dot).reason, Reason::DenyDot);
+        assert_eq!(
+            reference::decide(&p, &r, crate::doh::testing::builtin(), &dot).reason,
+            Reason::DenyDot
+        );
         // Without the flags, nothing of the sort.
         p.dns = None;
-        let c = compile(&p, 3, &r, &mut SetIds::default());
+        let c = compile(
+            &p,
+            3,
+            &r,
+            crate::doh::testing::builtin(),
+            &mut SetIds::default(),
+        );
         let slot = SlotConfig {
             policy_id: 3,
             flags: c.slot_flags,

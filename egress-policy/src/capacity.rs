@@ -14,8 +14,9 @@ use egress_common::inbound::MAX_INBOUND;
 use egress_common::maps::{MAX_DNS_RESOLVERS, MAX_EXACT, MAX_PORTS, MAX_RULES};
 use egress_common::ratelimit::MAX_RATE_LIMITS;
 
+use crate::Policy;
 use crate::compile::{Resolved, SetIds, compile};
-use crate::policy::Policy;
+use crate::doh::DohList;
 
 /// One map a policy would overfill.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -44,10 +45,10 @@ pub struct CapacityError {
 }
 
 /// How much of each map `policy` needs, before any name is resolved.
-pub fn usage(policy: &Policy) -> Vec<Overflow> {
+pub fn usage(policy: &Policy, doh: &DohList) -> Vec<Overflow> {
     let mut sets = SetIds::default();
-    let compiled = compile(policy, 1, &Resolved::new(), &mut sets);
-    let limits = crate::ratelimit::compile_limits(policy, 1);
+    let compiled = compile(policy, 1, &Resolved::new(), doh, &mut sets);
+    let limits = crate::limits::compile_limits(policy, 1);
     let resolvers = policy.dns.as_ref().map_or(0, |d| d.allowed_resolvers.len());
     vec![
         Overflow {
@@ -90,8 +91,8 @@ pub fn usage(policy: &Policy) -> Vec<Overflow> {
 }
 
 /// Refuses a policy that needs more than half of any map.
-pub fn check(policy: &Policy, file: &Path) -> Result<(), CapacityError> {
-    let overflows: Vec<Overflow> = usage(policy)
+pub fn check(policy: &Policy, doh: &DohList, file: &Path) -> Result<(), CapacityError> {
+    let overflows: Vec<Overflow> = usage(policy, doh)
         .into_iter()
         .filter(|o| o.needed > o.allowed())
         .collect();
@@ -114,7 +115,7 @@ mod tests {
     fn policy_of(entries: usize) -> Policy {
         let text = "egress_policy:\n  default_action: DENY\n  allowed_destinations:\n    - \
                     cidr: 10.0.0.0/32\n      ports: [443]\n      protocols: [tcp]\n";
-        let mut policy = match crate::policy::parse_str(text, Path::new("big.yaml")) {
+        let mut policy = match crate::parse_str(text, Path::new("big.yaml")) {
             Ok(p) => p,
             Err(e) => panic!("{e}"),
         };
@@ -126,8 +127,8 @@ mod tests {
                     ipnet::Ipv4Net::new(std::net::Ipv4Addr::new(10, a, b, c), 32)
                         .unwrap_or_else(|e| panic!("{e}")),
                 );
-                crate::policy::AllowedDestination {
-                    target: crate::policy::Target::Cidr(net),
+                crate::AllowedDestination {
+                    target: crate::Target::Cidr(net),
                     ..first.clone()
                 }
             })
@@ -138,13 +139,24 @@ mod tests {
     #[test]
     fn a_policy_over_half_a_map_is_refused_naming_the_map_and_its_size() {
         let fits = policy_of(1000);
-        assert!(check(&fits, Path::new("big.yaml")).is_ok());
-        let used = usage(&fits);
+        assert!(check(&fits, crate::doh::testing::builtin(), Path::new("big.yaml")).is_ok());
+        let used = usage(&fits, crate::doh::testing::builtin());
         assert_eq!((used[0].needed, used[2].needed), (1000, 1000), "{used:?}");
         // Every allowed entry has its own port set: the port map is the first to fill.
         let half = (MAX_PORTS / 2) as usize;
-        assert!(check(&policy_of(half), Path::new("big.yaml")).is_ok());
-        let e = match check(&policy_of(half + 1), Path::new("big.yaml")) {
+        assert!(
+            check(
+                &policy_of(half),
+                crate::doh::testing::builtin(),
+                Path::new("big.yaml")
+            )
+            .is_ok()
+        );
+        let e = match check(
+            &policy_of(half + 1),
+            crate::doh::testing::builtin(),
+            Path::new("big.yaml"),
+        ) {
             Ok(()) => panic!("accepted"),
             Err(e) => e,
         };

@@ -153,7 +153,7 @@ mod tests {
 
     #[test]
     fn a_valid_file_has_none_and_an_error_outside_entries_is_reported_once() {
-        let good = include_str!("../../../policies/mcp-net-02-example.yaml");
+        let good = include_str!("../../policies/mcp-net-02-example.yaml");
         assert!(all_errors(good, Path::new("p.yaml")).is_empty());
         let top = "egress_policy:\n  default_action: DENY\n  colour: blue\n";
         assert_eq!(all_errors(top, Path::new("p.yaml")).len(), 1);

@@ -9,6 +9,7 @@
 use std::fmt;
 
 use super::model::{DefaultAction, Policy};
+use crate::doh::DohList;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Unsupported {
@@ -33,7 +34,7 @@ impl fmt::Display for Unsupported {
             Unsupported::DohListUnavailable => write!(
                 f,
                 "dns_policy.block_doh: the built-in list of DNS-over-HTTPS resolvers \
-                 (egress-agent/data/doh-providers.yaml) does not parse in this build, so there \
+                 (egress-policy/data/doh-providers.yaml) does not parse in this build, so there \
                  is nothing to block them by; {REFUSED}: use a build whose unit tests pass, or \
                  set `block_doh: false`"
             ),
@@ -43,8 +44,8 @@ impl fmt::Display for Unsupported {
 
 /// Every feature of `p` that this version does not enforce, in file order; empty when the
 /// policy can be enforced as written.
-pub fn unsupported_features(p: &Policy) -> Vec<Unsupported> {
-    unsupported_with(p, crate::dns::doh_list().is_some())
+pub fn unsupported_features(p: &Policy, doh: &DohList) -> Vec<Unsupported> {
+    unsupported_with(p, !doh.providers().is_empty())
 }
 
 /// As [`unsupported_features`], with whether the built-in DoH list is available.
@@ -64,7 +65,7 @@ mod tests {
     use std::path::Path;
 
     use super::*;
-    use crate::policy::parse_str;
+    use crate::parse_str;
 
     fn parse(text: &str) -> Policy {
         match parse_str(text, Path::new("t.yaml")) {
@@ -75,17 +76,17 @@ mod tests {
 
     #[test]
     fn seed_example_is_supported_with_its_restrictions() {
-        let p = parse(include_str!("../../../policies/mcp-net-02-example.yaml"));
-        assert_eq!(unsupported_features(&p), vec![]);
+        let p = parse(include_str!("../../policies/mcp-net-02-example.yaml"));
+        assert_eq!(
+            unsupported_features(&p, crate::doh::testing::builtin()),
+            vec![]
+        );
         let r = p.allowed[1].restrictions.as_ref();
         assert_eq!(
             r.map(|r| (r.regions.clone(), r.services.clone())),
             Some((
                 vec!["us-east-1".to_owned(), "eu-west-1".to_owned()],
-                vec![
-                    crate::policy::AwsService::S3,
-                    crate::policy::AwsService::DynamoDb
-                ]
+                vec![crate::AwsService::S3, crate::AwsService::DynamoDb]
             ))
         );
     }
@@ -99,9 +100,15 @@ mod tests {
              dns_policy:\n    allowed_resolvers: [10.0.0.53]\n    block_doh: true\n    \
              block_dot: true\n",
         );
-        assert_eq!(unsupported_features(&p), vec![]);
+        assert_eq!(
+            unsupported_features(&p, crate::doh::testing::builtin()),
+            vec![]
+        );
         let empty = parse("egress_policy:\n  default_action: DENY\n  dns_policy: {}\n");
-        assert_eq!(unsupported_features(&empty), vec![]);
+        assert_eq!(
+            unsupported_features(&empty, crate::doh::testing::builtin()),
+            vec![]
+        );
     }
 
     #[test]
@@ -111,7 +118,10 @@ mod tests {
              api.github.com\n      ports: [443]\n      protocols: [https]\n  \
              denied_destinations:\n    - cidr: 10.0.0.0/8\n    - host: evil.example.com\n",
         );
-        assert_eq!(unsupported_features(&p), vec![]);
+        assert_eq!(
+            unsupported_features(&p, crate::doh::testing::builtin()),
+            vec![]
+        );
     }
 
     #[test]
@@ -121,7 +131,7 @@ mod tests {
              192.0.2.0/24\n      ports: [80]\n      protocols: [http]\n      rate_limit: \
              {max_connections: 5, time_window: 10}\n",
         );
-        let found = unsupported_features(&p);
+        let found = unsupported_features(&p, crate::doh::testing::builtin());
         assert_eq!(found, vec![Unsupported::DefaultAllow]);
         let text = found[0].to_string();
         assert!(text.contains("only enforces allowlists"), "{text}");
@@ -135,14 +145,17 @@ mod tests {
              max_connections: 100\n      time_window: 60\n    global:\n      \
              max_new_connections: 1000\n      time_window: 60\n",
         );
-        assert_eq!(unsupported_features(&p), vec![]);
+        assert_eq!(
+            unsupported_features(&p, crate::doh::testing::builtin()),
+            vec![]
+        );
     }
 
     #[test]
     fn block_doh_is_refused_only_without_the_builtin_list() {
         let p =
             parse("egress_policy:\n  default_action: DENY\n  dns_policy:\n    block_doh: true\n");
-        assert!(crate::dns::doh_list().is_some());
+        assert!(!crate::doh::testing::builtin().providers().is_empty());
         assert_eq!(unsupported_with(&p, true), vec![]);
         assert_eq!(
             unsupported_with(&p, false),

@@ -13,7 +13,7 @@
 use std::borrow::Cow;
 use std::collections::HashMap;
 
-use crate::policy::{HostPattern, Policy, Target};
+use crate::{HostPattern, Policy, Target};
 
 /// What the policy says about a name.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -208,6 +208,12 @@ fn exact_public_suffix(name: &str) -> Option<PublicSuffixKind> {
         Some(psl::Type::Private) => PublicSuffixKind::Private,
         _ => PublicSuffixKind::Icann,
     })
+}
+
+/// The registrable domain of `name` under the Public Suffix List (`api.example.co.uk` ->
+/// `example.co.uk`); `None` for a suffix itself or an unknown one.
+pub fn registrable_domain(name: &str) -> Option<&str> {
+    psl::domain_str(name)
 }
 
 #[cfg(test)]

@@ -1,5 +1,5 @@
 use super::*;
-use crate::policy::Restrictions;
+use crate::Restrictions;
 
 /// The seed's restrictions: regions [us-east-1, eu-west-1], services [s3, dynamodb].
 fn seed() -> Restrictions {

@@ -123,8 +123,8 @@ fn every_allowing_rule_is_reported_once() {
 
 #[test]
 fn seed_example_policy() {
-    let p = crate::policy::parse_str(
-        include_str!("../../../policies/mcp-net-02-example.yaml"),
+    let p = crate::parse_str(
+        include_str!("../../policies/mcp-net-02-example.yaml"),
         std::path::Path::new("mcp-net-02-example.yaml"),
     )
     .unwrap_or_else(|e| panic!("{e}"));

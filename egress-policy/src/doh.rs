@@ -1,7 +1,7 @@
 //! Known DNS-over-HTTPS resolvers, for `dns_policy.block_doh`: their names, which the proxy
 //! refuses even where an allowed wildcard covers them, and their addresses, which are denied.
 //!
-//! The list is `egress-agent/data/doh-providers.yaml`, embedded at build time; its header says what
+//! The list is `egress-policy/data/doh-providers.yaml`, embedded at build time; its header says what
 //! belongs in it, where it comes from and how to update it. DNS-over-TLS (`block_dot`) needs no
 //! list: it has its own port, [`DOT_PORT`], blocked towards every destination.
 
@@ -11,10 +11,10 @@ use std::net::IpAddr;
 use serde::Deserialize;
 
 use super::names::PatternTable;
-use crate::policy::HostPattern;
+use crate::HostPattern;
 
 /// The embedded provider list.
-pub const BUILTIN_LIST: &str = include_str!("../../data/doh-providers.yaml");
+pub const BUILTIN_LIST: &str = include_str!("../data/doh-providers.yaml");
 /// DNS over TLS (RFC 7858) and DNS over QUIC (RFC 9250): TCP and UDP 853.
 pub const DOT_PORT: u16 = 853;
 
@@ -93,6 +93,16 @@ struct RawProvider {
 impl DohList {
     /// The embedded list. Parsed once at startup; an error is a build defect that the unit
     /// tests catch first.
+    /// A list with no providers: a policy with `block_doh` is then refused as unenforceable
+    /// (see [`crate::unsupported_features`]).
+    pub fn empty() -> DohList {
+        DohList {
+            providers: Vec::new(),
+            names: PatternTable::default(),
+            addresses: HashMap::new(),
+        }
+    }
+
     pub fn builtin() -> Result<DohList, DohListError> {
         DohList::parse(BUILTIN_LIST)
     }
@@ -253,7 +263,10 @@ fn parse_host(raw: &str) -> Result<HostPattern, &'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dns::testutil::ip;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap_or_else(|e| panic!("{s}: {e}"))
+    }
 
     fn builtin() -> DohList {
         DohList::builtin().unwrap_or_else(|e| panic!("{e}"))
@@ -396,5 +409,16 @@ mod tests {
         }
         assert!(bad("providers:\n  - name: X\n    hosts: [a.b]\n").contains("sources"));
         assert!(bad("providers: []\nextra: 1\n").contains("extra"));
+    }
+}
+
+/// The built-in list for tests, parsed once.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::DohList;
+
+    pub fn builtin() -> &'static DohList {
+        static LIST: std::sync::OnceLock<DohList> = std::sync::OnceLock::new();
+        LIST.get_or_init(|| DohList::builtin().unwrap_or_else(|e| panic!("{e}")))
     }
 }

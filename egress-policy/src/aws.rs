@@ -134,7 +134,7 @@ fn regional(service: AwsService, region: &str, form: &'static str) -> Option<Aws
 /// The service and region of an AWS endpoint name, in any case, with or without a trailing
 /// dot; `None` when the name is not one of the documented forms of a known service.
 pub fn classify(name: &str) -> Option<AwsEndpoint> {
-    let name = crate::dns::names::normalize(name)?;
+    let name = crate::names::normalize(name)?;
     let (suffix, labels) = split_suffix(&name)?;
     let n = labels.len();
     let last = labels[n - 1];

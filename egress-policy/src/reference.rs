@@ -5,10 +5,11 @@
 use egress_common::{Decision, Dest, Family, Proto, Reason, verdict::NO_RULE};
 
 use crate::compile::{Resolved, targets};
-use crate::policy::{Policy, Transport};
+use crate::doh::DohList;
+use crate::{Policy, Transport};
 
 /// What `policy` says about `dst`.
-pub fn decide(policy: &Policy, resolved: &Resolved, dst: &Dest) -> Decision {
+pub fn decide(policy: &Policy, resolved: &Resolved, doh: &DohList, dst: &Dest) -> Decision {
     let loopback = is_loopback(dst);
     if loopback && policy.allow_loopback {
         return Decision {
@@ -58,10 +59,8 @@ pub fn decide(policy: &Policy, resolved: &Resolved, dst: &Dest) -> Decision {
     }
     // A known DoH resolver's address (with block_doh) is a deny of its own address length;
     // among equally specific denials the policy's own entry is reported.
-    if policy.dns.as_ref().is_some_and(|d| d.block_doh)
-        && let Some(list) = crate::dns::doh_list()
-    {
-        for (k, provider) in list.providers().iter().enumerate() {
+    if policy.dns.as_ref().is_some_and(|d| d.block_doh) {
+        for (k, provider) in doh.providers().iter().enumerate() {
             if provider.addresses.iter().any(|a| a.to_canonical() == addr) {
                 let len = if addr.is_ipv4() { 32 } else { 128 };
                 if deny.is_none_or(|(l, _)| len > l) {

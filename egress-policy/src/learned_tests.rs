@@ -6,7 +6,7 @@ use egress_common::{Dest, Proto, Reason, RuleKey, RuleValue, SlotConfig, Tables,
 
 use super::*;
 use crate::compile::{Compiled, SetIds, compile};
-use crate::policy::parse_str;
+use crate::parse_str;
 
 const YAML: &str = r#"
 egress_policy:
@@ -72,7 +72,13 @@ struct Fixture {
 impl Fixture {
     fn new() -> Self {
         let policy = parse_str(YAML, std::path::Path::new("test.yaml")).unwrap();
-        let compiled = compile(&policy, 7, &Default::default(), &mut SetIds::default());
+        let compiled = compile(
+            &policy,
+            7,
+            &Default::default(),
+            crate::doh::testing::builtin(),
+            &mut SetIds::default(),
+        );
         Fixture {
             policy,
             compiled,

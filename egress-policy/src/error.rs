@@ -79,7 +79,11 @@ pub enum PolicyError {
 
 /// The OS's reason without Rust's `(os error N)` suffix, which says nothing more to a reader.
 fn os_reason(e: &io::Error) -> String {
-    crate::report::without_os_code(&e.to_string()).to_owned()
+    let text = e.to_string();
+    match text.rfind(" (os error ") {
+        Some(i) if text.ends_with(')') => text[..i].to_owned(),
+        _ => text,
+    }
 }
 
 /// `{file}:{line}:{column}`.
@@ -99,7 +103,7 @@ impl PolicyError {
     /// Process exit code for this error: 78 (`EX_CONFIG`) for every variant, since each means
     /// the policy given to the agent cannot be used.
     pub fn exit_code(&self) -> u8 {
-        crate::exit::CONFIG
+        crate::EXIT_CONFIG
     }
 
     /// The policy file the error is about.

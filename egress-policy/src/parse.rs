@@ -31,7 +31,7 @@ use super::model::{
     AllowedDestination, DefaultAction, DeniedDestination, DnsPolicy, HostPattern, InboundRule,
     Mode, Policy, Protocol, RateLimit, RateLimits, Restrictions, Target,
 };
-use crate::dns::names::{PublicSuffixKind, wildcard_public_suffix};
+use crate::names::{PublicSuffixKind, wildcard_public_suffix};
 
 mod inbound;
 
@@ -1340,7 +1340,7 @@ mod tests {
 
     #[test]
     fn seed_example_parses_into_the_expected_policy() {
-        let text = include_str!("../../../policies/mcp-net-02-example.yaml");
+        let text = include_str!("../../policies/mcp-net-02-example.yaml");
         let p = match parse_str(text, Path::new("policies/mcp-net-02-example.yaml")) {
             Ok(p) => p,
             Err(e) => panic!("{e}"),

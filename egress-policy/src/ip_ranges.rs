@@ -16,7 +16,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use ipnet::IpNet;
 use serde::Deserialize;
 
-use crate::policy::AwsService;
+use crate::AwsService;
 
 #[derive(Debug, thiserror::Error)]
 pub enum IpRangesError {
@@ -214,7 +214,7 @@ mod tests {
 
     use super::*;
 
-    const FIXTURE: &str = include_str!("../../tests/data/aws-ip-ranges.json");
+    const FIXTURE: &str = include_str!("../tests/data/aws-ip-ranges.json");
 
     fn fixture() -> AwsIpRanges {
         match AwsIpRanges::parse(FIXTURE, Path::new("aws-ip-ranges.json")) {

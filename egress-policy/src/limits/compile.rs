@@ -12,7 +12,7 @@ use egress_common::ratelimit::{
 };
 
 use crate::compile::canonical_net;
-use crate::policy::{HostPattern, Policy, RateLimit, Target};
+use crate::{HostPattern, Policy, RateLimit, Target};
 
 /// The limit entries of one policy id.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -129,7 +129,7 @@ mod tests {
     use std::path::Path;
 
     use super::*;
-    use crate::policy::parse_str;
+    use crate::parse_str;
 
     fn parse(text: &str) -> Policy {
         match parse_str(text, Path::new("t.yaml")) {

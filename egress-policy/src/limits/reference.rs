@@ -15,7 +15,7 @@ use egress_common::{
 };
 
 use super::compile::{destination_identity, destination_limit, global_identity, has_limits};
-use crate::policy::{HostPattern, Policy, RateLimit, Target};
+use crate::{HostPattern, Policy, RateLimit, Target};
 
 /// Credit in nanoseconds of refill: a connection costs one interval, the bucket holds
 /// `max_connections` intervals.
@@ -172,8 +172,8 @@ mod tests {
 
     use super::*;
     use crate::compile::Resolved;
-    use crate::policy::parse_str;
-    use crate::ratelimit::compile_limits;
+    use crate::limits::compile_limits;
+    use crate::parse_str;
 
     const SEC: u64 = 1_000_000_000;
 
@@ -185,7 +185,7 @@ mod tests {
     }
 
     fn judge(r: &mut Reference, p: &Policy, dst: &Dest, now: u64) -> Reason {
-        let d = crate::reference::decide(p, &Resolved::new(), dst);
+        let d = crate::reference::decide(p, &Resolved::new(), crate::doh::testing::builtin(), dst);
         r.judge(p, d, dst, now).reason
     }
 
@@ -374,7 +374,7 @@ mod tests {
         let mut verdicts = Vec::new();
         for a in [10, 11, 10, 11] {
             let dst = tcp([198, 18, 0, a], 443);
-            let d = crate::reference::decide(&p, &resolved, &dst);
+            let d = crate::reference::decide(&p, &resolved, crate::doh::testing::builtin(), &dst);
             verdicts.push(r.judge(&p, d, &dst, SEC).reason);
         }
         assert_eq!(

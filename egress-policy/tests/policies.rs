@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use egress_agent::policy::{load_file, unsupported_features};
+use egress_policy::{load_file, unsupported_features};
 
 fn policies_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies")
@@ -50,12 +50,16 @@ fn presets_are_enforceable_as_written() {
     let mut files = Vec::new();
     yaml_files(&policies_dir().join("presets"), &mut files);
     assert!(!files.is_empty(), "no presets found");
+    let doh = match egress_policy::doh::DohList::builtin() {
+        Ok(doh) => doh,
+        Err(e) => panic!("{e}"),
+    };
     for file in files {
         let policy = match load_file(&file) {
             Ok(p) => p,
             Err(e) => panic!("{e}"),
         };
-        let unsupported = unsupported_features(&policy);
+        let unsupported = unsupported_features(&policy, &doh);
         assert!(
             unsupported.is_empty(),
             "{}: {unsupported:?}",

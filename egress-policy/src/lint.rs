@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::fmt::Write as _;
 
-use crate::policy::{HostPattern, Policy, Target};
+use crate::{HostPattern, Policy, Target};
 
 /// One warning per finding, each naming the entry it is about.
 pub fn warnings(policy: &Policy) -> Vec<String> {
@@ -108,7 +108,7 @@ mod tests {
     use std::path::Path;
 
     fn lint(text: &str) -> Vec<String> {
-        match crate::policy::parse_str(text, Path::new("p.yaml")) {
+        match crate::parse_str(text, Path::new("p.yaml")) {
             Ok(p) => warnings(&p),
             Err(e) => panic!("{e}"),
         }

@@ -121,7 +121,7 @@ mod tests {
 
     #[test]
     fn entries_of_the_seed_policy() {
-        let text = include_str!("../../../policies/mcp-net-02-example.yaml");
+        let text = include_str!("../../policies/mcp-net-02-example.yaml");
         let lines = entry_lines(text);
         assert_eq!(lines.allowed, vec![4, 9, 17]);
         assert_eq!(lines.denied, vec![23, 24, 25]);

@@ -7,7 +7,7 @@ use serde::Deserialize;
 use serde::de::Deserializer;
 
 use super::{CIDR_EXPECTED, Checked, NonEmpty, PortValue, first_occurrences, parse_cidr};
-use crate::policy::model::InboundRule;
+use crate::model::InboundRule;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -96,7 +96,7 @@ fn is_loopback_only(net: &IpNet) -> bool {
 mod tests {
     use std::path::Path;
 
-    use crate::policy::{InboundRule, Policy, parse_str};
+    use crate::{InboundRule, Policy, parse_str};
 
     fn parse(inbound: &str) -> Result<Policy, String> {
         let text = format!("egress_policy:\n  default_action: DENY\n  inbound:\n{inbound}");
