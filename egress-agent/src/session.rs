@@ -7,7 +7,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::cli::{DnsArgs, Refusal, TelemetryArgs};
-use crate::dns::message::Rcode;
 use crate::dns::proxy::{Listeners, Proxy, Settings};
 use crate::dns::rebind::{RebindFilter, Source, report_rejection};
 use crate::dns::upstream::Upstream;
@@ -19,6 +18,7 @@ use crate::metrics::{
 };
 use crate::recent::Recent;
 use crate::resolve::{ResolveError, Resolver, TtlBounds, deadline_s, policy_hosts};
+use egress_dns_wire::message::Rcode;
 use egress_policy::compile::{Deadlines, Resolved};
 use egress_policy::ip_ranges::AwsIpRanges;
 use egress_policy::{self as policy, Policy, PolicyError, Unsupported};

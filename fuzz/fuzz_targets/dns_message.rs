@@ -1,28 +1,13 @@
-//! The agent's DNS parsers on arbitrary bytes: the workload's queries (UDP and TCP) and
-//! upstream answers. Any panic, hang or out-of-bounds access is a bug.
-//!
-//! The parser files are compiled here as they are (`#[path]`), not through the egress-agent
-//! crate: they depend on nothing else in it, and this keeps the instrumented build to three
-//! files instead of the agent's whole dependency tree (and its eBPF build).
+//! The DNS proxy's parsers (egress-dns-wire) on arbitrary bytes: the workload's queries (UDP
+//! and TCP) and upstream answers. Any panic, hang or out-of-bounds access is a bug.
 
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 
-// At the crate root, as siblings: their `super::` paths then resolve as in the agent.
-#[allow(dead_code)]
-#[path = "../../egress-agent/src/dns/answer.rs"]
-mod answer;
-#[allow(dead_code)]
-#[path = "../../egress-agent/src/dns/message.rs"]
-mod message;
-#[allow(dead_code)]
-#[path = "../../egress-agent/src/dns/wire.rs"]
-mod wire;
-
-use answer::{MAX_CNAME_CHAIN, address_response, parse_answer};
-use message::{Header, Question, Transport, parse_query, tcp_unframe};
-use wire::{HEADER_LEN, Reader};
+use egress_dns_wire::answer::{MAX_CNAME_CHAIN, address_response, parse_answer};
+use egress_dns_wire::message::{Header, Question, Transport, parse_query, tcp_unframe};
+use egress_dns_wire::wire::{HEADER_LEN, Reader};
 
 fuzz_target!(|data: &[u8]| {
     let Some((&mode, msg)) = data.split_first() else {

@@ -11,11 +11,11 @@ use egress_common::{
     maps::{MAP_DNS_ALIVE, MAP_DNS_RESOLVERS, MAP_LEARNED, MAP_PORTS, ResolverKey},
 };
 
-use super::answer::AddressRecord;
 use super::rebind::{RebindFilter, Rejection, Source, report_rejection};
 use crate::loader::Programs;
 use crate::maps::MapsError;
 use crate::session::RebindCounter;
+use egress_dns_wire::answer::AddressRecord;
 use egress_policy::aws::{self, Admission, RestrictionMiss};
 use egress_policy::ip_ranges::AwsIpRanges;
 use egress_policy::learned::{LearnedTable, Writes};

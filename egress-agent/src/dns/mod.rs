@@ -1,28 +1,17 @@
-//! DNS control, the pure parts: what the agent's DNS proxy reads, decides and answers.
+//! DNS control: the agent's DNS proxy. The wire format (parsers and builders) is the
+//! `egress-dns-wire` crate; the policy's names, the DoH list and the learned-address
+//! bookkeeping are in `egress-policy`.
 //!
-//! - `wire`: bounded reading of DNS wire format; name decoding that ends on any input.
-//! - `message`: the workload's query (strict parse), the proxy's own answers (NXDOMAIN,
-//!   REFUSED, SERVFAIL, FORMERR, NOTIMP, BADVERS) and TCP framing.
-//! - `answer`: an upstream answer reduced to the CNAME chain and the addresses it gives the
-//!   queried name, and the sanitised answer the workload receives.
+//! - `proxy`: the sockets and the per-query path; `upstream`: forwarding.
 //! - `rebind`: which answer addresses may enter the allow map.
-//!
-//! The proxy itself (sockets, rate limits, the allow-map updates) is not here.
+//! - `install`: answers into the learned-address map; `origin`: who sent a query.
 
-pub mod answer;
 pub mod install;
-pub mod message;
 pub mod observed;
 pub mod origin;
 pub mod proxy;
 pub mod rebind;
 pub mod upstream;
-pub mod wire;
-
-#[cfg(test)]
-mod robustness;
-#[cfg(test)]
-mod testutil;
 
 /// The built-in DoH provider list (`egress-policy/data/doh-providers.yaml`), parsed once. Empty
 /// only if the embedded file does not parse, which a unit test rules out; policy loading then

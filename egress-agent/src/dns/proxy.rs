@@ -17,16 +17,16 @@ use egress_common::maps::{
     DNS_PROXY_PORT_FIRST, DNS_PROXY_PORT_LAST, DNS_UNAUTHORIZED_PORT_OFFSET,
 };
 
-use super::answer::{AddressRecord, CnameLink, address_response};
 use super::install::{Learner, NameDecision, restriction_detail};
-use super::message::{QueryError, Rcode, Transport, parse_query};
 use super::origin::{Diag, Origins};
 use super::rebind::{Source, report_rejection};
 use super::upstream::Upstream;
-use super::wire::rtype;
 use crate::metrics::{DnsMetrics, PolicyLabels, PolicyResultLabels};
 use crate::recent::{Denial, Recent, now_unix_s};
 use crate::resolve::{TtlBounds, deadline_s};
+use egress_dns_wire::answer::{AddressRecord, CnameLink, address_response};
+use egress_dns_wire::message::{QueryError, Rcode, Transport, parse_query};
+use egress_dns_wire::wire::rtype;
 
 /// Queries of one workload answered at the same time; more are dropped (and counted).
 const MAX_IN_FLIGHT: usize = 256;
@@ -507,7 +507,8 @@ impl Proxy {
             self.refused(&policy, &q.qname, q.qtype, result, &detail, transport);
             return Some(self.refusal(&query));
         }
-        if q.qclass != super::wire::CLASS_IN || !matches!(q.qtype, rtype::A | rtype::AAAA) {
+        if q.qclass != egress_dns_wire::wire::CLASS_IN || !matches!(q.qtype, rtype::A | rtype::AAAA)
+        {
             // Only addresses are looked up for the workload.
             self.count(&policy, "allowed");
             return Some(query.nodata());
@@ -646,7 +647,7 @@ impl Proxy {
             .collect();
         let max_len = match transport {
             Transport::Udp => query.max_udp_response_len(),
-            Transport::Tcp => super::message::MAX_TCP_MESSAGE_LEN,
+            Transport::Tcp => egress_dns_wire::message::MAX_TCP_MESSAGE_LEN,
         };
         Some(address_response(&query, &chain, &records, max_len))
     }
@@ -693,11 +694,12 @@ impl Proxy {
     async fn resolve_unlearned(
         &self,
         policy: &str,
-        query: &super::message::Query,
+        query: &egress_dns_wire::message::Query,
         transport: Transport,
     ) -> Vec<u8> {
         let q = &query.question;
-        if q.qclass != super::wire::CLASS_IN || !matches!(q.qtype, rtype::A | rtype::AAAA) {
+        if q.qclass != egress_dns_wire::wire::CLASS_IN || !matches!(q.qtype, rtype::A | rtype::AAAA)
+        {
             return query.nodata();
         }
         let answer = match self.upstream().ask(q).await {
@@ -718,12 +720,12 @@ impl Proxy {
             .record(&q.qname, answer.addresses.iter().map(|a| a.addr));
         let max_len = match transport {
             Transport::Udp => query.max_udp_response_len(),
-            Transport::Tcp => super::message::MAX_TCP_MESSAGE_LEN,
+            Transport::Tcp => egress_dns_wire::message::MAX_TCP_MESSAGE_LEN,
         };
         address_response(query, &answer.chain, &answer.addresses, max_len)
     }
 
-    fn refusal(&self, query: &super::message::Query) -> Vec<u8> {
+    fn refusal(&self, query: &egress_dns_wire::message::Query) -> Vec<u8> {
         match self.settings.refusal {
             Rcode::Refused => query.refused(),
             _ => query.nxdomain(),
@@ -845,7 +847,7 @@ impl Proxy {
             let Some(reply) = self.answer(&msg, Transport::Tcp, via).await else {
                 return;
             };
-            let Ok(framed) = super::message::tcp_frame(&reply) else {
+            let Ok(framed) = egress_dns_wire::message::tcp_frame(&reply) else {
                 return;
             };
             if stream.write_all(&framed).await.is_err() {

@@ -16,7 +16,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
-use super::answer::AddressRecord;
+use egress_dns_wire::answer::AddressRecord;
 use egress_policy::doh::DohList;
 use prometheus_client::metrics::{counter::Counter, family::Family};
 
@@ -303,7 +303,10 @@ fn judged_as(addr: IpAddr) -> impl Iterator<Item = IpAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dns::testutil::ip;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap_or_else(|e| panic!("{s}: {e}"))
+    }
 
     fn net(s: &str) -> IpNet {
         s.parse().unwrap_or_else(|e| panic!("{s}: {e}"))

@@ -8,9 +8,9 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpStream, UdpSocket};
 
-use super::answer::{Answer, AnswerError, MAX_ANSWER_LEN, parse_answer};
-use super::message::{PROXY_EDNS_UDP_SIZE, Question, flag};
-use super::wire::{HEADER_LEN, rtype, write_plain_name};
+use egress_dns_wire::answer::{Answer, AnswerError, MAX_ANSWER_LEN, parse_answer};
+use egress_dns_wire::message::{PROXY_EDNS_UDP_SIZE, Question, flag};
+use egress_dns_wire::wire::{HEADER_LEN, rtype, write_plain_name};
 
 /// Datagrams from the server that are not the answer (stale, spoofed) read before giving up.
 const MAX_STRAY_DATAGRAMS: usize = 16;
@@ -185,7 +185,7 @@ pub fn build_query(id: u16, question: &Question) -> Option<Vec<u8>> {
 mod tests {
     #![expect(clippy::unwrap_used, reason = "test code")]
     use super::*;
-    use crate::dns::message::{Transport, parse_query};
+    use egress_dns_wire::message::{Transport, parse_query};
 
     #[test]
     fn the_upstream_query_parses_as_a_query_for_the_same_question() {

@@ -5,9 +5,13 @@ use hickory_proto::rr::rdata::{A, AAAA, CNAME};
 use hickory_proto::rr::{Name as HName, RData, Record, RecordType};
 
 use super::*;
-use crate::dns::message::{Transport, flag, parse_query};
-use crate::dns::testutil::{header, ip, push_question, push_rr, query, response, wire_name};
-use crate::dns::wire::MAX_POINTER_HOPS;
+use crate::craft::{header, push_question, push_rr, query, response, wire_name};
+use crate::message::{Transport, flag, parse_query};
+use crate::wire::MAX_POINTER_HOPS;
+
+fn ip(s: &str) -> std::net::IpAddr {
+    s.parse().unwrap_or_else(|e| panic!("{s}: {e}"))
+}
 
 fn q(name: &str, qtype: u16) -> Question {
     Question {

@@ -2,7 +2,7 @@ use hickory_proto::op::{self as h, Edns, Message, MessageType, OpCode, ResponseC
 use hickory_proto::rr::{Name as HName, RecordType};
 
 use super::*;
-use crate::dns::testutil::{header, push_name, push_opt, push_question, query, query_with_edns};
+use crate::craft::{header, push_name, push_opt, push_question, query, query_with_edns};
 
 fn ok(msg: &[u8]) -> Query {
     parse_query(msg, Transport::Udp).unwrap_or_else(|e| panic!("{e}"))

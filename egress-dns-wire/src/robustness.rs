@@ -6,10 +6,10 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use super::answer::{MAX_CNAME_CHAIN, parse_answer};
+use super::craft::{header, push_rr, query, query_with_edns, response, wire_name};
 use super::message::{Query, QueryError, Transport, parse_query, tcp_unframe};
-use super::testutil::{header, push_rr, query, query_with_edns, response, wire_name};
 use super::wire::{CLASS_IN, rtype};
-use crate::dns::message::flag;
+use crate::message::flag;
 
 const ITERATIONS: usize = 100_000;
 

@@ -6,8 +6,7 @@
 //! compression pointers only strictly backwards and at most [`MAX_POINTER_HOPS`] times, and
 //! stops at 255 octets of name.
 //!
-//! This file and its siblings `message.rs` and `answer.rs` use nothing from the rest of the
-//! crate: the fuzz crate (`fuzz/`) compiles them as they are.
+//! The fuzz crate (`fuzz/`) runs this crate's parsers on arbitrary bytes.
 
 use std::fmt;
 

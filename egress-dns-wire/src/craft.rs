@@ -1,7 +1,5 @@
-//! Hand-built DNS messages for the tests: every field spelled out, nothing validated, so that a
-//! test can build exactly the malformed packet it means.
-
-use std::net::IpAddr;
+//! Hand-built DNS messages: every field spelled out, nothing validated, so that a test or a
+//! tool can build exactly the (possibly malformed) packet it means.
 
 use super::message::flag;
 use super::wire::{CLASS_IN, rtype};
@@ -97,8 +95,4 @@ pub fn response(
         push_rr(&mut m, &wire_name(owner), *t, *ttl, data);
     }
     m
-}
-
-pub fn ip(s: &str) -> IpAddr {
-    s.parse().unwrap_or_else(|e| panic!("{s}: {e}"))
 }
