@@ -46,6 +46,10 @@ pub const INGRESS_PROGRAM: &str = "egress_skb_ingress";
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
+    #[error(
+        "this agent was built with AYA_BUILD_SKIP and holds no eBPF programs; rebuild it without AYA_BUILD_SKIP"
+    )]
+    NoPrograms,
     #[error("loading the eBPF object: {0}")]
     Object(#[source] Box<aya::EbpfError>),
     #[error("the eBPF object has no program {0}")]
@@ -116,6 +120,9 @@ pub struct Programs {
 impl Programs {
     /// Loads and verifies every program, bound to `slot`.
     pub fn load(slot: u32) -> Result<Self, LoadError> {
+        if OBJECT.is_empty() {
+            return Err(LoadError::NoPrograms);
+        }
         let mut ebpf = EbpfLoader::new()
             .override_global(GLOBAL_SLOT, &slot, true)
             .load(OBJECT)
