@@ -70,8 +70,8 @@ pub struct LearnArgs {
     #[arg(long)]
     pub cwd: Option<PathBuf>,
     /// Set NAME=VALUE in the workload's environment, or pass NAME from the agent's own.
-    #[arg(long = "env", value_name = "NAME[=VALUE]", value_parser = crate::environment::parse_env_setting)]
-    pub env: Vec<crate::environment::EnvSetting>,
+    #[arg(long = "env", value_name = "NAME[=VALUE]", value_parser = crate::workload::environment::parse_env_setting)]
+    pub env: Vec<crate::workload::environment::EnvSetting>,
     /// Start the workload with an empty environment (as for exec).
     #[arg(long)]
     pub env_clear: bool,
@@ -232,8 +232,8 @@ pub struct ExecArgs {
     pub cwd: Option<PathBuf>,
     /// Set NAME=VALUE in the workload's environment, or pass NAME from the agent's own
     /// (repeatable; later ones win). HOME, USER, LOGNAME and SHELL are the user's.
-    #[arg(long = "env", value_name = "NAME[=VALUE]", value_parser = crate::environment::parse_env_setting)]
-    pub env: Vec<crate::environment::EnvSetting>,
+    #[arg(long = "env", value_name = "NAME[=VALUE]", value_parser = crate::workload::environment::parse_env_setting)]
+    pub env: Vec<crate::workload::environment::EnvSetting>,
     /// Start the workload with an empty environment (plus HOME, USER, LOGNAME, SHELL, a
     /// default PATH and what --env names) instead of the agent's.
     #[arg(long)]
@@ -303,7 +303,7 @@ pub struct TelemetryArgs {
     /// ADDR: HOST:PORT (for example 127.0.0.1:9464) or unix:/PATH, a Unix socket (for many
     /// agents on one host; `{pid}` in PATH becomes the agent's process id).
     #[arg(long, value_name = "ADDR")]
-    pub metrics_addr: Option<crate::scrape::MetricsAddr>,
+    pub metrics_addr: Option<crate::observe::scrape::MetricsAddr>,
     /// Also write the metrics to FILE in the Prometheus text format, replaced atomically
     /// every --metrics-textfile-interval seconds (for node_exporter's textfile collector;
     /// `{pid}` becomes the agent's process id). Removed when the agent stops.

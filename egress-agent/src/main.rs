@@ -5,7 +5,9 @@ use std::io::Write as _;
 use std::process::ExitCode;
 
 use clap::Parser as _;
-use egress_agent::{check, cli, detach, exec, exit, explain, learn, logging, report, run, status};
+use egress_agent::cmd::{check, detach, exec, explain, learn, run, status};
+use egress_agent::observe::{logging, report};
+use egress_agent::{cli, exit};
 
 fn main() -> ExitCode {
     let cli = match cli::Cli::try_parse() {

@@ -12,9 +12,9 @@ use egress_common::{
 };
 
 use super::rebind::{RebindFilter, Rejection, Source, report_rejection};
-use crate::loader::Programs;
-use crate::maps::MapsError;
-use crate::session::RebindCounter;
+use crate::kernel::loader::Programs;
+use crate::kernel::maps::MapsError;
+use crate::supervisor::session::RebindCounter;
 use egress_dns_wire::answer::AddressRecord;
 use egress_policy::aws::{self, Admission, RestrictionMiss};
 use egress_policy::ip_ranges::AwsIpRanges;
@@ -113,7 +113,7 @@ impl Liveness {
 
     /// Proxy alive until `LIVENESS_SECS` from now.
     pub fn renew(&mut self) -> Result<(), MapsError> {
-        let until = crate::resolve::boot_time_s().saturating_add(LIVENESS_SECS);
+        let until = crate::supervisor::resolve::boot_time_s().saturating_add(LIVENESS_SECS);
         self.alive
             .set(self.slot, until, 0)
             .map_err(op_err(MAP_DNS_ALIVE, "set"))

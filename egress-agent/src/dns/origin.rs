@@ -14,8 +14,8 @@ use std::sync::Mutex;
 use aya::maps::{HashMap, MapData};
 use egress_common::maps::{DnsOrigin, MAP_DNS_ORIGIN};
 
-use crate::loader::Programs;
-use crate::maps::MapsError;
+use crate::kernel::loader::Programs;
+use crate::kernel::maps::MapsError;
 
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
 const NLM_F_REQUEST: u16 = 1;

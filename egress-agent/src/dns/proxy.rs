@@ -21,9 +21,9 @@ use super::install::{Learner, NameDecision, restriction_detail};
 use super::origin::{Diag, Origins};
 use super::rebind::{Source, report_rejection};
 use super::upstream::Upstream;
-use crate::metrics::{DnsMetrics, PolicyLabels, PolicyResultLabels};
-use crate::recent::{Denial, Recent, now_unix_s};
-use crate::resolve::{TtlBounds, deadline_s};
+use crate::observe::metrics::{DnsMetrics, PolicyLabels, PolicyResultLabels};
+use crate::observe::recent::{Denial, Recent, now_unix_s};
+use crate::supervisor::resolve::{TtlBounds, deadline_s};
 use egress_dns_wire::answer::{AddressRecord, CnameLink, address_response};
 use egress_dns_wire::message::{QueryError, Rcode, Transport, parse_query};
 use egress_dns_wire::wire::rtype;
@@ -886,7 +886,7 @@ impl Proxy {
         let mut tick = tokio::time::interval(period);
         loop {
             tick.tick().await;
-            let now = crate::resolve::boot_time_s();
+            let now = crate::supervisor::resolve::boot_time_s();
             let (expired, left, ranges) = {
                 let mut learner = lock(&self.learner);
                 let ranges = learner.view().aws_ranges().cloned();

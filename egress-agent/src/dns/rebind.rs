@@ -20,7 +20,7 @@ use egress_dns_wire::answer::AddressRecord;
 use egress_policy::doh::DohList;
 use prometheus_client::metrics::{counter::Counter, family::Family};
 
-use crate::metrics::PolicyLabels;
+use crate::observe::metrics::PolicyLabels;
 use egress_policy::{Policy, Target};
 
 /// A range that public names have no business pointing into.

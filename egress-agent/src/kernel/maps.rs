@@ -16,9 +16,9 @@ use egress_common::{
     maps::{MAP_COUNTERS, MAP_EXACT, MAP_PORTS, MAP_RULES, MAP_SLOTS},
 };
 
-use crate::counters::Counters;
+use crate::kernel::counters::Counters;
 
-use crate::loader::{LoadError, Programs};
+use crate::kernel::loader::{LoadError, Programs};
 use egress_policy::compile::{Compiled, LpmKey};
 
 #[derive(Debug, thiserror::Error)]
@@ -135,7 +135,7 @@ impl MapSet {
             }
         }
         let (written, removed) =
-            crate::inbound::apply(&mut self.inbound, &old.inbound, &new.inbound)
+            crate::kernel::inbound::apply(&mut self.inbound, &old.inbound, &new.inbound)
                 .map_err(op_err(MAP_INBOUND, "update"))?;
         stats.rules_written += written;
         stats.rules_removed += removed;
@@ -181,7 +181,7 @@ impl MapSet {
             remove_missing_ok(self.ports.remove(k), MAP_PORTS)?;
             stats.ports_removed += 1;
         }
-        stats.rules_removed += crate::inbound::retain_policy(&mut self.inbound, keep)
+        stats.rules_removed += crate::kernel::inbound::retain_policy(&mut self.inbound, keep)
             .map_err(op_err(MAP_INBOUND, "remove"))?;
         Ok(stats)
     }

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use egress_common::LAYOUT_VERSION;
 
-use crate::bpffs::{self, BpffsError, Instance, Kind};
-use crate::loader::{self, LoadError};
+use crate::kernel::bpffs::{self, BpffsError, Instance, Kind};
+use crate::kernel::loader::{self, LoadError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum InstanceError {
@@ -147,7 +147,7 @@ impl Location {
             loader::remove_instance(&self.pins)?;
         }
         // The recent denials go with the record (nothing depends on them).
-        let _ = std::fs::remove_file(crate::recent::file_for(&self.record));
+        let _ = std::fs::remove_file(crate::observe::recent::file_for(&self.record));
         match std::fs::remove_file(&self.record) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -183,7 +183,7 @@ pub fn collect_dead_exec() {
         }
         let cg = &inst.cgroup_path;
         if cg.exists()
-            && let Err(error) = crate::cgroup::remove_path(cg, Duration::from_secs(5))
+            && let Err(error) = crate::kernel::cgroup::remove_path(cg, Duration::from_secs(5))
         {
             tracing::error!(cgroup = %cg.display(), %error, "cleaning up after a dead exec agent: the workload cgroup stays (still enforced)");
             continue;

@@ -167,7 +167,7 @@ mod tests {
 
     #[test]
     fn the_seed_policy_renders_to_an_equal_policy() {
-        let text = include_str!("../../../policies/mcp-net-02-example.yaml");
+        let text = include_str!("../../../../policies/mcp-net-02-example.yaml");
         let parse =
             |t: &str| match egress_policy::parse_str(t, Path::new("mcp-net-02-example.yaml")) {
                 Ok(p) => p,

@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use crate::bpffs::{self, BpffsError, Instance, Kind};
-use crate::recent::{self, Denial};
+use crate::kernel::bpffs::{self, BpffsError, Instance, Kind};
+use crate::observe::recent::{self, Denial};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StatusError {
@@ -51,7 +51,7 @@ pub struct Entry {
     pub recent: Vec<Denial>,
     /// The kernel's per-rule decision counts that are not zero (read from the pinned map;
     /// empty when it cannot be read).
-    pub rules: Vec<crate::counters::RuleCounts>,
+    pub rules: Vec<crate::kernel::counters::RuleCounts>,
 }
 
 /// Every instance record in `state` with its recent denials.
@@ -85,7 +85,7 @@ pub fn entries(state: &Path) -> Result<Vec<Entry>, StatusError> {
 
 fn entry_of(inst: Instance, recent: Vec<Denial>) -> Entry {
     Entry {
-        agent_running: crate::instance::agent_alive(inst.agent_pid),
+        agent_running: crate::supervisor::instance::agent_alive(inst.agent_pid),
         cgroup: inst.cgroup_path,
         cgroup_id: inst.cgroup_id,
         kind: inst.kind,
@@ -100,7 +100,7 @@ fn entry_of(inst: Instance, recent: Vec<Denial>) -> Entry {
 
 /// The non-zero per-rule counts of a protected cgroup, from its pinned counter map. Only
 /// reads: nothing is mounted or created when bpffs or the pin is missing.
-fn pinned_rule_counts(cgroup_id: u64, slot: u32) -> Vec<crate::counters::RuleCounts> {
+fn pinned_rule_counts(cgroup_id: u64, slot: u32) -> Vec<crate::kernel::counters::RuleCounts> {
     use egress_common::counters::{MAP_RULE_COUNTERS, RULE_COUNTER_RULES};
     let Some(mount) = std::fs::read_to_string("/proc/self/mountinfo")
         .ok()
@@ -119,7 +119,7 @@ fn pinned_rule_counts(cgroup_id: u64, slot: u32) -> Vec<crate::counters::RuleCou
     else {
         return Vec::new();
     };
-    crate::counters::read_rules(&map, slot, RULE_COUNTER_RULES, RULE_COUNTER_RULES)
+    crate::kernel::counters::read_rules(&map, slot, RULE_COUNTER_RULES, RULE_COUNTER_RULES)
         .unwrap_or_default()
         .into_iter()
         .filter(|r| r.allowed + r.denied > 0)
@@ -325,13 +325,13 @@ mod tests {
         let mut with_rules = all.clone();
         with_rules[0].mode = "audit".into();
         with_rules[0].rules = vec![
-            crate::counters::RuleCounts {
+            crate::kernel::counters::RuleCounts {
                 list: "allowed_destinations",
                 index: 1,
                 allowed: 4,
                 denied: 2,
             },
-            crate::counters::RuleCounts {
+            crate::kernel::counters::RuleCounts {
                 list: "denied_destinations",
                 index: 0,
                 allowed: 0,

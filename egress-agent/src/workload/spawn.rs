@@ -13,7 +13,7 @@ use egress_common::{Dest, Proto, SlotConfig, decide};
 
 use std::os::unix::ffi::OsStrExt as _;
 
-use crate::environment::WorkDir;
+use crate::workload::environment::WorkDir;
 use egress_policy::compile::Compiled;
 
 /// Destinations the probe tries, in order; the first that the policy denies for UDP is used.
@@ -58,7 +58,7 @@ pub enum WorkloadError {
     #[error("starting the workload: {0}")]
     Spawn(#[source] io::Error),
     /// execve(2) of the workload's command failed: missing, not executable, bad format.
-    #[error("cannot run the workload command {command:?}: {}", crate::report::without_os_code(&source.to_string()))]
+    #[error("cannot run the workload command {command:?}: {}", crate::observe::report::without_os_code(&source.to_string()))]
     Exec {
         command: String,
         #[source]

@@ -17,7 +17,7 @@ use egress_common::ratelimit::{
     Bucket, BucketKey, LimitKey, MAP_BUCKETS, MAP_RATE_LIMITS, RuleLimits, is_full,
 };
 
-use crate::loader::{LoadError, Programs};
+use crate::kernel::loader::{LoadError, Programs};
 use egress_policy::limits::CompiledLimits;
 
 /// How often the collector looks for full buckets.

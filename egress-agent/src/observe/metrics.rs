@@ -15,7 +15,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::counters::{Counters, proto_name};
+use crate::kernel::counters::{Counters, proto_name};
 
 /// The `result` values of `egress_dns_queries_total` (docs/metrics.md).
 pub const DNS_QUERY_RESULTS: [&str; 11] = [

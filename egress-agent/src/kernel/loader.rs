@@ -17,7 +17,7 @@ use aya::{
     },
 };
 
-use crate::{bpf_sys, bpffs};
+use crate::kernel::{bpf_sys, bpffs};
 use egress_common::maps::GLOBAL_SLOT;
 
 /// The object aya-build produced from `egress-ebpf`.
@@ -383,7 +383,7 @@ impl Programs {
                 .map_err(|e| attach_error(INGRESS_PROGRAM, path, e))?;
             pin_link(FdLink::try_from(link), dir, INGRESS_PROGRAM)?;
         }
-        if crate::mip6::check_needed() {
+        if crate::kernel::mip6::check_needed() {
             let prog: &mut CgroupSkb = program(ebpf, SKB_PROGRAM)?;
             let id = prog
                 .attach(
@@ -400,7 +400,7 @@ impl Programs {
             }
             tracing::info!(
                 cgroup = %path.display(),
-                kernel_accepts_routing_headers = crate::mip6::routing_header_accepted(),
+                kernel_accepts_routing_headers = crate::kernel::mip6::routing_header_accepted(),
                 "per-packet check attached: outgoing IPv6 packets with a routing header, and packets to loopback leaving through another device, are dropped"
             );
         }

@@ -10,14 +10,14 @@ use crate::cli::{DnsArgs, Refusal, TelemetryArgs};
 use crate::dns::proxy::{Listeners, Proxy, Settings};
 use crate::dns::rebind::{RebindFilter, Source, report_rejection};
 use crate::dns::upstream::Upstream;
-use crate::enforcer::{Enforcer, EnforcerError};
-use crate::events::{Blocked, Context, EventLog, EventStream};
 use crate::exit;
-use crate::metrics::{
+use crate::observe::events::{Blocked, Context, EventLog, EventStream};
+use crate::observe::metrics::{
     DnsMetrics, Metrics, PolicyLabels, PolicyResultLabels, ResultLabels, SlotInfo,
 };
-use crate::recent::Recent;
-use crate::resolve::{ResolveError, Resolver, TtlBounds, deadline_s, policy_hosts};
+use crate::observe::recent::Recent;
+use crate::supervisor::enforcer::{Enforcer, EnforcerError};
+use crate::supervisor::resolve::{ResolveError, Resolver, TtlBounds, deadline_s, policy_hosts};
 use egress_dns_wire::message::Rcode;
 use egress_policy::compile::{Deadlines, Resolved};
 use egress_policy::ip_ranges::AwsIpRanges;
@@ -155,7 +155,7 @@ pub fn upstream(policy: &Policy, dns: &DnsArgs) -> Result<Upstream, SessionError
     if !named.is_empty() {
         return Ok(Upstream::new(&named, timeout));
     }
-    match crate::resolve::resolv_conf_servers(&dns.resolv_conf) {
+    match crate::supervisor::resolve::resolv_conf_servers(&dns.resolv_conf) {
         Ok(servers) => Ok(Upstream::new(&servers, timeout)),
         Err(e) if has_names(policy) => Err(e.into()),
         Err(error) => {
@@ -426,7 +426,7 @@ pub struct Supervisor {
     log: EventLog,
     metrics: Metrics,
     /// The metrics endpoint and textfile, when asked for.
-    outputs: Vec<crate::scrape::Output>,
+    outputs: Vec<crate::observe::scrape::Output>,
     proxy: Arc<Proxy>,
     proxy_tasks: Vec<tokio::task::JoinHandle<()>>,
     liveness: Arc<Mutex<crate::dns::install::Liveness>>,
@@ -436,7 +436,7 @@ pub struct Supervisor {
     /// `--mode`, applied again to every reloaded policy.
     mode: Option<policy::Mode>,
     /// `learn`: where the audited attempts are recorded.
-    recorder: Option<crate::learn::Recorder>,
+    recorder: Option<crate::cmd::learn::Recorder>,
 }
 
 enum Work {
@@ -486,14 +486,14 @@ impl Supervisor {
         let mut outputs = Vec::new();
         if let Some(addr) = &telemetry.metrics_addr {
             outputs.push(
-                crate::scrape::serve(addr, Arc::clone(&registry))
+                crate::observe::scrape::serve(addr, Arc::clone(&registry))
                     .await
                     .map_err(|e| SessionError::Other(Box::new(e)))?,
             );
         }
         if let Some(path) = &telemetry.metrics_textfile {
             let every = Duration::from_secs(telemetry.metrics_textfile_interval.max(1));
-            match crate::scrape::textfile(path, Arc::clone(&registry), every) {
+            match crate::observe::scrape::textfile(path, Arc::clone(&registry), every) {
                 Ok(out) => outputs.push(out),
                 Err(e) => {
                     for out in outputs {
@@ -530,7 +530,7 @@ impl Supervisor {
     }
 
     /// `learn`: records every audited attempt, and the names the proxy resolves, in `r`.
-    pub fn record_for_learning(&mut self, r: crate::learn::Recorder) {
+    pub fn record_for_learning(&mut self, r: crate::cmd::learn::Recorder) {
         r.set_names(self.proxy.observed());
         self.recorder = Some(r);
     }
@@ -543,7 +543,7 @@ impl Supervisor {
     /// Keeps the last blocked attempts in the file next to the instance record at `record`
     /// (for `status` and `explain-last`) while the supervisor runs.
     pub fn publish_recent(&mut self, record: &Path) {
-        let path = crate::recent::file_for(record);
+        let path = crate::observe::recent::file_for(record);
         self.publisher = Some(tokio::spawn(self.recent.clone().publish(path)));
     }
 
@@ -714,7 +714,7 @@ impl Supervisor {
         let (policy, resolver, upstream) = match prepared {
             Ok(v) => v,
             Err(error) => {
-                tracing::error!(file = %path.display(), error = %crate::report::chain(&error), "policy reload refused; the policy in force stays");
+                tracing::error!(file = %path.display(), error = %crate::observe::report::chain(&error), "policy reload refused; the policy in force stays");
                 self.count_failed_load();
                 return None;
             }

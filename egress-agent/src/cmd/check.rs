@@ -5,7 +5,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use crate::dns::install::{NameDecision, NamePolicy, restriction_detail};
-use crate::session::{self, SessionError};
+use crate::supervisor::session::{self, SessionError};
 use egress_policy::{Policy, PolicyError, aws};
 
 #[derive(Debug, thiserror::Error)]
@@ -132,7 +132,7 @@ mod tests {
     use super::*;
 
     fn seed_view() -> NamePolicy {
-        let text = include_str!("../../policies/mcp-net-02-example.yaml");
+        let text = include_str!("../../../policies/mcp-net-02-example.yaml");
         match egress_policy::parse_str(text, Path::new("mcp-net-02-example.yaml")) {
             Ok(p) => NamePolicy::new(Arc::new(p)),
             Err(e) => panic!("{e}"),

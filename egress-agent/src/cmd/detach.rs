@@ -1,11 +1,11 @@
 //! `egress-agent detach`: the only way enforcement on a cgroup ends (besides the end of an
 //! `exec` workload).
 
-use crate::bpffs;
-use crate::cgroup::{self, CgroupError};
 use crate::cli::DetachArgs;
 use crate::exit;
-use crate::instance::{self, InstanceError, Location};
+use crate::kernel::bpffs;
+use crate::kernel::cgroup::{self, CgroupError};
+use crate::supervisor::instance::{self, InstanceError, Location};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DetachError {

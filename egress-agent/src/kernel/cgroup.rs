@@ -44,7 +44,7 @@ pub fn cgroup2_mount() -> Result<PathBuf, CgroupError> {
 
 /// The mount point of the first cgroup2 entry of `/proc/self/mountinfo` text.
 pub fn parse_mountinfo(info: &str) -> Option<PathBuf> {
-    crate::mountinfo::find(info, "cgroup2")
+    crate::kernel::mountinfo::find(info, "cgroup2")
 }
 
 /// Checks that `path` is a cgroup directory inside the v2 hierarchy and returns it absolute

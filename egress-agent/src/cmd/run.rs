@@ -2,16 +2,16 @@
 
 use tokio::signal::unix::{SignalKind, signal};
 
-use crate::cgroup::{self, CgroupError};
 use crate::cli::RunArgs;
 use crate::exit;
+use crate::kernel::cgroup::{self, CgroupError};
 use std::time::Duration;
 
-use crate::bpffs::Kind;
-use crate::exec;
-use crate::instance::{InstanceError, Location};
-use crate::reload::Watcher;
-use crate::session::{self, Placement, SessionError, Supervisor};
+use crate::cmd::exec;
+use crate::kernel::bpffs::Kind;
+use crate::supervisor::instance::{InstanceError, Location};
+use crate::supervisor::reload::Watcher;
+use crate::supervisor::session::{self, Placement, SessionError, Supervisor};
 
 /// `run` serves a single cgroup in slot 0.
 const RUN_SLOT: u32 = 0;
@@ -27,7 +27,7 @@ pub enum RunError {
     #[error("installing signal handlers: {0}")]
     Signals(#[source] std::io::Error),
     #[error(transparent)]
-    Privilege(#[from] crate::privilege::PrivilegeError),
+    Privilege(#[from] crate::workload::privilege::PrivilegeError),
 }
 
 impl RunError {
@@ -45,9 +45,9 @@ impl RunError {
 pub async fn run(args: RunArgs) -> Result<u8, RunError> {
     let mode = args.mode.map(egress_policy::Mode::from);
     let policy = session::with_mode(session::load_policy(&args.policy)?, mode, &args.policy)?;
-    crate::privilege::require("run")?;
+    crate::workload::privilege::require("run")?;
     if args.kernel.packet_check == crate::cli::PacketCheck::Always {
-        crate::mip6::check_always();
+        crate::kernel::mip6::check_always();
     }
     let mount = cgroup::cgroup2_mount()?;
     let path = cgroup::validate(&args.cgroup, &mount)?;

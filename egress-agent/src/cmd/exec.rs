@@ -5,14 +5,14 @@ use std::time::Duration;
 
 use tokio::signal::unix::{SignalKind, signal};
 
-use crate::bpffs::Kind;
-use crate::cgroup::{self, CgroupError, WorkloadCgroup};
 use crate::cli::ExecArgs;
-use crate::environment::{Account, EnvOptions, WorkDir, workload_env};
 use crate::exit;
-use crate::instance::{self, InstanceError, Location};
-use crate::reload::Watcher;
-use crate::session::{self, Placement, SessionError, Supervisor};
+use crate::kernel::bpffs::Kind;
+use crate::kernel::cgroup::{self, CgroupError, WorkloadCgroup};
+use crate::supervisor::instance::{self, InstanceError, Location};
+use crate::supervisor::reload::Watcher;
+use crate::supervisor::session::{self, Placement, SessionError, Supervisor};
+use crate::workload::environment::{Account, EnvOptions, WorkDir, workload_env};
 use crate::workload::{self, Credentials, Probes, WorkloadError};
 
 /// The slot `exec` uses: one agent process, one workload.
@@ -29,7 +29,7 @@ pub enum ExecError {
     #[error(transparent)]
     Instance(#[from] InstanceError),
     #[error(transparent)]
-    Privilege(#[from] crate::privilege::PrivilegeError),
+    Privilege(#[from] crate::workload::privilege::PrivilegeError),
     #[error("user {0:?} does not exist")]
     NoSuchUser(String),
     #[error("looking up user {name:?}: {source}")]
@@ -83,14 +83,14 @@ pub async fn run(args: ExecArgs) -> Result<u8, ExecError> {
 pub async fn run_with(
     args: ExecArgs,
     policy: egress_policy::Policy,
-    recorder: Option<crate::learn::Recorder>,
+    recorder: Option<crate::cmd::learn::Recorder>,
     mut clock: StartupClock,
 ) -> Result<u8, ExecError> {
     let (creds, account) = credentials(args.user.as_deref())?;
     let mode = args.mode.map(egress_policy::Mode::from);
-    crate::privilege::require("exec")?;
+    crate::workload::privilege::require("exec")?;
     if args.kernel.packet_check == crate::cli::PacketCheck::Always {
-        crate::mip6::check_always();
+        crate::kernel::mip6::check_always();
     }
     let mount = cgroup::cgroup2_mount()?;
     let parent = args

@@ -300,9 +300,9 @@ fn entry(target: Target, transport: Transport, u: Use) -> Commented {
 #[derive(Debug, thiserror::Error)]
 pub enum LearnError {
     #[error(transparent)]
-    Exec(#[from] crate::exec::ExecError),
+    Exec(#[from] crate::cmd::exec::ExecError),
     #[error(transparent)]
-    Session(#[from] crate::session::SessionError),
+    Session(#[from] crate::supervisor::session::SessionError),
     #[error("the learned policy does not parse (a bug in learn): {0}")]
     Invalid(#[source] egress_policy::PolicyError),
     #[error("writing {}: {source}", path.display())]
@@ -327,7 +327,7 @@ impl LearnError {
 /// both cases: learn is asked for by name, and writes an enforced policy.
 pub fn start_policy(path: Option<&std::path::Path>) -> Result<Policy, LearnError> {
     let mut policy = match path {
-        Some(p) => crate::session::load_policy(p)?,
+        Some(p) => crate::supervisor::session::load_policy(p)?,
         None => egress_policy::parse_str(
             "egress_policy:\n  name: learned\n  default_action: DENY\n  allowed_destinations: []\n",
             std::path::Path::new("learned.yaml"),
@@ -349,11 +349,11 @@ pub async fn run(args: crate::cli::LearnArgs) -> Result<u8, LearnError> {
         .collect::<Vec<_>>()
         .join(" ");
     let recorder = Recorder::default();
-    let code = crate::exec::run_with(
+    let code = crate::cmd::exec::run_with(
         args.exec_args(),
         start.clone(),
         Some(recorder.clone()),
-        crate::exec::StartupClock::new(),
+        crate::cmd::exec::StartupClock::new(),
     )
     .await?;
     let seen = recorder.snapshot();

@@ -44,7 +44,7 @@ fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> Bp
 
 /// Where bpffs is mounted, from mountinfo (the first `bpf` entry).
 pub fn find_mount(mountinfo: &str) -> Option<PathBuf> {
-    crate::mountinfo::find(mountinfo, "bpf")
+    crate::kernel::mountinfo::find(mountinfo, "bpf")
 }
 
 /// The bpffs mount, mounting one at /sys/fs/bpf when there is none. Pins are only visible

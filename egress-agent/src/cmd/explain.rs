@@ -15,7 +15,7 @@ use std::sync::Arc;
 use egress_common::{Dest, Proto, Reason, verdict::NO_RULE};
 
 use crate::dns::install::{NameDecision, NamePolicy, restriction_detail};
-use crate::session::{self, SessionError};
+use crate::supervisor::session::{self, SessionError};
 use egress_policy::compile::{Resolved, canonical_net};
 use egress_policy::names::normalize;
 use egress_policy::{EntryLines, HostPattern, Policy, Target, Transport, entry_lines};

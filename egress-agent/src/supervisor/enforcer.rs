@@ -12,10 +12,10 @@ use tokio::time::Instant;
 
 use crate::dns::install::{LearnedMaps, Learner, Liveness, ResolverMap};
 use crate::dns::origin::Origins;
-use crate::loader::{LoadError, Programs};
-use crate::maps::{ApplyStats, MapSet, MapsError};
-use crate::ratelimit::{COLLECT_PERIOD, RateMaps, RateMapsError};
-use crate::resolve::{Resolver, policy_hosts};
+use crate::kernel::loader::{LoadError, Programs};
+use crate::kernel::maps::{ApplyStats, MapSet, MapsError};
+use crate::kernel::ratelimit::{COLLECT_PERIOD, RateMaps, RateMapsError};
+use crate::supervisor::resolve::{Resolver, policy_hosts};
 use egress_policy::Policy;
 use egress_policy::compile::{Compiled, Deadlines, Resolved, SetIds, compile_with_deadlines};
 use egress_policy::limits::{CompiledLimits, compile_limits};
@@ -509,7 +509,7 @@ impl Enforcer {
     pub async fn refresh_due(
         &mut self,
         resolver: &Arc<Resolver>,
-        rebinding: &crate::session::RebindCounter,
+        rebinding: &crate::supervisor::session::RebindCounter,
     ) -> RefreshStats {
         let filter = crate::dns::rebind::RebindFilter::for_policy(&self.policy);
         let mut stats = RefreshStats::default();
@@ -540,7 +540,7 @@ impl Enforcer {
             match answer {
                 Ok(answer) => {
                     stats.ok += 1;
-                    let addrs = crate::session::screen_lookup(
+                    let addrs = crate::supervisor::session::screen_lookup(
                         &filter,
                         rebinding,
                         &self.policy.name,
@@ -552,7 +552,7 @@ impl Enforcer {
                         &host,
                         addrs,
                         now + answer.ttl,
-                        crate::resolve::deadline_s(answer.ttl, &resolver.bounds()),
+                        crate::supervisor::resolve::deadline_s(answer.ttl, &resolver.bounds()),
                     ) {
                         Ok(stats) => tracing::info!(
                             host = %host, addresses = n, ttl_secs = answer.ttl.as_secs(),
@@ -644,7 +644,7 @@ impl Enforcer {
     }
 }
 
-pub use crate::counters::proto_name;
+pub use crate::kernel::counters::proto_name;
 
 /// Outcome of one round of lookups.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
