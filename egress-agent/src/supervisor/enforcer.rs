@@ -1,7 +1,6 @@
 //! One protected cgroup: its policy, the compiled tables, the kernel maps, the programs, and
 //! the host names whose addresses it keeps current.
 
-use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -15,10 +14,12 @@ use crate::dns::origin::Origins;
 use crate::kernel::loader::{LoadError, Programs};
 use crate::kernel::maps::{ApplyStats, MapSet, MapsError};
 use crate::kernel::ratelimit::{COLLECT_PERIOD, RateMaps, RateMapsError};
+use crate::supervisor::install::{Installed, Tables, install};
+use crate::supervisor::lookups::{Lookups, Recorded, look_up, take_answer};
 use crate::supervisor::resolve::{Resolver, policy_hosts};
 use egress_policy::Policy;
-use egress_policy::compile::{Compiled, Deadlines, Resolved, SetIds, compile_with_deadlines};
-use egress_policy::limits::{CompiledLimits, compile_limits};
+use egress_policy::compile::{Compiled, Resolved, SetIds, compile_with_deadlines};
+use egress_policy::limits::CompiledLimits;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EnforcerError {
@@ -28,20 +29,6 @@ pub enum EnforcerError {
     Maps(#[from] MapsError),
     #[error(transparent)]
     RateLimits(#[from] RateMapsError),
-}
-
-/// What a start or an adoption has set up before the enforcer is assembled.
-struct Parts {
-    programs: Programs,
-    maps: MapSet,
-    learned: LearnedMaps,
-    liveness: Liveness,
-    resolvers: ResolverMap,
-    origins: Origins,
-    rate: RateMaps,
-    limits: CompiledLimits,
-    sets: SetIds,
-    compiled: Compiled,
 }
 
 /// The id the first policy of a slot gets; every reload takes the next one.
@@ -58,17 +45,14 @@ pub struct Enforcer {
     /// Shared with the DNS proxy's view of the policy: one copy, however large.
     policy: Arc<Policy>,
     sets: SetIds,
-    resolved: Resolved,
-    /// When each host's current answer lapses in the kernel.
-    deadlines: Deadlines,
+    /// The policy's host names: addresses, kernel deadlines, and when each is asked again.
+    lookups: Lookups,
     current: Compiled,
     /// The highest policy id ever written (including failed reloads).
     last_id: u32,
     /// Rate-limit entries and buckets (the budgets do not depend on resolved addresses).
     rate: RateMaps,
     limits: CompiledLimits,
-    /// When each host name is due for another lookup.
-    due: BTreeMap<String, Instant>,
     /// Addresses the DNS proxy learned, shared with its tasks.
     learner: Arc<Mutex<Learner>>,
     /// The proxy's liveness deadline, taken by whoever runs the proxy.
@@ -88,32 +72,56 @@ fn lock(m: &Mutex<Learner>) -> std::sync::MutexGuard<'_, Learner> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// The maps of a loaded or adopted instance, before a policy is installed in them.
+struct Opened {
+    programs: Programs,
+    maps: MapSet,
+    learned: LearnedMaps,
+    liveness: Liveness,
+    resolvers: ResolverMap,
+    origins: Origins,
+    rate: RateMaps,
+}
+
+impl Opened {
+    fn take(mut programs: Programs, slot: u32) -> Result<Self, EnforcerError> {
+        Ok(Opened {
+            learned: LearnedMaps::take(&mut programs)?,
+            liveness: Liveness::take(&mut programs, slot)?,
+            resolvers: ResolverMap::take(&mut programs, slot)?,
+            origins: Origins::take(&mut programs)?,
+            maps: MapSet::take(&mut programs)?,
+            rate: RateMaps::take(&mut programs)?,
+            programs,
+        })
+    }
+}
+
 impl Enforcer {
     /// Loads the programs for `slot`, writes the compiled policy and puts it in force for the
     /// slot. Nothing is attached yet, and nothing is pinned.
     pub fn start(
         policy: Policy,
-        resolved: impl Into<Resolution>,
+        lookups: impl Into<Lookups>,
         slot: u32,
     ) -> Result<Self, EnforcerError> {
-        let r = resolved.into();
-        Self::start_with(policy, (r.resolved, r.deadlines), slot, None)
+        Self::start_with(policy, lookups.into(), slot, None)
     }
 
     /// As [`Enforcer::start`], with every map pinned in `dir`; attaching pins the links there
     /// too, so enforcement outlives this process.
     pub fn start_pinned(
         policy: Policy,
-        resolved: (Resolved, Deadlines),
+        lookups: Lookups,
         slot: u32,
         dir: &Path,
     ) -> Result<Self, EnforcerError> {
-        Self::start_with(policy, resolved, slot, Some(dir))
+        Self::start_with(policy, lookups, slot, Some(dir))
     }
 
     fn start_with(
         policy: Policy,
-        (resolved, deadlines): (Resolved, Deadlines),
+        lookups: Lookups,
         slot: u32,
         pins: Option<&Path>,
     ) -> Result<Self, EnforcerError> {
@@ -121,45 +129,20 @@ impl Enforcer {
         if let Some(dir) = pins {
             programs.pin_maps(dir)?;
         }
-        let learned = LearnedMaps::take(&mut programs)?;
-        let liveness = Liveness::take(&mut programs, slot)?;
-        let resolvers = ResolverMap::take(&mut programs, slot)?;
-        let origins = Origins::take(&mut programs)?;
-        let mut maps = MapSet::take(&mut programs)?;
-        let mut sets = SetIds::default();
-        let compiled = compile_with_deadlines(
-            &policy,
-            FIRST_POLICY_ID,
-            &resolved,
-            &deadlines,
-            crate::dns::doh_list(),
-            &mut sets,
-        );
-        maps.apply(&Compiled::default(), &compiled)?;
-        let mut rate = RateMaps::take(&mut programs)?;
-        let limits = compile_limits(&policy, compiled.policy_id);
-        rate.apply(&CompiledLimits::default(), &limits)?;
-        maps.set_slot(
-            slot,
-            SlotConfig {
-                policy_id: compiled.policy_id,
-                flags: compiled.slot_flags,
-                ..SlotConfig::default()
+        let mut opened = Opened::take(programs, slot)?;
+        let installed = install(
+            Tables {
+                maps: &mut opened.maps,
+                rate: &mut opened.rate,
             },
+            slot,
+            SlotConfig::default(),
+            0,
+            (&policy, FIRST_POLICY_ID),
+            &lookups,
+            || Ok(()),
         )?;
-        let parts = Parts {
-            programs,
-            maps,
-            learned,
-            liveness,
-            resolvers,
-            origins,
-            rate,
-            limits,
-            sets,
-            compiled,
-        };
-        Self::assemble(parts, policy, resolved, deadlines, slot)
+        Self::assemble(opened, installed, policy, lookups, slot)
     }
 
     /// Takes over the instance an earlier agent pinned in `dir` for `slot`, without detaching
@@ -168,77 +151,51 @@ impl Enforcer {
     /// policy id are removed afterwards.
     pub fn adopt(
         policy: Policy,
-        (resolved, deadlines): (Resolved, Deadlines),
+        lookups: Lookups,
         slot: u32,
         dir: &Path,
     ) -> Result<(Self, u32), EnforcerError> {
-        let mut programs = Programs::adopt(dir, slot)?;
-        let mut learned = LearnedMaps::take(&mut programs)?;
-        let liveness = Liveness::take(&mut programs, slot)?;
-        let resolvers = ResolverMap::take(&mut programs, slot)?;
-        let origins = Origins::take(&mut programs)?;
-        let mut maps = MapSet::take(&mut programs)?;
-        let mut rate = RateMaps::take(&mut programs)?;
-        let old = maps.slot_config(slot)?;
+        let mut o = Opened::take(Programs::adopt(dir, slot)?, slot)?;
+        let old = o.maps.slot_config(slot)?;
         // Entries of any id but the one in force are inert leftovers (a reload that failed
         // half-way, say) and could share the id chosen below: remove them first.
-        maps.retain_policy(old.policy_id)?;
-        rate.retain_policy(old.policy_id)?;
-        learned.retain_policy(old.policy_id)?;
+        o.maps.retain_policy(old.policy_id)?;
+        o.rate.retain_policy(old.policy_id)?;
+        o.learned.retain_policy(old.policy_id)?;
         let policy_id = next_policy_id(old.policy_id);
-        let mut sets = SetIds::default();
-        let compiled = compile_with_deadlines(
-            &policy,
-            policy_id,
-            &resolved,
-            &deadlines,
-            crate::dns::doh_list(),
-            &mut sets,
-        );
-        maps.apply(&Compiled::default(), &compiled)?;
-        let limits = compile_limits(&policy, policy_id);
-        rate.apply(&CompiledLimits::default(), &limits)?;
-        maps.set_slot(
-            slot,
-            SlotConfig {
-                policy_id,
-                flags: compiled.slot_flags,
-                ..old
+        let installed = install(
+            Tables {
+                maps: &mut o.maps,
+                rate: &mut o.rate,
             },
+            slot,
+            old,
+            0,
+            (&policy, policy_id),
+            &lookups,
+            || Ok(()),
         )?;
-        maps.retain_policy(policy_id)?;
-        rate.retain_policy(policy_id)?;
+        o.maps.retain_policy(policy_id)?;
+        o.rate.retain_policy(policy_id)?;
         // Addresses the earlier agent learned went with its policy id: the names behind them
         // are not recorded in the kernel, so workloads learn them again on their next lookup.
-        learned.retain_policy(policy_id)?;
-        let parts = Parts {
-            programs,
-            maps,
-            learned,
-            liveness,
-            resolvers,
-            origins,
-            rate,
-            limits,
-            sets,
-            compiled,
-        };
+        o.learned.retain_policy(policy_id)?;
         Ok((
-            Self::assemble(parts, policy, resolved, deadlines, slot)?,
+            Self::assemble(o, installed, policy, lookups, slot)?,
             old.policy_id,
         ))
     }
 
-    /// Starts the bucket collector when the policy limits rates, and makes every host name
-    /// due for a lookup now.
+    /// Starts the bucket collector when the policy limits rates, and schedules every host
+    /// name `lookups` has no time for now.
     fn assemble(
-        p: Parts,
+        o: Opened,
+        installed: Installed,
         policy: Policy,
-        resolved: Resolved,
-        deadlines: Deadlines,
+        mut lookups: Lookups,
         slot: u32,
     ) -> Result<Self, EnforcerError> {
-        let Parts {
+        let Opened {
             programs,
             maps,
             learned,
@@ -246,18 +203,17 @@ impl Enforcer {
             resolvers,
             origins,
             mut rate,
+        } = o;
+        let Installed {
+            compiled,
             limits,
             sets,
-            compiled,
-        } = p;
+            ..
+        } = installed;
         if !limits.limits.is_empty() {
             rate.start_collector(slot, COLLECT_PERIOD)?;
         }
-        let now = Instant::now();
-        let due = policy_hosts(&policy)
-            .into_iter()
-            .map(|h| (h, now))
-            .collect();
+        lookups.retarget(policy_hosts(&policy), Instant::now());
         let policy = Arc::new(policy);
         let learner = Arc::new(Mutex::new(Learner::new(
             learned,
@@ -275,17 +231,15 @@ impl Enforcer {
             maps,
             policy,
             sets,
-            resolved,
-            deadlines,
+            lookups,
             last_id: compiled.policy_id,
             current: compiled,
             rate,
             limits,
-            due,
         })
     }
 
-    /// Puts `policy` in force in place of the current one. `resolved` must hold the
+    /// Puts `policy` in force in place of the current one. `lookups` must hold the
     /// addresses of the new policy's host names (looked up by the caller before this call).
     ///
     /// The new policy is compiled under a fresh policy id and written in full next to the
@@ -295,42 +249,31 @@ impl Enforcer {
     pub fn reload(
         &mut self,
         policy: Policy,
-        (resolved, deadlines): (Resolved, Deadlines),
+        lookups: impl Into<Lookups>,
     ) -> Result<ApplyStats, EnforcerError> {
+        let mut lookups = lookups.into();
         let slot = self.slot();
         let old_cfg = self.maps.slot_config(slot)?;
         // A fresh id for every attempt: entries a failed attempt left behind can never share
         // an id with a later policy, so they can never come into force.
         let policy_id = next_policy_id(self.last_id.max(self.current.policy_id));
         self.last_id = policy_id;
-        let mut sets = SetIds::default();
-        let compiled = compile_with_deadlines(
-            &policy,
-            policy_id,
-            &resolved,
-            &deadlines,
-            crate::dns::doh_list(),
-            &mut sets,
-        );
-        let limits = compile_limits(&policy, policy_id);
         let policy = Arc::new(policy);
-        let written = self
-            .maps
-            .apply(&Compiled::default(), &compiled)
-            .map_err(EnforcerError::from)
-            .and_then(|stats| {
-                self.rate.apply(&CompiledLimits::default(), &limits)?;
-                lock(&self.learner).prepare(Arc::clone(&policy), policy_id)?;
-                let cfg = SlotConfig {
-                    policy_id,
-                    flags: compiled.slot_flags | self.own_flags,
-                    ..old_cfg
-                };
-                self.maps.set_slot(slot, cfg)?;
-                Ok(stats)
-            });
-        let mut stats = match written {
-            Ok(stats) => stats,
+        let learner = Arc::clone(&self.learner);
+        let installed = install(
+            Tables {
+                maps: &mut self.maps,
+                rate: &mut self.rate,
+            },
+            slot,
+            old_cfg,
+            self.own_flags,
+            (&policy, policy_id),
+            &lookups,
+            || Ok(lock(&learner).prepare(Arc::clone(&policy), policy_id)?),
+        );
+        let installed = match installed {
+            Ok(installed) => installed,
             Err(e) => {
                 // Not switched: the old policy is in force. Learning stays with it, and what
                 // was written for the new id goes.
@@ -341,23 +284,14 @@ impl Enforcer {
         };
         // Switched: from here on the new policy is the one in force, whatever else fails.
         lock(&self.learner).commit();
-        let now = Instant::now();
-        let due: BTreeMap<String, Instant> = policy_hosts(&policy)
-            .into_iter()
-            .map(|h| {
-                let t = self.due.get(&h).copied().unwrap_or(now);
-                (h, t)
-            })
-            .collect();
-        let removed_before = self.current.entries();
+        lookups.retarget(policy_hosts(&policy), Instant::now());
+        let mut stats = installed.stats;
+        stats.rules_removed = self.current.entries();
         self.policy = policy;
-        self.sets = sets;
-        self.resolved = resolved;
-        self.deadlines = deadlines;
-        self.current = compiled;
-        self.limits = limits;
-        self.due = due;
-        stats.rules_removed = removed_before;
+        self.sets = installed.sets;
+        self.lookups = lookups;
+        self.current = installed.compiled;
+        self.limits = installed.limits;
         self.sweep(policy_id);
         if !self.limits.limits.is_empty() {
             self.rate.start_collector(slot, COLLECT_PERIOD)?;
@@ -458,7 +392,7 @@ impl Enforcer {
 
     /// The earliest time a host name is due for a lookup.
     pub fn next_due(&self) -> Option<Instant> {
-        self.due.values().min().copied()
+        self.lookups.next_due()
     }
 
     /// Sets a host's addresses and their kernel deadline (after a lookup) and brings the maps
@@ -470,18 +404,20 @@ impl Enforcer {
         next: Instant,
         deadline_s: u32,
     ) -> Result<ApplyStats, EnforcerError> {
-        self.due.insert(host.to_owned(), next);
-        if self.resolved.get(host) == Some(&addrs) && self.deadlines.get(host) == Some(&deadline_s)
-        {
-            return Ok(ApplyStats::default());
+        match self.lookups.record(host, addrs, next, deadline_s) {
+            Recorded::Unchanged => Ok(ApplyStats::default()),
+            Recorded::Changed => self.recompile(),
         }
-        self.resolved.insert(host.to_owned(), addrs);
-        self.deadlines.insert(host.to_owned(), deadline_s);
+    }
+
+    /// Compiles the policy in force again with the current addresses and writes the
+    /// difference.
+    fn recompile(&mut self) -> Result<ApplyStats, EnforcerError> {
         let compiled = compile_with_deadlines(
             &self.policy,
             self.current.policy_id,
-            &self.resolved,
-            &self.deadlines,
+            self.lookups.resolved(),
+            self.lookups.deadlines(),
             crate::dns::doh_list(),
             &mut self.sets,
         );
@@ -492,12 +428,12 @@ impl Enforcer {
 
     /// A failed lookup keeps the last addresses and tries again at `next`.
     pub fn postpone(&mut self, host: &str, next: Instant) {
-        self.due.insert(host.to_owned(), next);
+        self.lookups.postpone(host, next);
     }
 
     /// The addresses each host name currently has.
     pub fn resolved(&self) -> &Resolved {
-        &self.resolved
+        self.lookups.resolved()
     }
 
     /// Takes the event ring buffer (once).
@@ -513,55 +449,39 @@ impl Enforcer {
     ) -> RefreshStats {
         let filter = crate::dns::rebind::RebindFilter::for_policy(&self.policy);
         let mut stats = RefreshStats::default();
-        let now = Instant::now();
-        let due: Vec<String> = self
-            .due
-            .iter()
-            .filter(|(_, t)| **t <= now)
-            .map(|(h, _)| h.clone())
-            .collect();
+        let due = self.lookups.due_at(Instant::now());
         if due.is_empty() {
             return stats;
         }
-        let mut set = tokio::task::JoinSet::new();
-        for host in due {
-            let r = Arc::clone(resolver);
-            set.spawn(async move {
-                let answer = r.lookup(&host).await;
-                (host, answer)
-            });
-        }
-        while let Some(joined) = set.join_next().await {
-            let Ok((host, answer)) = joined else {
+        let policy = Arc::clone(&self.policy);
+        for joined in look_up(resolver, due).await {
+            let Some((host, answer)) = joined else {
                 stats.failed += 1;
                 continue;
             };
-            let now = Instant::now();
-            match answer {
-                Ok(answer) => {
+            let taken = take_answer(
+                &mut self.lookups,
+                &host,
+                answer,
+                (&filter, rebinding, &policy.name),
+                resolver,
+            );
+            match taken {
+                Ok((recorded, addresses, ttl)) => {
                     stats.ok += 1;
-                    let addrs = crate::supervisor::session::screen_lookup(
-                        &filter,
-                        rebinding,
-                        &self.policy.name,
-                        &host,
-                        answer.addrs,
-                    );
-                    let n = addrs.len();
-                    match self.set_host(
-                        &host,
-                        addrs,
-                        now + answer.ttl,
-                        crate::supervisor::resolve::deadline_s(answer.ttl, &resolver.bounds()),
-                    ) {
+                    let applied = match recorded {
+                        Recorded::Unchanged => Ok(ApplyStats::default()),
+                        Recorded::Changed => self.recompile(),
+                    };
+                    match applied {
                         Ok(stats) => tracing::info!(
-                            host = %host, addresses = n, ttl_secs = answer.ttl.as_secs(),
+                            host = %host, addresses, ttl_secs = ttl.as_secs(),
                             rules_written = stats.rules_written, rules_removed = stats.rules_removed,
                             "host resolved"
                         ),
                         Err(error) => {
                             tracing::error!(host = %host, %error, "applying resolved addresses failed; previous entries stay");
-                            self.postpone(&host, now + resolver.bounds().floor);
+                            self.postpone(&host, Instant::now() + resolver.bounds().floor);
                         }
                     }
                 }
@@ -570,7 +490,6 @@ impl Enforcer {
                     let retry = resolver.bounds().floor;
                     tracing::warn!(host = %host, %error, retry_secs = retry.as_secs(),
                         "lookup failed; the host keeps its last known addresses (none if never resolved: denied)");
-                    self.postpone(&host, now + retry);
                 }
             }
         }
@@ -579,7 +498,7 @@ impl Enforcer {
 
     /// Whether the policy names any host to resolve.
     pub fn has_hosts(&self) -> bool {
-        !self.due.is_empty()
+        self.lookups.has_hosts()
     }
 
     /// Sleeps until the next host is due (forever when the policy names no host).
@@ -636,11 +555,9 @@ impl Enforcer {
         }
     }
 
-    /// Clamps a TTL-derived instant for tests and callers.
+    /// How long until `host` is asked again.
     pub fn due_in(&self, host: &str) -> Option<Duration> {
-        self.due
-            .get(host)
-            .map(|t| t.saturating_duration_since(Instant::now()))
+        self.lookups.due_in(host)
     }
 }
 
@@ -677,31 +594,5 @@ impl Enforcer {
         }
         self.maps.set_slot(slot, cfg)?;
         Ok(())
-    }
-}
-
-/// Addresses of the policy's host names, with the kernel deadline of each answer (hosts
-/// without a deadline never expire).
-#[derive(Clone, Debug, Default)]
-pub struct Resolution {
-    pub resolved: Resolved,
-    pub deadlines: Deadlines,
-}
-
-impl From<Resolved> for Resolution {
-    fn from(resolved: Resolved) -> Self {
-        Resolution {
-            resolved,
-            deadlines: Deadlines::new(),
-        }
-    }
-}
-
-impl From<(Resolved, Deadlines)> for Resolution {
-    fn from((resolved, deadlines): (Resolved, Deadlines)) -> Self {
-        Resolution {
-            resolved,
-            deadlines,
-        }
     }
 }

@@ -4,7 +4,9 @@
 //! instance records that let another agent adopt or clean up.
 
 pub mod enforcer;
+pub mod install;
 pub mod instance;
+pub mod lookups;
 pub mod reload;
 pub mod resolve;
 pub mod session;

@@ -1,6 +1,5 @@
 //! What `exec` and `run` share: read and gate the policy, resolve its names, start enforcing.
 
-use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -17,9 +16,8 @@ use crate::observe::metrics::{
 };
 use crate::observe::recent::Recent;
 use crate::supervisor::enforcer::{Enforcer, EnforcerError};
-use crate::supervisor::resolve::{ResolveError, Resolver, TtlBounds, deadline_s, policy_hosts};
+use crate::supervisor::resolve::{ResolveError, Resolver, TtlBounds, policy_hosts};
 use egress_dns_wire::message::Rcode;
-use egress_policy::compile::{Deadlines, Resolved};
 use egress_policy::ip_ranges::AwsIpRanges;
 use egress_policy::{self as policy, Policy, PolicyError, Unsupported};
 
@@ -278,47 +276,7 @@ pub enum Placement {
     Adopt { dir: std::path::PathBuf },
 }
 
-/// Looks up every host name of `policy` once. A name that does not resolve gets no
-/// addresses (its rules allow nothing yet) and is retried at the TTL floor.
-pub async fn resolve_all(
-    policy: &Policy,
-    resolver: Option<&Arc<Resolver>>,
-    rebinding: &RebindCounter,
-) -> (Resolved, BTreeMap<String, tokio::time::Instant>, Deadlines) {
-    let filter = RebindFilter::for_policy(policy);
-    let mut resolved = Resolved::new();
-    let mut due = BTreeMap::new();
-    let mut deadlines = Deadlines::new();
-    let Some(resolver) = resolver else {
-        return (resolved, due, deadlines);
-    };
-    let mut set = tokio::task::JoinSet::new();
-    for host in policy_hosts(policy) {
-        let r = Arc::clone(resolver);
-        set.spawn(async move {
-            let answer = r.lookup(&host).await;
-            (host, answer)
-        });
-    }
-    while let Some(joined) = set.join_next().await {
-        let Ok((host, answer)) = joined else { continue };
-        let now = tokio::time::Instant::now();
-        match answer {
-            Ok(a) => {
-                let addrs = screen_lookup(&filter, rebinding, &policy.name, &host, a.addrs);
-                tracing::info!(host = %host, addresses = addrs.len(), ttl_secs = a.ttl.as_secs(), "host resolved");
-                due.insert(host.clone(), now + a.ttl);
-                deadlines.insert(host.clone(), deadline_s(a.ttl, &resolver.bounds()));
-                resolved.insert(host, addrs);
-            }
-            Err(error) => {
-                tracing::warn!(host = %host, %error, "lookup failed; the host's rules allow nothing until it resolves");
-                due.insert(host, now + resolver.bounds().floor);
-            }
-        }
-    }
-    (resolved, due, deadlines)
-}
+pub use crate::supervisor::lookups::resolve_all;
 
 /// Hands the heap the policy's parse and compile freed back to the kernel. glibc keeps freed
 /// memory in its arenas; after loading a large policy (a 100k-entry file allocates several
@@ -384,22 +342,17 @@ pub async fn start(
     } else {
         Some(resolver(&policy, dns)?)
     };
-    let (resolved, due, deadlines) = resolve_all(&policy, resolver.as_ref(), rebinding).await;
-    let mut enforcer = match placement {
-        Placement::Fresh { pins: None } => Enforcer::start(policy, (resolved, deadlines), slot)?,
-        Placement::Fresh { pins: Some(dir) } => {
-            Enforcer::start_pinned(policy, (resolved, deadlines), slot, dir)?
-        }
+    let lookups = resolve_all(&policy, resolver.as_ref(), rebinding).await;
+    let enforcer = match placement {
+        Placement::Fresh { pins: None } => Enforcer::start(policy, lookups, slot)?,
+        Placement::Fresh { pins: Some(dir) } => Enforcer::start_pinned(policy, lookups, slot, dir)?,
         Placement::Adopt { dir } => {
-            let (e, old_policy_id) = Enforcer::adopt(policy, (resolved, deadlines), slot, dir)?;
+            let (e, old_policy_id) = Enforcer::adopt(policy, lookups, slot, dir)?;
             tracing::info!(dir = %dir.display(), old_policy_id, policy_id = e.compiled().policy_id,
                 "adopted pinned enforcement; the new policy replaced the old in one step");
             e
         }
     };
-    for (host, t) in due {
-        enforcer.postpone(&host, t);
-    }
     if enforcer.policy().audit() {
         tracing::warn!(policy = %enforcer.policy().name, mode = "audit",
             "audit mode: attempts the policy denies are let through, and logged and counted with verdict audit");
@@ -719,18 +672,15 @@ impl Supervisor {
                 return None;
             }
         };
-        let (resolved, due, deadlines) = resolve_all(
+        let lookups = resolve_all(
             &policy,
             resolver.as_ref(),
             &self.metrics.dns.rebinding_blocked,
         )
         .await;
         let name = policy.name.clone();
-        match self.enforcer.reload(policy, (resolved, deadlines)) {
+        match self.enforcer.reload(policy, lookups) {
             Ok(stats) => {
-                for (host, t) in due {
-                    self.enforcer.postpone(&host, t);
-                }
                 self.resolver = resolver;
                 let resolvers: Vec<IpAddr> = upstream.servers().iter().map(|s| s.ip()).collect();
                 if let Err(error) = self.enforcer.set_resolvers(&resolvers) {
