@@ -1,7 +1,8 @@
 //! Resolving the policy's exact host names into addresses, and when to ask again.
 //!
 //! The agent resolves through `dns_policy.allowed_resolvers` when the policy names them, else
-//! through the resolv.conf it is given (the host's by default). Names are looked up as fully
+//! through the name servers of the resolv.conf it is given (the host's by default; read with
+//! hickory-resolver's parser), with the DNS proxy's own upstream client. Names are looked up as fully
 //! qualified (no search-domain expansion), so `api.company.com` never turns into
 //! `api.company.com.corp.example`.
 
@@ -10,11 +11,10 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use hickory_resolver::{
-    TokioResolver,
-    config::{NameServerConfig, ResolverConfig},
-    net::runtime::TokioRuntimeProvider,
-};
+use egress_dns_wire::message::{Question, Rcode};
+use egress_dns_wire::wire::{CLASS_IN, rtype};
+
+use crate::dns::upstream::Upstream;
 
 use egress_policy::{HostPattern, Policy, Target};
 
@@ -30,8 +30,6 @@ pub enum ResolveError {
     ParseConf { path: PathBuf, message: String },
     #[error("resolver configuration {path} names no name server")]
     NoServers { path: PathBuf },
-    #[error("building the resolver: {0}")]
-    Build(String),
     #[error("looking up {host}: {message}")]
     Lookup { host: String, message: String },
     #[error("looking up {host}: no answer within {timeout:?}")]
@@ -122,8 +120,11 @@ pub struct Answer {
     pub ttl: Duration,
 }
 
+/// The agent's own lookups of the policy's host names, through the same upstream client as
+/// the DNS proxy (the hardened parser, a random ID and source port per query, TCP after a
+/// truncated answer).
 pub struct Resolver {
-    inner: TokioResolver,
+    upstream: Upstream,
     timeout: Duration,
     bounds: TtlBounds,
 }
@@ -136,70 +137,69 @@ impl Resolver {
         bounds: TtlBounds,
         timeout: Duration,
     ) -> Result<Self, ResolveError> {
-        let config =
-            if servers.is_empty() {
-                let data = std::fs::read(resolv_conf).map_err(|source| ResolveError::ReadConf {
-                    path: resolv_conf.into(),
-                    source,
-                })?;
-                let (config, _opts) = hickory_resolver::system_conf::parse_resolv_conf(data)
-                    .map_err(|e| ResolveError::ParseConf {
-                        path: resolv_conf.into(),
-                        message: e.to_string(),
-                    })?;
-                if config.name_servers.is_empty() {
-                    return Err(ResolveError::NoServers {
-                        path: resolv_conf.into(),
-                    });
-                }
-                config
-            } else {
-                ResolverConfig::from_name_servers(
-                    servers
-                        .iter()
-                        .map(|ip| NameServerConfig::udp_and_tcp(*ip))
-                        .collect(),
-                )
-            };
-        let mut builder =
-            TokioResolver::builder_with_config(config, TokioRuntimeProvider::default());
-        let opts = builder.options_mut();
-        opts.timeout = timeout;
-        opts.attempts = 2;
-        opts.ndots = 0;
-        let inner = builder
-            .build()
-            .map_err(|e| ResolveError::Build(e.to_string()))?;
+        let servers = if servers.is_empty() {
+            resolv_conf_servers(resolv_conf)?
+        } else {
+            servers.to_vec()
+        };
         Ok(Resolver {
-            inner,
+            upstream: Upstream::new(&servers, timeout),
             timeout,
             bounds,
         })
     }
 
-    /// Looks `host` up (A and AAAA) as a fully qualified name.
+    /// Looks `host` up (A and AAAA) as a fully qualified name. The answer lives as long as
+    /// its shortest TTL (clamped to the bounds); no address at all is an error, so that the
+    /// host keeps its last known addresses.
     pub async fn lookup(&self, host: &str) -> Result<Answer, ResolveError> {
-        let fqdn = format!("{host}.");
-        // Two attempts of `timeout` each inside hickory, plus slack.
+        let question = |qtype| Question {
+            qname: host.trim_end_matches('.').to_ascii_lowercase(),
+            qtype,
+            qclass: CLASS_IN,
+        };
+        let (q4, q6) = (question(rtype::A), question(rtype::AAAA));
+        // Every server may take `timeout` for each family, UDP then TCP: bound the whole.
         let limit = self.timeout * 3;
-        let lookup = tokio::time::timeout(limit, self.inner.lookup_ip(fqdn.as_str()))
-            .await
-            .map_err(|_| ResolveError::Timeout {
-                host: host.into(),
-                timeout: limit,
-            })?
-            .map_err(|e| ResolveError::Lookup {
-                host: host.into(),
-                message: e.to_string(),
-            })?;
-        let now = std::time::Instant::now();
-        let ttl = lookup.valid_until().saturating_duration_since(now);
-        let mut addrs: Vec<IpAddr> = lookup.iter().map(|a| a.to_canonical()).collect();
+        let (a4, a6) = tokio::time::timeout(limit, async {
+            tokio::join!(self.upstream.ask(&q4), self.upstream.ask(&q6))
+        })
+        .await
+        .map_err(|_| ResolveError::Timeout {
+            host: host.into(),
+            timeout: limit,
+        })?;
+        let mut addrs = Vec::new();
+        let mut ttl: Option<u32> = None;
+        let mut why = Vec::new();
+        for answer in [a4, a6] {
+            match answer {
+                Ok(answer) if answer.rcode == Rcode::NoError => {
+                    if let Some(t) = answer.min_ttl() {
+                        ttl = Some(ttl.map_or(t, |m| m.min(t)));
+                    }
+                    addrs.extend(answer.addresses.iter().map(|a| a.addr.to_canonical()));
+                }
+                Ok(answer) => why.push(format!("answer {}", answer.rcode)),
+                Err(e) => why.push(e.to_string()),
+            }
+        }
         addrs.sort();
         addrs.dedup();
+        let Some(ttl) = ttl.filter(|_| !addrs.is_empty()) else {
+            let message = if why.is_empty() {
+                "no A or AAAA records".to_owned()
+            } else {
+                why.join("; ")
+            };
+            return Err(ResolveError::Lookup {
+                host: host.into(),
+                message,
+            });
+        };
         Ok(Answer {
             addrs,
-            ttl: self.bounds.clamp(ttl),
+            ttl: self.bounds.clamp(Duration::from_secs(u64::from(ttl))),
         })
     }
 
