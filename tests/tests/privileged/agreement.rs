@@ -10,12 +10,12 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use egress_agent::{compile::Resolved, policy, reference};
-use egress_common::{Dest, Proto};
+use egress_common::Dest;
 use egress_tests::netns::Netns;
 use egress_tests::policy::PolicyYaml;
-use rand::{Rng, SeedableRng, rngs::StdRng};
+use rand::{Rng, rngs::StdRng};
 
-use crate::testbed;
+use crate::{random_op_to, seeded_rng, testbed};
 
 const DESTINATIONS: usize = 3000;
 
@@ -89,33 +89,13 @@ fn random_op(rng: &mut StdRng) -> (String, Dest) {
         4..=7 => (random_v4(rng).into(), rng.random_bool(0.4)),
         _ => (random_v6(rng).into(), true),
     };
-    let family = if v6_socket { "6" } else { "4" };
-    let (kind, proto) = match rng.random_range(0..3) {
-        0 => ("connect tcp", Proto::Tcp),
-        1 => ("connect udp", Proto::Udp),
-        _ => ("sendto udp", Proto::Udp),
-    };
-    let data = if kind.starts_with("sendto") { " x" } else { "" };
-    let op = format!("{kind}{family} {addr} {port}{data}");
-    // The probe sends an IPv4 literal on an IPv6 socket in its mapped form; Dest::v6
-    // canonicalises that back to IPv4, as the kernel side must.
-    let dst = match (addr, v6_socket) {
-        (IpAddr::V4(a), false) => Dest::v4(a.octets(), port, proto),
-        (IpAddr::V4(a), true) => Dest::v6(a.to_ipv6_mapped().octets(), port, proto),
-        (IpAddr::V6(a), _) => Dest::v6(a.octets(), port, proto),
-    };
-    (op, dst)
+    random_op_to(rng, addr, v6_socket, port)
 }
 
 #[test]
 fn kernel_agrees_with_reference_on_random_destinations() {
     let Some(tb) = testbed() else { return };
-    let seed: u64 = std::env::var("EGRESS_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0x005e_ede9);
-    eprintln!("seed {seed} (set EGRESS_TEST_SEED to replay)");
-    let mut rng = StdRng::seed_from_u64(seed);
+    let mut rng = seeded_rng(0x005e_ede9);
     // A namespace with only loopback: nothing the hook lets through can leave it.
     let isolated = Netns::new("agree").expect("creating the isolated namespace");
 

@@ -36,9 +36,11 @@ mod rule_counts;
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 
+use egress_common::{Dest, Proto};
 use egress_tests::policy::PolicyYaml;
 use egress_tests::scenario::Scenario;
 use egress_tests::testbed::Testbed;
+use rand::{Rng as _, SeedableRng as _, rngs::StdRng};
 
 /// The workload the tests run, built by cargo for this test binary.
 const PROBE: &str = env!("CARGO_BIN_EXE_egress-probe");
@@ -58,6 +60,37 @@ fn scenario() -> Scenario {
 /// port 8443.
 fn allow_8443() -> PolicyYaml {
     PolicyYaml::new().allow_cidr("198.18.0.2/32", &[8443], &["tcp"])
+}
+
+/// The random source of a test comparing the kernel with the reference: `default` unless
+/// `EGRESS_TEST_SEED` names another seed.
+fn seeded_rng(default: u64) -> StdRng {
+    let seed: u64 = std::env::var("EGRESS_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default);
+    eprintln!("seed {seed} (set EGRESS_TEST_SEED to replay)");
+    StdRng::seed_from_u64(seed)
+}
+
+/// A random probe op to `addr` port `port` (a TCP connect, a UDP connect or a UDP send; from
+/// an IPv6 socket when `v6_socket`) and the destination the reference judges for it.
+fn random_op_to(rng: &mut StdRng, addr: IpAddr, v6_socket: bool, port: u16) -> (String, Dest) {
+    let family = if v6_socket { "6" } else { "4" };
+    let (kind, proto) = match rng.random_range(0..3) {
+        0 => ("connect tcp", Proto::Tcp),
+        1 => ("connect udp", Proto::Udp),
+        _ => ("sendto udp", Proto::Udp),
+    };
+    let data = if kind.starts_with("sendto") { " x" } else { "" };
+    // The probe sends an IPv4 literal on an IPv6 socket in its mapped form; Dest::v6
+    // canonicalises that back to IPv4, as the kernel side must.
+    let dst = match (addr, v6_socket) {
+        (IpAddr::V4(a), false) => Dest::v4(a.octets(), port, proto),
+        (IpAddr::V4(a), true) => Dest::v6(a.to_ipv6_mapped().octets(), port, proto),
+        (IpAddr::V6(a), _) => Dest::v6(a.octets(), port, proto),
+    };
+    (format!("{kind}{family} {addr} {port}{data}"), dst)
 }
 
 fn ip(s: &str) -> IpAddr {

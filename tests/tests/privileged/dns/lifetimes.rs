@@ -43,12 +43,9 @@ fn a_learned_address_expires_after_its_ttl() {
     out.assert_answer(first, rcode::NOERROR, &["198.18.0.10"]);
     out.assert_errno(expired, EPERM);
     out.assert_answer(again, rcode::NOERROR, &["198.18.0.10"]);
-    assert_eq!(wait_connections(&l, 2), 2, "{}", out.describe());
+    assert_eq!(wait_connections(l, 2), 2, "{}", out.describe());
     assert_eq!(
-        (
-            connections_with(&l, b"first"),
-            connections_with(&l, b"again")
-        ),
+        (connections_with(l, b"first"), connections_with(l, b"again")),
         (1, 1)
     );
 }
@@ -143,7 +140,7 @@ fn a_reload_filters_learned_addresses_like_any_other() {
     });
     out.assert_exit(0);
     out.assert_answer(learn, rcode::NOERROR, &["198.18.0.40"]);
-    assert_arrived(&l, b"before", &out);
+    assert_arrived(l, b"before", &out);
     out.assert_errno("connect tcp4 198.18.0.40 8443", EPERM);
     let filtered = events(&out.stderr, "dns_rebinding_blocked");
     assert!(

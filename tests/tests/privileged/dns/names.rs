@@ -89,14 +89,14 @@ fn an_allowed_name_resolves_and_connects_at_once_every_time() {
     }
     // An address in the same range that no answer named stays closed.
     out.assert_errno(never, EPERM);
-    assert_eq!(wait_connections(&l4, 300), 300, "{}", out.describe());
-    assert_eq!(wait_connections(&l6, 50), 50, "{}", out.describe());
+    assert_eq!(wait_connections(l4, 300), 300, "{}", out.describe());
+    assert_eq!(wait_connections(l6, 50), 50, "{}", out.describe());
     assert_eq!(
         (
-            connections_with(&l4, b"u"),
-            connections_with(&l4, b"t"),
-            connections_with(&l4, b"s"),
-            connections_with(&l6, b"v"),
+            connections_with(l4, b"u"),
+            connections_with(l4, b"t"),
+            connections_with(l4, b"s"),
+            connections_with(l6, b"v"),
         ),
         (200, 50, 50, 50)
     );
@@ -171,17 +171,17 @@ fn a_name_the_policy_does_not_allow_gets_nxdomain_and_is_never_forwarded() {
     out.assert_answer(txt, rcode::NOERROR, &[]);
     out.assert_answer(allowed, rcode::NOERROR, &["198.18.0.10"]);
     out.assert_errno(evil_addr, EPERM);
-    assert_arrived(&api, b"allowed", &out);
+    assert_arrived(api, b"allowed", &out);
     assert_nothing_arrived(&[evil], &out);
-    assert_not_forwarded(&dns, "evil.test", &out);
-    assert_not_forwarded(&dns, "x.api.example.test", &out);
+    assert_not_forwarded(dns, "evil.test", &out);
+    assert_not_forwarded(dns, "x.api.example.test", &out);
     assert!(
         dns.queried().iter().all(|q| q.qtype != "TXT"),
         "a TXT query was forwarded: {:?}",
         dns.queried()
     );
     // The upstream log does work: the allowed name was asked for.
-    assert_forwarded(&dns, "api.example.test", &out);
+    assert_forwarded(dns, "api.example.test", &out);
     let lines = refused(&out.stderr, "evil.test");
     assert!(
         !lines.is_empty(),
@@ -223,7 +223,7 @@ fn the_refusal_can_be_refused_instead_of_nxdomain() {
             .arg(op),
     );
     out.assert_answer(op, rcode::REFUSED, &[]);
-    assert_not_forwarded(&dns, "evil.test", &out);
+    assert_not_forwarded(dns, "evil.test", &out);
 }
 
 // --- 6. Wildcards -------------------------------------------------------------------------
@@ -291,14 +291,14 @@ fn a_wildcard_allows_names_below_it_and_nothing_else() {
     for op in &closed {
         out.assert_errno(op, EPERM);
     }
-    assert_arrived(&deep, b"deep", &out);
+    assert_arrived(deep, b"deep", &out);
     assert_nothing_arrived(&others, &out);
-    assert_forwarded(&dns, "a.b.example.test", &out);
+    assert_forwarded(dns, "a.b.example.test", &out);
     // secret.example.test is left out: the agent itself resolves denied exact hosts (to deny
     // their addresses), so the upstream log holds its own queries for that name; the proxy's
     // refusal shows in the dns_refused line below.
     for name in ["evil.test", "notexample.test", "internal.example.test"] {
-        assert_not_forwarded(&dns, name, &out);
+        assert_not_forwarded(dns, name, &out);
     }
     assert!(
         dns.queries_for("example.test").is_empty(),
@@ -359,9 +359,9 @@ fn seed_case_5_a_post_to_pastebin_is_blocked() {
     out.assert_errno(post, EPERM);
     out.assert_errno(post80, EPERM);
     out.assert_answer(allowed, rcode::NOERROR, &["198.18.0.10"]);
-    assert_arrived(&api, b"GET /v1/status", &out);
+    assert_arrived(api, b"GET /v1/status", &out);
     assert_nothing_arrived(&[paste443, paste80], &out);
-    assert_not_forwarded(&dns, "pastebin.com", &out);
+    assert_not_forwarded(dns, "pastebin.com", &out);
     assert!(
         !refused(&out.stderr, "pastebin.com").is_empty(),
         "{}",

@@ -62,7 +62,7 @@ fn a_query_to_another_resolver_is_answered_by_the_proxy_not_by_that_resolver() {
     out.assert_nxdomain(evil);
     assert_eq!(out.assert_ok(many).count, Some(20), "{}", out.describe());
     out.assert_errno(rogue_addr, EPERM);
-    assert_arrived(&api, b"via-rogue", &out);
+    assert_arrived(api, b"via-rogue", &out);
     assert_nothing_arrived(&[rogue_target], &out);
     assert!(
         rogue.queries().is_empty(),
@@ -70,8 +70,8 @@ fn a_query_to_another_resolver_is_answered_by_the_proxy_not_by_that_resolver() {
         rogue.queries(),
         out.describe()
     );
-    assert_forwarded(&dns, "api.example.test", &out);
-    assert_not_forwarded(&dns, "evil.test", &out);
+    assert_forwarded(dns, "api.example.test", &out);
+    assert_not_forwarded(dns, "evil.test", &out);
     out.assert_answer(allowed, rcode::NOERROR, &["198.18.0.10"]);
 
     // Each query to the rogue resolver is a blocked attempt: one event naming the resolver,
@@ -173,7 +173,7 @@ fn dns_over_tls_is_blocked_to_every_host() {
         out.describe()
     );
     out.assert_ok(control);
-    assert_arrived(&other, b"not-dot", &out);
+    assert_arrived(other, b"not-dot", &out);
     assert_nothing_arrived(&[dot_tcp, dot_udp, dot_tcp6], &out);
     // The UDP connect sends nothing: it is refused as `udp_connect_refused`, with the DoT
     // block as its cause; every other attempt is a dns_over_tls_blocked verdict.
@@ -207,7 +207,7 @@ fn dns_over_tls_is_blocked_to_every_host() {
     let allowed = "send tcp4 198.18.0.2 853 dot-allowed";
     let out = finished(&tb, agent(&tb, &rules(policy())).arg(allowed));
     out.assert_ok(allowed);
-    assert_arrived(&dot_tcp, b"dot-allowed", &out);
+    assert_arrived(dot_tcp, b"dot-allowed", &out);
 }
 
 // --- 5. DoH -------------------------------------------------------------------------------
@@ -278,10 +278,10 @@ fn doh_providers_are_blocked_by_name_and_by_address_even_under_a_wildcard() {
     for op in [addr4, addr6, mapped] {
         out.assert_errno(op, EPERM);
     }
-    assert_arrived(&www, b"www", &out);
+    assert_arrived(www, b"www", &out);
     assert_nothing_arrived(&[doh_host], &out);
-    assert_not_forwarded(&dns, "dns.quad9.net", &out);
-    assert_forwarded(&dns, "www.quad9.net", &out);
+    assert_not_forwarded(dns, "dns.quad9.net", &out);
+    assert_forwarded(dns, "www.quad9.net", &out);
     let lines = refused(&out.stderr, "dns.quad9.net");
     assert!(
         lines.iter().any(|l| l["result"] == "doh_provider"),
@@ -371,14 +371,14 @@ fn an_answer_pointing_into_a_denied_range_is_not_installed() {
     for op in [meta_connect, meta6_connect, inner_connect] {
         out.assert_errno(op, EPERM);
     }
-    assert_arrived(&good, b"mixed", &out);
+    assert_arrived(good, b"mixed", &out);
     assert_nothing_arrived(&[denied_range], &out);
     for name in [
         "meta.example.test",
         "mixed.example.test",
         "alias.example.test",
     ] {
-        assert_forwarded(&dns, name, &out);
+        assert_forwarded(dns, name, &out);
     }
     let rebinding = events(&out.stderr, "dns_rebinding_blocked");
     for (name, addr) in [

@@ -83,8 +83,8 @@ fn addresses_learned_by_one_workload_open_nothing_for_another() {
         out.assert_nxdomain(&ops[4]);
         out.assert_ok(&ops[5]);
     }
-    assert_arrived(&la, b"a", &out_a);
-    assert_arrived(&lb, b"b", &out_b);
+    assert_arrived(la, b"a", &out_a);
+    assert_arrived(lb, b"b", &out_b);
     std::thread::sleep(SETTLE);
     // Each listener saw its own workload twice (then-connect and the later connect) and the
     // other workload never.
@@ -153,7 +153,7 @@ fn a_workload_in_its_own_network_namespace_gets_the_same_dns_control() {
     out.assert_from(stub, "127.0.0.53:53");
     out.assert_nxdomain(evil);
     assert_arrived(&svc, b"from-the-pod", &out);
-    assert_not_forwarded(&dns, "evil.test", &out);
+    assert_not_forwarded(dns, "evil.test", &out);
     let asked = dns.queries_for("svc.example.test");
     assert!(
         !asked.is_empty() && asked.iter().all(|q| q.from == "198.18.0.1"),
@@ -235,7 +235,7 @@ fn tcp_queries_are_answered_and_malformed_ones_get_formerr_or_nothing() {
         Some(20)
     );
     out.assert_nxdomain(tcp_evil);
-    assert_arrived(&api, b"over-tcp", &out);
+    assert_arrived(api, b"over-tcp", &out);
     for op in &malformed {
         let r = out.result(op).expect("ran");
         let formerr = r.ok && r.rcode == Some(rcode::FORMERR);
@@ -259,7 +259,7 @@ fn tcp_queries_are_answered_and_malformed_ones_get_formerr_or_nothing() {
     }
     out.assert_answer(after_udp, rcode::NOERROR, &["198.18.0.10"]);
     out.assert_answer(after_tcp, rcode::NOERROR, &["198.18.0.10"]);
-    assert_not_forwarded(&dns, "evil.test", &out);
+    assert_not_forwarded(dns, "evil.test", &out);
     assert!(
         !out.stderr.contains("panicked"),
         "the agent panicked\n{}",

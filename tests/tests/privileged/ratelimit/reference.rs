@@ -5,13 +5,13 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use egress_agent::compile::Resolved;
 use egress_agent::{ratelimit, reference};
-use egress_common::{Dest, Proto, Reason};
+use egress_common::{Dest, Reason};
 use egress_tests::netns::Netns;
 use libc::EPERM;
-use rand::{Rng, SeedableRng, rngs::StdRng};
+use rand::{Rng, rngs::StdRng};
 
 use super::{agent, parse_policy, policy_yaml, rule};
-use crate::testbed;
+use crate::{random_op_to, seeded_rng, testbed};
 
 fn random_v4(rng: &mut StdRng) -> Ipv4Addr {
     Ipv4Addr::new(198, 18, rng.random_range(0..2), rng.random_range(0..6))
@@ -72,19 +72,7 @@ fn random_op(rng: &mut StdRng) -> (String, Dest) {
         1..=6 => (random_v4(rng).into(), rng.random_bool(0.3)),
         _ => (random_v6(rng).into(), true),
     };
-    let family = if v6_socket { "6" } else { "4" };
-    let (kind, proto) = match rng.random_range(0..3) {
-        0 => ("connect tcp", Proto::Tcp),
-        1 => ("connect udp", Proto::Udp),
-        _ => ("sendto udp", Proto::Udp),
-    };
-    let data = if kind.starts_with("sendto") { " x" } else { "" };
-    let dst = match (addr, v6_socket) {
-        (IpAddr::V4(a), false) => Dest::v4(a.octets(), port, proto),
-        (IpAddr::V4(a), true) => Dest::v6(a.to_ipv6_mapped().octets(), port, proto),
-        (IpAddr::V6(a), _) => Dest::v6(a.octets(), port, proto),
-    };
-    (format!("{kind}{family} {addr} {port}{data}"), dst)
+    random_op_to(rng, addr, v6_socket, port)
 }
 
 /// Random policies with per-rule, default and global budgets; random sequences of TCP
@@ -95,12 +83,7 @@ fn random_op(rng: &mut StdRng) -> (String, Dest) {
 #[test]
 fn kernel_rate_limits_agree_with_the_reference() {
     let Some(tb) = testbed() else { return };
-    let seed: u64 = std::env::var("EGRESS_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0x5eed_7a7e);
-    eprintln!("seed {seed} (set EGRESS_TEST_SEED to replay)");
-    let mut rng = StdRng::seed_from_u64(seed);
+    let mut rng = seeded_rng(0x5eed_7a7e);
     let isolated = Netns::new("rlagree").expect("namespace");
     let mut tally: BTreeMap<&'static str, usize> = BTreeMap::new();
     for round in 0..4 {

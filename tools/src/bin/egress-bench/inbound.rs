@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{Context as _, Result, ensure};
+use anyhow::{Context as _, Result};
 use egress_agent::compile::Resolved;
 use egress_agent::enforcer::Enforcer;
 use egress_agent::policy;
@@ -53,14 +53,7 @@ fn step(s: &Settings) -> String {
 }
 
 fn cell(world: &World, cgroup: &Path, s: &Settings) -> Result<f64> {
-    let lines = world.run_workload(world.client(CLIENT)?, cgroup, &[step(s)])?;
-    let batches: Vec<f64> = lines[0]["ns_per_op"]
-        .as_array()
-        .context("no ns_per_op in the workload's report")?
-        .iter()
-        .filter_map(serde_json::Value::as_f64)
-        .collect();
-    ensure!(!batches.is_empty(), "the workload measured nothing");
+    let batches = world.batches(world.client(CLIENT)?, cgroup, step(s))?;
     Ok(batches.iter().copied().fold(f64::INFINITY, f64::min))
 }
 

@@ -175,13 +175,5 @@ pub fn agent_phase(
 /// One cell: the workload's batches of one operation under one scenario, in ns/op.
 fn run_cell(world: &World, sc: &Scenario, op: Op, s: &Settings) -> Result<Vec<f64>> {
     let step = sc.step(op, s).context("no such cell")?;
-    let lines = world.run_workload(world.client(&sc.client)?, &sc.cgroup, &[step])?;
-    let batches: Vec<f64> = lines[0]["ns_per_op"]
-        .as_array()
-        .context("no ns_per_op in the workload's report")?
-        .iter()
-        .filter_map(serde_json::Value::as_f64)
-        .collect();
-    ensure!(!batches.is_empty(), "the workload measured nothing");
-    Ok(batches)
+    world.batches(world.client(&sc.client)?, &sc.cgroup, step)
 }

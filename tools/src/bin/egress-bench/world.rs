@@ -170,6 +170,19 @@ impl World {
         self.workload.path()
     }
 
+    /// The batches of one measuring `step` of the workload, in ns per operation.
+    pub fn batches(&self, client: &Client, cgroup: &Path, step: String) -> Result<Vec<f64>> {
+        let lines = self.run_workload(client, cgroup, &[step])?;
+        let batches: Vec<f64> = lines[0]["ns_per_op"]
+            .as_array()
+            .context("no ns_per_op in the workload's report")?
+            .iter()
+            .filter_map(Value::as_f64)
+            .collect();
+        ensure!(!batches.is_empty(), "the workload measured nothing");
+        Ok(batches)
+    }
+
     /// Runs the workload with `steps` as uid nobody, inside `client`'s namespace and the
     /// cgroup `cgroup` (joined before exec), pinned to the last CPU; returns its JSON lines.
     pub fn run_workload(

@@ -4,6 +4,8 @@ use std::io::{Read as _, Write as _};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
+use egress_tests::probe::errno_name;
+
 use crate::message::{Answer, parse_answer, rcode_name};
 
 pub fn unspecified(server: SocketAddr) -> SocketAddr {
@@ -41,15 +43,6 @@ impl Failure {
                 .raw_os_error()
                 .map_or_else(|| e.kind().to_string(), errno_name),
         }
-    }
-}
-
-pub fn errno_name(errno: i32) -> String {
-    let e = nix::errno::Errno::from_raw(errno);
-    if e == nix::errno::Errno::UnknownErrno {
-        format!("errno {errno}")
-    } else {
-        format!("{e:?}")
     }
 }
 
