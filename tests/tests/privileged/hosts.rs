@@ -106,8 +106,10 @@ fn a_changed_answer_moves_the_allowance_to_the_new_address() {
         ]);
     let out = std::thread::scope(|s| {
         let agent = s.spawn(|| run.run_in(tb.client()).unwrap());
-        // Let the agent resolve and the probe make its first attempts, then change the answer.
-        std::thread::sleep(Duration::from_millis(1000));
+        // Let the agent resolve and the probe make its first attempts, then change the answer:
+        // the first attempt's bytes say when (a fixed pause is too short on a loaded machine,
+        // where the agent may take longer than that to start).
+        old_listener.wait_for(b"before", Duration::from_secs(30));
         drop(dns);
         let _dns2 =
             Dnsmasq::start(tb.remote(), remote, &[(NAME, new_addr)]).expect("dnsmasq again");

@@ -287,8 +287,22 @@ fn a_workload_that_ignores_sigterm_is_killed_after_the_stop_timeout() {
             .stderr(Stdio::piped());
         tb.client().run_in(&mut cmd);
         let mut agent = cmd.spawn().unwrap();
+        let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let reader = {
+            let (log, stderr) = (std::sync::Arc::clone(&log), agent.stderr.take().unwrap());
+            std::thread::spawn(move || {
+                for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)) {
+                    let Ok(line) = line else { break };
+                    let mut log = log.lock().unwrap();
+                    log.push_str(&line);
+                    log.push('\n');
+                }
+            })
+        };
+        // The workload is up, and so is the agent's supervision of it (it handles SIGTERM from
+        // the moment it logs that the workload started).
         let deadline = Instant::now() + Duration::from_secs(20);
-        while !ready.exists() {
+        while !(ready.exists() && log.lock().unwrap().contains("workload started")) {
             assert!(Instant::now() < deadline, "the workload did not start");
             assert!(
                 agent.try_wait().unwrap().is_none(),
@@ -313,8 +327,8 @@ fn a_workload_that_ignores_sigterm_is_killed_after_the_stop_timeout() {
             std::thread::sleep(Duration::from_millis(20));
         };
         let took = signalled.elapsed();
-        let mut stderr = String::new();
-        std::io::Read::read_to_string(&mut agent.stderr.take().unwrap(), &mut stderr).unwrap();
+        reader.join().unwrap();
+        let stderr = log.lock().unwrap().clone();
         assert_eq!(status.code(), Some(code), "{stderr}");
         assert!(within.contains(&took), "exited after {took:?}\n{stderr}");
         assert_eq!(
