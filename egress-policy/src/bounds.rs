@@ -319,7 +319,6 @@ impl Drop for Parser<'_> {
 
 #[cfg(test)]
 mod tests {
-    #![expect(clippy::unwrap_used, reason = "test code")]
     use super::*;
     use std::time::{Duration, Instant};
 

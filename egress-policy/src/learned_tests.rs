@@ -1,5 +1,3 @@
-#![expect(clippy::unwrap_used, reason = "test code")]
-
 use std::net::IpAddr;
 
 use egress_common::{Dest, Proto, Reason, RuleKey, RuleValue, SlotConfig, Tables, decide};

@@ -67,15 +67,15 @@ pub fn unique_name(prefix: &str) -> String {
     format!("{prefix}-{}-{n}", std::process::id())
 }
 
-/// A copy of the probe binary in a fresh world-readable directory, so that uid nobody can
+/// A copy of a workload binary in a fresh world-readable directory, so that uid nobody can
 /// execute it wherever the checkout lives. Removed on drop.
 #[derive(Debug)]
-pub struct StagedProbe {
+pub struct StagedBinary {
     path: PathBuf,
     _dir: tempfile::TempDir,
 }
 
-impl StagedProbe {
+impl StagedBinary {
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -83,32 +83,38 @@ impl StagedProbe {
 
 /// Copies `probe` (in integration tests: `env!("CARGO_BIN_EXE_egress-probe")`) into a fresh
 /// 0755 temp directory.
-pub fn copy_probe_for_nobody(probe: &Path) -> Result<StagedProbe> {
+pub fn copy_probe_for_nobody(probe: &Path) -> Result<StagedBinary> {
+    copy_for_nobody(probe, "egress-probe")
+}
+
+/// Copies `binary` into a fresh 0755 temp directory as `name` (the process name the agent's
+/// events will show).
+pub fn copy_for_nobody(binary: &Path, name: &str) -> Result<StagedBinary> {
     let dir = tempfile::Builder::new()
-        .prefix("egress-probe-")
+        .prefix(&format!("{name}-"))
         .tempdir()
-        .context("creating a temp dir for the probe")?;
+        .with_context(|| format!("creating a temp dir for {name}"))?;
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
         .with_context(|| format!("chmod 0755 {}", dir.path().display()))?;
-    let path = dir.path().join("egress-probe");
+    let path = dir.path().join(name);
     // Copied by a child process, not with std::fs::copy: a writable descriptor to the copy
     // in this (multi-threaded) process would leak into children that other test threads
     // fork at the same moment, and exec of the copy would then fail with ETXTBSY.
     let cp = find_tool("cp").context("the `cp` tool (coreutils) is not installed")?;
     let out = std::process::Command::new(cp)
         .arg("--")
-        .arg(probe)
+        .arg(binary)
         .arg(&path)
         .output()
         .context("running cp")?;
     anyhow::ensure!(
         out.status.success(),
         "copying {} to {}: {}",
-        probe.display(),
+        binary.display(),
         path.display(),
         String::from_utf8_lossy(&out.stderr).trim()
     );
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))
         .with_context(|| format!("chmod 0755 {}", path.display()))?;
-    Ok(StagedProbe { path, _dir: dir })
+    Ok(StagedBinary { path, _dir: dir })
 }

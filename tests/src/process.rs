@@ -1,13 +1,14 @@
 //! Running a command with captured output and a deadline, and what such a run produced.
 
 use std::io::Read;
+use std::net::{IpAddr, SocketAddr};
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 
-use crate::probe::{ProbeResult, errno_name, parse_output};
+use crate::probe::{ProbeResult, errno_name, parse_output, rcode};
 
 /// How long to wait for stdout/stderr to close after the process exited (a surviving
 /// grandchild could hold them open).
@@ -96,6 +97,48 @@ impl RunOutput {
             ),
             None => panic!("`{op}` did not run\n{}", self.describe()),
         }
+    }
+
+    /// Panics unless `op` got a DNS reply with `rcode` and exactly the addresses `addrs` (IP
+    /// literals), in that order.
+    #[track_caller]
+    pub fn assert_answer(&self, op: &str, rcode: u8, addrs: &[&str]) -> &ProbeResult {
+        let r = self.assert_ok(op);
+        let want: Vec<IpAddr> = addrs
+            .iter()
+            .map(|a| {
+                a.parse()
+                    .unwrap_or_else(|e| panic!("{a:?} is not an IP address: {e}"))
+            })
+            .collect();
+        assert_eq!(
+            (r.rcode, r.addrs.as_deref()),
+            (Some(rcode), Some(&want[..])),
+            "`{op}`: (rcode, addresses)\n{}",
+            self.describe()
+        );
+        r
+    }
+
+    /// Panics unless `op` got NXDOMAIN with no address.
+    #[track_caller]
+    pub fn assert_nxdomain(&self, op: &str) -> &ProbeResult {
+        self.assert_answer(op, rcode::NXDOMAIN, &[])
+    }
+
+    /// Panics unless the workload saw `op`'s reply come from `from` (a socket address).
+    #[track_caller]
+    pub fn assert_from(&self, op: &str, from: &str) {
+        let r = self.assert_ok(op);
+        let want: SocketAddr = from
+            .parse()
+            .unwrap_or_else(|e| panic!("{from:?} is not a socket address: {e}"));
+        assert_eq!(
+            r.from,
+            Some(want),
+            "`{op}`: the reply's source as the workload saw it\n{}",
+            self.describe()
+        );
     }
 
     /// Panics unless the process exited with `code`.

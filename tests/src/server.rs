@@ -15,11 +15,14 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow};
 
 use crate::netns::{Netns, NetnsHandle};
+use crate::process::RunOutput;
 
 const POLL: Duration = Duration::from_millis(20);
 const BIND_WAIT: Duration = Duration::from_secs(5);
 /// How long a negative check waits for bytes that should not come.
 pub const SETTLE: Duration = Duration::from_millis(300);
+/// How long a positive check waits for bytes to arrive.
+pub const WAIT: Duration = Duration::from_secs(3);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Proto {
@@ -146,6 +149,38 @@ impl Drop for Listener {
         {
             eprintln!("egress-tests: listener thread on {} panicked", self.addr);
         }
+    }
+}
+
+/// Panics unless `listener` received exactly `expected` (waiting up to [`WAIT`] for it).
+#[track_caller]
+pub fn assert_arrived(listener: &Listener, expected: &[u8], out: &RunOutput) {
+    let got = listener.wait_for(expected, WAIT);
+    assert_eq!(
+        String::from_utf8_lossy(&got),
+        String::from_utf8_lossy(expected),
+        "bytes at {:?} listener {}\n{}",
+        listener.proto(),
+        listener.addr(),
+        out.describe()
+    );
+}
+
+/// Panics if any of `listeners` saw a connection, a datagram or a byte (after letting
+/// stragglers land).
+#[track_caller]
+pub fn assert_nothing_arrived(listeners: &[&Listener], out: &RunOutput) {
+    std::thread::sleep(SETTLE);
+    for l in listeners {
+        assert!(
+            l.connections() == 0 && l.received().is_empty(),
+            "{:?} listener {} saw {} connection(s)/datagram(s) with {:?}\n{}",
+            l.proto(),
+            l.addr(),
+            l.connections(),
+            String::from_utf8_lossy(&l.received()),
+            out.describe()
+        );
     }
 }
 

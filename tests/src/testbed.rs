@@ -15,10 +15,12 @@ use crate::netns::{Netns, Topology};
 use crate::policy::PolicyYaml;
 use crate::process::{RunOutput, run_captured};
 use crate::server::Listener;
-use crate::{NOBODY_GID, NOBODY_UID, StagedProbe, copy_probe_for_nobody, require_root_or_skip};
+use crate::{NOBODY_GID, NOBODY_UID, StagedBinary, copy_probe_for_nobody, require_root_or_skip};
 
 /// Deadline for a probe run without the agent.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Deadline for a probe run inside a cgroup.
+pub const WORKLOAD_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(Debug)]
 pub struct Testbed {
@@ -26,7 +28,7 @@ pub struct Testbed {
     // namespaces they used are deleted.
     pub cgroups: TestCgroupParent,
     pub topo: Topology,
-    pub probe: StagedProbe,
+    pub probe: StagedBinary,
     policies: tempfile::TempDir,
     policy_counter: AtomicU32,
 }
@@ -81,9 +83,14 @@ impl Testbed {
         Ok(path)
     }
 
+    /// Writes `policy`'s YAML to a fresh file and returns its path.
+    pub fn write_policy_yaml(&self, policy: &PolicyYaml) -> Result<PathBuf> {
+        self.write_policy(&policy.render())
+    }
+
     /// An agent run of the probe under `policy` (builder: add ops with `.arg`/`.args`).
     pub fn agent(&self, policy: &PolicyYaml) -> Result<AgentRun> {
-        let path = self.write_policy(&policy.render())?;
+        let path = self.write_policy_yaml(policy)?;
         AgentRun::new(&path, &self.cgroups, self.probe.path())
     }
 
@@ -95,6 +102,29 @@ impl Testbed {
     /// Runs the probe with `ops` as uid nobody in the client namespace, without the agent.
     pub fn run_probe(&self, ops: &[&str]) -> Result<RunOutput> {
         run_probe_as_nobody(&self.topo.client, self.probe.path(), ops)
+    }
+
+    /// Runs the probe with `ops` as nobody inside `cgroup` (a `run` agent's, or one the
+    /// programs were attached to through the library) in the client namespace; panics when it
+    /// cannot run or does not finish within [`WORKLOAD_TIMEOUT`].
+    #[track_caller]
+    pub fn run_in_cgroup<S: AsRef<str>>(&self, cgroup: &Path, ops: &[S]) -> RunOutput {
+        self.run_in_cgroup_ns(&self.topo.client, cgroup, ops)
+    }
+
+    /// The same in namespace `ns`.
+    #[track_caller]
+    pub fn run_in_cgroup_ns<S: AsRef<str>>(
+        &self,
+        ns: &Netns,
+        cgroup: &Path,
+        ops: &[S],
+    ) -> RunOutput {
+        let ops: Vec<&str> = ops.iter().map(AsRef::as_ref).collect();
+        let out = run_probe_in_cgroup(ns, cgroup, self.probe.path(), &ops, WORKLOAD_TIMEOUT)
+            .unwrap_or_else(|e| panic!("running the workload in {}: {e:#}", cgroup.display()));
+        assert!(!out.timed_out, "workload timed out\n{}", out.describe());
+        out
     }
 
     /// A fresh directory every user may create files in, for the probe's `touch` and
@@ -129,6 +159,17 @@ pub fn run_probe_in_cgroup(
     ops: &[&str],
     timeout: Duration,
 ) -> Result<RunOutput> {
+    let mut cmd = probe_in_cgroup_command(ns, cgroup, probe, ops)?;
+    run_captured(&mut cmd, timeout, || {})
+}
+
+/// The command of [`run_probe_in_cgroup`], for a caller that runs it in the background.
+pub fn probe_in_cgroup_command<S: AsRef<std::ffi::OsStr>>(
+    ns: &Netns,
+    cgroup: &Path,
+    probe: &Path,
+    ops: &[S],
+) -> Result<Command> {
     use std::io::Write as _;
     use std::os::unix::process::CommandExt as _;
     let procs = std::fs::OpenOptions::new()
@@ -145,5 +186,5 @@ pub fn run_probe_in_cgroup(
         });
     }
     ns.run_in_as(&mut cmd, NOBODY_UID, NOBODY_GID);
-    run_captured(&mut cmd, timeout, || {})
+    Ok(cmd)
 }

@@ -208,7 +208,7 @@ fn demo(root: &Path, agent_bin: &Path) -> anyhow::Result<()> {
             "run",
             "--release",
             "--package",
-            "egress-tests",
+            "egress-tools",
             "--bin",
             "egress-demo",
         ],
@@ -219,12 +219,21 @@ fn demo(root: &Path, agent_bin: &Path) -> anyhow::Result<()> {
         vec![
             bootstrap(root),
             build_agent(root),
-            // `cargo run --bin egress-demo` builds only the demo; it runs the probe too.
+            // `cargo run --bin egress-demo` builds only the demo; it runs the probe (a test
+            // workload) and the DNS client too, which cargo puts next to it.
             Step::run(
                 "build-demo",
                 cargo(
                     root,
-                    &["build", "--release", "--package", "egress-tests", "--bins"],
+                    &[
+                        "build",
+                        "--release",
+                        "--package",
+                        "egress-tests",
+                        "--package",
+                        "egress-tools",
+                        "--bins",
+                    ],
                 ),
             ),
             Step::run("demo", demo),
@@ -278,7 +287,7 @@ fn bench(root: &Path, agent_bin: &Path, quick: bool, only: Option<&str>) -> anyh
                         "build",
                         "--release",
                         "--package",
-                        "egress-tests",
+                        "egress-tools",
                         "--bin",
                         "egress-bench",
                         "--bin",

@@ -271,7 +271,6 @@ fn one_line(d: &Denial) -> String {
 
 #[cfg(test)]
 mod tests {
-    #![expect(clippy::unwrap_used, reason = "test code")]
     use super::*;
 
     #[test]

@@ -256,7 +256,6 @@ fn canonical(a: SocketAddr) -> SocketAddr {
 
 #[cfg(test)]
 mod tests {
-    #![expect(clippy::unwrap_used, reason = "test code")]
     use super::*;
 
     #[test]

@@ -183,7 +183,6 @@ pub fn build_query(id: u16, question: &Question) -> Option<Vec<u8>> {
 
 #[cfg(test)]
 mod tests {
-    #![expect(clippy::unwrap_used, reason = "test code")]
     use super::*;
     use egress_dns_wire::message::{Transport, parse_query};
 

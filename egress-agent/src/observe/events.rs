@@ -500,7 +500,6 @@ impl EventLog {
 }
 
 #[cfg(test)]
-#[expect(clippy::expect_used, reason = "test code: a failure is a test failure")]
 mod tests {
     use super::*;
 

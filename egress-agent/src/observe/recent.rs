@@ -196,7 +196,6 @@ pub fn read_file(path: &Path) -> std::io::Result<Vec<Denial>> {
 
 #[cfg(test)]
 mod tests {
-    #![expect(clippy::unwrap_used, reason = "test code")]
     use super::*;
 
     fn denial(reason: &str) -> Denial {

@@ -349,7 +349,6 @@ pub fn textfile(
 
 #[cfg(test)]
 mod tests {
-    #![expect(clippy::unwrap_used, reason = "test code")]
     use super::*;
     use prometheus_client::metrics::{counter::Counter, family::Family, info::Info};
 

@@ -762,7 +762,6 @@ async fn next_batch(events: &mut Option<EventStream>) -> std::io::Result<(Vec<Bl
 
 #[cfg(test)]
 mod tests {
-    #![expect(clippy::unwrap_used, reason = "test code")]
     use super::*;
 
     #[test]

@@ -135,7 +135,6 @@ pub enum WorkDir {
 
 #[cfg(test)]
 mod tests {
-    #![expect(clippy::unwrap_used, reason = "test code")]
     use super::*;
 
     fn account() -> Account {
