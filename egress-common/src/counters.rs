@@ -97,6 +97,11 @@ pub enum Reason {
     /// A packet from a non-loopback peer to a listening TCP socket, allowed by an `inbound`
     /// rule (the SYN and the handshake's last ACK both reach the listener).
     AllowInbound = 30,
+    /// A packet the per-packet checks cannot read: shorter than its IP header (or its IPv6
+    /// header chain), or neither IPv4 nor IPv6. Dropped on the way out (hook `skb_egress`) or
+    /// in to a listening socket (`skb_ingress`): where it would go, or who sent it, cannot
+    /// be judged. Only a raw socket can send one (see `egress_common::packet`).
+    DenyPacketUnreadable = 31,
 }
 
 /// Room for more reasons without a layout change of the counter map: the lower half counts
@@ -113,7 +118,7 @@ pub const NUM_COUNTERS: u32 = (MAX_SLOTS + 1) * NUM_REASONS * NUM_PROTOS;
 pub const INVALID_SLOT_BLOCK: u32 = MAX_SLOTS;
 
 impl Reason {
-    pub const ALL: [Reason; 31] = [
+    pub const ALL: [Reason; 32] = [
         Reason::AllowRule,
         Reason::AllowLoopback,
         Reason::AllowSocket,
@@ -145,6 +150,7 @@ impl Reason {
         Reason::DnsUnauthorizedResolver,
         Reason::DenyInbound,
         Reason::AllowInbound,
+        Reason::DenyPacketUnreadable,
     ];
 
     #[inline(always)]
@@ -196,6 +202,7 @@ impl Reason {
             Reason::DnsUnauthorizedResolver => "dns_unauthorized_resolver",
             Reason::DenyInbound => "inbound_refused",
             Reason::AllowInbound => "inbound_allowed",
+            Reason::DenyPacketUnreadable => "packet_unreadable",
         }
     }
 }

@@ -10,6 +10,7 @@ pub mod dest;
 pub mod events;
 pub mod inbound;
 pub mod maps;
+pub mod packet;
 pub mod ratelimit;
 pub mod verdict;
 

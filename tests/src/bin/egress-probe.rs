@@ -59,6 +59,8 @@ enum Action {
     Srh6(std::net::Ipv6Addr, SocketAddr, Vec<u8>),
     /// One ICMP echo request from a ping socket.
     Ping4(std::net::Ipv4Addr),
+    /// One IPv6 packet written whole (header included) to ADDR from an IPPROTO_RAW socket.
+    Raw6(std::net::Ipv6Addr, Vec<u8>),
     Hammer(usize, u64, Box<Op>),
     Dns(DnsMode, Family, SocketAddr, String, u64),
     Resolve(Box<Resolve>),
@@ -391,6 +393,16 @@ fn parse_op(text: &str) -> Result<Op, String> {
                     .parse()
                     .map_err(|_| bad("ADDR must be an IPv4 address"))?,
             )
+        }
+        "raw6" => {
+            exact(3)?;
+            let addr = fields[1]
+                .parse()
+                .map_err(|_| bad("ADDR must be an IPv6 address"))?;
+            let bytes = parse_hex(fields[2])
+                .filter(|b| !b.is_empty() && b.len() <= 65535)
+                .ok_or_else(|| bad("HEX must be 1..=65535 bytes as pairs of hex digits"))?;
+            Action::Raw6(addr, bytes)
         }
         "ignore-sigterm" => {
             exact(1)?;
@@ -908,6 +920,7 @@ fn run(op: &Op) -> ProbeResult {
         Action::Flood(f, a, n) => return flood(text, *f, *a, *n),
         Action::Srh6(via, a, data) => srh6(*via, *a, data),
         Action::Ping4(a) => ping4(*a),
+        Action::Raw6(a, bytes) => raw6(*a, bytes),
         Action::Hammer(threads, n, inner) => return hammer(text, *threads, *n, inner),
         Action::Dns(mode, f, addr, name, n) => return dns(text, *mode, *f, *addr, name, *n),
         Action::Resolve(r) => return resolve(text, r),
@@ -1327,6 +1340,28 @@ mod tests {
                 assert_eq!(data, b"GET / HTTP/1.0");
             }
             other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn raw6_takes_an_address_and_the_whole_packet() {
+        match parse_op("raw6 fd00:e9::2 6000000000003b40")
+            .expect("valid op")
+            .action
+        {
+            Action::Raw6(addr, bytes) => {
+                assert_eq!(addr, "fd00:e9::2".parse::<Ipv6Addr>().expect("literal"));
+                assert_eq!(bytes, [0x60, 0, 0, 0, 0, 0, 0x3b, 0x40]);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        for bad in [
+            "raw6 198.18.0.2 60",
+            "raw6 fd00:e9::2 6",
+            "raw6 fd00:e9::2",
+            "raw6 ::1 zz",
+        ] {
+            assert!(parse_op(bad).is_err(), "{bad}");
         }
     }
 
@@ -2313,6 +2348,26 @@ fn ping4(to: std::net::Ipv4Addr) -> OpResult {
         unsafe { libc::sendto(fd, echo.as_ptr().cast(), echo.len(), 0, sa.ptr(), sa.len) }
             as libc::c_int,
     )?;
+    Ok(())
+}
+
+/// An IPPROTO_RAW IPv6 socket takes the packet's header from the data (IPV6_HDRINCL is
+/// implied); ADDR only routes it.
+fn raw6(to: std::net::Ipv6Addr, packet: &[u8]) -> OpResult {
+    let sock = new_socket(Family::V6, libc::SOCK_RAW, libc::IPPROTO_RAW)?;
+    let fd = sock.as_raw_fd();
+    let sa = sock_addr(Family::V6, SocketAddr::new(IpAddr::V6(to), 0));
+    // SAFETY: sendto with a valid buffer and address.
+    check(unsafe {
+        libc::sendto(
+            fd,
+            packet.as_ptr().cast(),
+            packet.len(),
+            0,
+            sa.ptr(),
+            sa.len,
+        )
+    } as libc::c_int)?;
     Ok(())
 }
 
