@@ -10,6 +10,7 @@ use std::time::Duration;
 use egress_common::SlotConfig;
 use tokio::time::Instant;
 
+use crate::capacity::MapLimits;
 use crate::compile::{Compiled, Deadlines, Resolved, SetIds, compile_with_deadlines};
 use crate::dns::install::{LearnedMaps, Learner, Liveness, ResolverMap};
 use crate::dns::origin::Origins;
@@ -96,7 +97,13 @@ impl Enforcer {
         slot: u32,
     ) -> Result<Self, EnforcerError> {
         let r = resolved.into();
-        Self::start_with(policy, (r.resolved, r.deadlines), slot, None)
+        Self::start_sized(
+            policy,
+            (r.resolved, r.deadlines),
+            slot,
+            None,
+            &MapLimits::default(),
+        )
     }
 
     /// As [`Enforcer::start`], with every map pinned in `dir`; attaching pins the links there
@@ -107,16 +114,19 @@ impl Enforcer {
         slot: u32,
         dir: &Path,
     ) -> Result<Self, EnforcerError> {
-        Self::start_with(policy, resolved, slot, Some(dir))
+        Self::start_sized(policy, resolved, slot, Some(dir), &MapLimits::default())
     }
 
-    fn start_with(
+    /// As [`Enforcer::start`] (pinned in `pins` when given), with the maps `limits` sizes
+    /// created at those sizes.
+    pub fn start_sized(
         policy: Policy,
         (resolved, deadlines): (Resolved, Deadlines),
         slot: u32,
         pins: Option<&Path>,
+        limits: &MapLimits,
     ) -> Result<Self, EnforcerError> {
-        let mut programs = Programs::load(slot)?;
+        let mut programs = Programs::load_sized(slot, limits)?;
         if let Some(dir) = pins {
             programs.pin_maps(dir)?;
         }
@@ -132,14 +142,7 @@ impl Enforcer {
         let mut rate = RateMaps::take(&mut programs)?;
         let limits = compile_limits(&policy, compiled.policy_id);
         rate.apply(&CompiledLimits::default(), &limits)?;
-        maps.set_slot(
-            slot,
-            SlotConfig {
-                policy_id: compiled.policy_id,
-                flags: compiled.slot_flags,
-                ..SlotConfig::default()
-            },
-        )?;
+        maps.set_slot(slot, compiled.slot_config())?;
         let parts = Parts {
             programs,
             maps,
@@ -189,6 +192,7 @@ impl Enforcer {
             SlotConfig {
                 policy_id,
                 flags: compiled.slot_flags,
+                loopback_ports: compiled.loopback_ports,
                 ..old
             },
         )?;
@@ -303,6 +307,7 @@ impl Enforcer {
                 let cfg = SlotConfig {
                     policy_id,
                     flags: compiled.slot_flags | self.own_flags,
+                    loopback_ports: compiled.loopback_ports,
                     ..old_cfg
                 };
                 self.maps.set_slot(slot, cfg)?;
@@ -433,6 +438,11 @@ impl Enforcer {
 
     pub fn slot(&self) -> u32 {
         self.programs.slot()
+    }
+
+    /// The sizes of the maps a policy must fit (half of each), as they are in the kernel.
+    pub fn map_sizes(&self) -> &MapLimits {
+        self.programs.sizes()
     }
 
     /// The earliest time a host name is due for a lookup.

@@ -87,6 +87,17 @@ pub fn decide(policy: &Policy, resolved: &Resolved, dst: &Dest) -> Decision {
             };
         }
     };
+    if loopback && !policy.loopback_ports.is_empty() {
+        let reason = if policy.loopback_ports.contains(&dst.port) {
+            Reason::AllowLoopback
+        } else {
+            Reason::DenyLoopbackPort
+        };
+        return Decision {
+            reason,
+            rule_id: NO_RULE,
+        };
+    }
     if dst.port == egress_common::maps::DOT_PORT && policy.dns.as_ref().is_some_and(|d| d.block_dot)
     {
         return Decision {

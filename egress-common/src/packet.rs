@@ -109,16 +109,7 @@ pub fn check_egress<P: Packet>(p: &P, protocol: u16, ifindex: u32) -> Option<Dro
 const fn is_loopback_address(dst: &Dest) -> bool {
     match dst.family {
         Family::V4 => dst.addr[0] == 127,
-        Family::V6 => {
-            let mut i = 0;
-            while i < 15 {
-                if dst.addr[i] != 0 {
-                    return false;
-                }
-                i += 1;
-            }
-            dst.addr[15] == 1
-        }
+        Family::V6 => dst.is_ipv6_localhost(),
     }
 }
 

@@ -6,7 +6,7 @@ use crate::maps::{
     ACTION_ALLOW, DNS_PORT, DNS_PROXY_PORT_FIRST, DNS_PROXY_RANGE_LAST,
     DNS_UNAUTHORIZED_PORT_OFFSET, DOT_PORT, MAX_EXPIRED_SKIPS, PortKey, RULE_DOH_BIT,
     RULE_KEY_FIXED_BITS, RuleKey, RuleValue, SLOT_ALLOW_LOOPBACK, SLOT_AUDIT, SLOT_BLOCK_DOT,
-    SLOT_DNS_RESOLVERS, SlotConfig, address_bits,
+    SLOT_DNS_RESOLVERS, SLOT_LOOPBACK_PORTS, SlotConfig, address_bits,
 };
 
 /// Lookups the decision needs. The kernel implements it over BPF maps, the agent over the
@@ -80,7 +80,8 @@ impl Decision {
 /// Judges one destination under one slot's configuration.
 ///
 /// Order: no policy -> deny; loopback (when the policy leaves it out of scope) -> allow;
-/// protocol that no rule can name -> deny; DNS over TLS when blocked -> deny; longest prefix:
+/// protocol that no rule can name -> deny; loopback under `loopback.ports` -> allow at a listed
+/// port, deny at any other; DNS over TLS when blocked -> deny; longest prefix:
 /// deny entry -> deny, allow entry whose port set holds (protocol, port) -> allow; otherwise an
 /// address learned from DNS whose port set holds it -> allow; anything else -> deny. Deny entries win over allow
 /// entries because the compiler never lets an allow prefix shadow a covering deny.
@@ -96,6 +97,13 @@ pub fn decide<T: Tables>(tables: &T, slot: &SlotConfig, dst: &Dest) -> Decision 
     }
     if let Proto::Other = dst.proto {
         return Decision::of(Reason::DenyProtocol, NO_RULE);
+    }
+    if loopback && slot.flags & SLOT_LOOPBACK_PORTS != 0 {
+        return if slot.loopback_port(dst.port) {
+            Decision::of(Reason::AllowLoopback, NO_RULE)
+        } else {
+            Decision::of(Reason::DenyLoopbackPort, NO_RULE)
+        };
     }
     if dst.port == DOT_PORT && slot.flags & SLOT_BLOCK_DOT != 0 {
         return Decision::of(Reason::DenyDot, NO_RULE);
@@ -424,16 +432,7 @@ fn is_proxy_address(dst: &Dest) -> bool {
         Family::V4 => {
             dst.addr[0] == 127 && dst.addr[1] == 0 && dst.addr[2] == 0 && dst.addr[3] == 1
         }
-        Family::V6 => {
-            let mut i = 0;
-            while i < 15 {
-                if dst.addr[i] != 0 {
-                    return false;
-                }
-                i += 1;
-            }
-            dst.addr[15] == 1
-        }
+        Family::V6 => dst.is_ipv6_localhost(),
     }
 }
 

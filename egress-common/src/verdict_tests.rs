@@ -430,3 +430,63 @@ fn a_lookup_looks_past_at_most_max_expired_skips_expired_entries_then_denies() {
     assert_eq!(MAX_EXPIRED_SKIPS, 4);
     assert_eq!(decide(&past_four, &s, &dst).reason, Reason::DenyNoRule);
 }
+
+#[test]
+fn loopback_under_a_port_list_is_allowed_at_its_ports_only() {
+    let mut ports = [0u16; crate::maps::MAX_LOOPBACK_PORTS];
+    ports[0] = 5432;
+    ports[1] = 853;
+    let s = SlotConfig {
+        flags: crate::maps::SLOT_LOOPBACK_PORTS | SLOT_BLOCK_DOT,
+        loopback_ports: ports,
+        ..slot(0)
+    };
+    let none = Prefixes { entries: &[] };
+    let reason = |dst: Dest| decide(&none, &s, &dst).reason;
+    for addr in [[127, 0, 0, 1], [127, 9, 9, 9], [0, 0, 0, 0]] {
+        for proto in [Proto::Tcp, Proto::Udp] {
+            assert_eq!(reason(Dest::v4(addr, 5432, proto)), Reason::AllowLoopback);
+            assert_eq!(
+                reason(Dest::v4(addr, 5433, proto)),
+                Reason::DenyLoopbackPort
+            );
+            // A listed port wins over block_dot, as loopback always did.
+            assert_eq!(reason(Dest::v4(addr, 853, proto)), Reason::AllowLoopback);
+        }
+        assert_eq!(
+            reason(Dest::v4(addr, 5432, Proto::Other)),
+            Reason::DenyProtocol
+        );
+        // Unused entries (0) allow nothing.
+        assert_eq!(
+            reason(Dest::v4(addr, 0, Proto::Tcp)),
+            Reason::DenyLoopbackPort
+        );
+    }
+    assert_eq!(
+        reason(Dest::v6(lo6(), 5432, Proto::Udp)),
+        Reason::AllowLoopback
+    );
+    assert_eq!(
+        reason(Dest::v6([0; 16], 22, Proto::Tcp)),
+        Reason::DenyLoopbackPort
+    );
+    // Not loopback: the rules decide (none here), and block_dot applies.
+    assert_eq!(
+        reason(Dest::v4([198, 18, 0, 2], 5432, Proto::Tcp)),
+        Reason::DenyNoRule
+    );
+    assert_eq!(
+        reason(Dest::v4([198, 18, 0, 2], 853, Proto::Tcp)),
+        Reason::DenyDot
+    );
+    // allow_loopback still allows every port, and the list is not looked at.
+    let all = SlotConfig {
+        flags: SLOT_ALLOW_LOOPBACK,
+        ..s
+    };
+    assert_eq!(
+        decide(&none, &all, &Dest::v4([127, 0, 0, 1], 5433, Proto::Tcp)).reason,
+        Reason::AllowLoopback
+    );
+}

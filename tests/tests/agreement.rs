@@ -18,8 +18,9 @@
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
+use egress_agent::compile::Resolved;
+use egress_agent::policy::{self, Policy};
 use egress_agent::reference::{self, Call, Proxy};
-use egress_agent::{compile::Resolved, policy};
 use egress_common::verdict::Outcome;
 use egress_common::{Dest, Family, Hook, Proto, Reason};
 use egress_tests::netns::Netns;
@@ -206,14 +207,19 @@ fn seed() -> u64 {
     seed
 }
 
-/// Loopback is allowed in the first round and judged by the rules in the second, so that
-/// every rule about loopback peers is reached; the third draws.
-fn allow_loopback(round: usize, rng: &mut StdRng) -> bool {
-    match round {
+/// The random policy of `round`, written and parsed as the agent will. Loopback is allowed
+/// in the first round and judged by the rules in the second, so that every rule about
+/// loopback peers is reached; the third draws.
+fn round_policy(tb: &Testbed, rng: &mut StdRng, round: usize) -> (PolicyYaml, Policy) {
+    let loopback = match round {
         0 => true,
         1 => false,
         _ => rng.random_bool(0.5),
-    }
+    };
+    let yaml = random_policy(rng, loopback);
+    let path = tb.write_policy(&yaml.render()).expect("writing the policy");
+    let policy = policy::load_file(&path).expect("the generated policy parses");
+    (yaml, policy)
 }
 
 fn assert_no_disagreements(disagreements: &[String], yaml: &PolicyYaml) {
@@ -245,10 +251,7 @@ fn kernel_agrees_with_reference_on_random_destinations() {
     let mut disagreements = Vec::new();
     let rounds = 3;
     for round in 0..rounds {
-        let loopback = allow_loopback(round, &mut rng);
-        let yaml = random_policy(&mut rng, loopback);
-        let path = tb.write_policy(&yaml.render()).expect("writing the policy");
-        let policy = policy::load_file(&path).expect("the generated policy parses");
+        let (yaml, policy) = round_policy(&tb, &mut rng, round);
         let ops: Vec<(String, Call)> = (0..DESTINATIONS / rounds)
             .map(|_| random_op(&mut rng))
             .collect();
@@ -348,10 +351,7 @@ fn kernel_agrees_with_reference_on_connected_sends_and_link_local_dns() {
     let mut tally: BTreeMap<Seen, usize> = BTreeMap::new();
     let rounds = 3;
     for round in 0..rounds {
-        let loopback = allow_loopback(round, &mut rng);
-        let yaml = random_policy(&mut rng, loopback);
-        let path = tb.write_policy(&yaml.render()).expect("writing the policy");
-        let policy = policy::load_file(&path).expect("the generated policy parses");
+        let (yaml, policy) = round_policy(&tb, &mut rng, round);
         let mut ops: Vec<(String, Seen, String)> = Vec::new();
         for _ in 0..DESTINATIONS / rounds / 3 {
             let (op, dst, connect, send_hook) = random_connected_send(&mut rng);

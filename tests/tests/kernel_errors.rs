@@ -27,6 +27,30 @@ fn probe_in_cgroup(
     ns: &Netns,
     ops: &[&str],
 ) -> egress_tests::process::RunOutput {
+    probe_in(tb, cgroup, ops, |cmd| {
+        ns.run_in_as(cmd, NOBODY_UID, NOBODY_GID);
+    })
+}
+
+/// As [`probe_in_cgroup`], as root (for the ops that need CAP_NET_RAW).
+fn probe_in_cgroup_as_root(
+    tb: &Testbed,
+    cgroup: &std::path::Path,
+    ns: &Netns,
+    ops: &[&str],
+) -> egress_tests::process::RunOutput {
+    probe_in(tb, cgroup, ops, |cmd| {
+        ns.run_in(cmd);
+    })
+}
+
+/// The probe with `ops`, joining `cgroup` before exec, its namespace and user set by `enter`.
+fn probe_in(
+    tb: &Testbed,
+    cgroup: &std::path::Path,
+    ops: &[&str],
+    enter: impl FnOnce(&mut Command),
+) -> egress_tests::process::RunOutput {
     let procs = std::fs::OpenOptions::new()
         .write(true)
         .open(cgroup.join("cgroup.procs"))
@@ -40,7 +64,7 @@ fn probe_in_cgroup(
             f.write_all(b"0")
         });
     }
-    ns.run_in_as(&mut cmd, NOBODY_UID, NOBODY_GID);
+    enter(&mut cmd);
     run_captured(&mut cmd, Duration::from_secs(30), || {}).expect("running the probe")
 }
 
@@ -95,31 +119,6 @@ fn unconfigured_slot_denies_everything_and_counts_no_policy() {
 #[test]
 fn out_of_range_slot_denies_everything_and_counts_internal_error() {
     check_denies_and_counts(MAX_SLOTS + 3, Reason::DenyInternal);
-}
-
-/// Runs the probe with `ops` inside `cgroup` as root in `ns` (for the ops that need
-/// CAP_NET_RAW).
-fn probe_in_cgroup_as_root(
-    tb: &Testbed,
-    cgroup: &std::path::Path,
-    ns: &Netns,
-    ops: &[&str],
-) -> egress_tests::process::RunOutput {
-    let procs = std::fs::OpenOptions::new()
-        .write(true)
-        .open(cgroup.join("cgroup.procs"))
-        .expect("cgroup.procs");
-    let mut cmd = Command::new(tb.probe.path());
-    cmd.args(ops).current_dir("/");
-    // SAFETY: write(2) on a descriptor opened before fork.
-    unsafe {
-        cmd.pre_exec(move || {
-            let mut f = &procs;
-            f.write_all(b"0")
-        });
-    }
-    ns.run_in(&mut cmd);
-    run_captured(&mut cmd, Duration::from_secs(30), || {}).expect("running the probe")
 }
 
 /// An IPv6 header to the remote end of the veth pair, with `next` as its next header, and
