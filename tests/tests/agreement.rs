@@ -1,8 +1,9 @@
 //! The kernel and the userspace reference decide alike.
 //!
-//! A random policy over nested prefixes, and a few thousand random destinations (IPv4, IPv6,
-//! IPv4-mapped, loopback, unspecified and link-local spellings, DNS among other ports; TCP
-//! connect, UDP connect and unconnected UDP sends) go through the real programs and through
+//! A random policy over nested prefixes (loopback allowed, judged by the rules, or allowed at
+//! some ports), and a few thousand random destinations (IPv4, IPv6, IPv4-mapped, loopback,
+//! unspecified and link-local spellings, DNS among other ports; TCP connect, UDP connect and
+//! unconnected UDP sends) go through the real programs and through
 //! `egress_agent::reference::judge`, which shares the kernel's send rules and DNS redirect
 //! (`egress_common::verdict`). The first workload runs in a namespace with nothing but
 //! loopback: an allowed destination fails with ENETUNREACH after the hook let it pass, a
@@ -77,9 +78,24 @@ fn denies(outcome: &Outcome) -> bool {
     matches!(outcome, Outcome::Deny { .. })
 }
 
-fn random_policy(rng: &mut StdRng, allow_loopback: bool) -> PolicyYaml {
+/// How a random policy treats loopback.
+#[derive(Clone, Copy, Debug)]
+enum Loopback {
+    /// `allow_loopback: true` or `false`.
+    Allow(bool),
+    /// `loopback: {ports: [...]}`, some of the ports the ops use.
+    Ports,
+}
+
+fn random_policy(rng: &mut StdRng, loopback: Loopback) -> PolicyYaml {
     let protos: [&[&str]; 5] = [&["tcp"], &["udp"], &["https"], &["dns"], &["tcp", "udp"]];
-    let mut p = PolicyYaml::new().allow_loopback(allow_loopback);
+    let mut p = match loopback {
+        Loopback::Allow(allow) => PolicyYaml::new().allow_loopback(allow),
+        Loopback::Ports => {
+            let ports: Vec<u16> = (1000..1005).filter(|_| rng.random_bool(0.5)).collect();
+            PolicyYaml::new().loopback_ports(if ports.is_empty() { &[1002] } else { &ports })
+        }
+    };
     for _ in 0..rng.random_range(4..14) {
         let cidr = if rng.random_bool(0.65) {
             let len = [16, 22, 24, 30, 32][rng.random_range(0..5)];
@@ -208,13 +224,13 @@ fn seed() -> u64 {
 }
 
 /// The random policy of `round`, written and parsed as the agent will. Loopback is allowed
-/// in the first round and judged by the rules in the second, so that every rule about
-/// loopback peers is reached; the third draws.
+/// in the first round, judged by the rules in the second and allowed at some ports only in
+/// the third, so that every rule about loopback is reached.
 fn round_policy(tb: &Testbed, rng: &mut StdRng, round: usize) -> (PolicyYaml, Policy) {
     let loopback = match round {
-        0 => true,
-        1 => false,
-        _ => rng.random_bool(0.5),
+        0 => Loopback::Allow(true),
+        1 => Loopback::Allow(false),
+        _ => Loopback::Ports,
     };
     let yaml = random_policy(rng, loopback);
     let path = tb.write_policy(&yaml.render()).expect("writing the policy");
