@@ -315,7 +315,6 @@ pub fn route<F: FnOnce() -> bool, A: FnOnce() -> bool>(
     alive: F,
     authorized: A,
 ) -> Step {
-    let source = loopback_source(hook, dst);
     match dns_route(slot, dst, alive, authorized) {
         DnsRoute::Redirect | DnsRoute::RedirectUnauthorized
             if matches!(hook, Hook::Sendmsg6) && dst.is_link_local() =>
@@ -325,16 +324,16 @@ pub fn route<F: FnOnce() -> bool, A: FnOnce() -> bool>(
         DnsRoute::Redirect => Step::Redirect {
             port: slot.dns_port,
             reason: Reason::RedirectDns,
-            source,
+            source: loopback_source(hook, dst),
         },
         DnsRoute::RedirectUnauthorized => Step::Redirect {
             port: slot.dns_port.wrapping_add(DNS_UNAUTHORIZED_PORT_OFFSET),
             reason: Reason::DnsUnauthorizedResolver,
-            source,
+            source: loopback_source(hook, dst),
         },
         DnsRoute::Proxy => Step::Pass {
             reason: Reason::RedirectDns,
-            source,
+            source: loopback_source(hook, dst),
         },
         DnsRoute::ProxyDown => Step::Refuse(Decision::of(Reason::DnsProxyDown, NO_RULE)),
         DnsRoute::OtherProxy => Step::Refuse(Decision::of(Reason::DenyOtherProxy, NO_RULE)),
@@ -382,15 +381,10 @@ pub const fn refusal(hook: Hook, dst: &Dest, decision: Decision) -> Outcome {
 /// fails closed whatever its flags say).
 #[inline(always)]
 pub const fn settle(hook: Hook, slot: &SlotConfig, dst: &Dest, decision: Decision) -> Outcome {
-    let source = if dst.is_loopback() {
-        loopback_source(hook, dst)
-    } else {
-        Source::Keep
-    };
     if decision.allowed() {
         return Outcome::Allow {
             reason: decision.reason,
-            source,
+            source: policy_source(hook, dst),
         };
     }
     let audit = slot.flags & SLOT_AUDIT != 0
@@ -407,9 +401,19 @@ pub const fn settle(hook: Hook, slot: &SlotConfig, dst: &Dest, decision: Decisio
             reason,
             cause,
             rule_id,
-            source,
+            source: policy_source(hook, dst),
         },
         denied => denied,
+    }
+}
+
+/// The source a send the policy lets through gets: a loopback one to loopback.
+#[inline(always)]
+const fn policy_source(hook: Hook, dst: &Dest) -> Source {
+    if dst.is_loopback() {
+        loopback_source(hook, dst)
+    } else {
+        Source::Keep
     }
 }
 

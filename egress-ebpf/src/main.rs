@@ -1,6 +1,7 @@
 //! Entry points only. Every hook reads what it is given, asks the one policy core
 //! (`egress_common::verdict`, `egress_common::packet`, `egress_common::inbound`) and ends in
-//! [`finish::finish`], which counts, reports and returns the verdict.
+//! [`finish::finish`], which counts, reports and returns the verdict (connect and sendmsg do
+//! so in `sockaddr`, once per kind of outcome).
 //!
 //! # Failure table
 //!
@@ -63,25 +64,25 @@ use crate::finish::{ALLOW, Verdict, finish};
 #[cgroup_sock_addr(connect4)]
 pub fn egress_connect4(ctx: SockAddrContext) -> i32 {
     let hook = Hook::Connect4;
-    finish(hook, sockaddr::judge(&ctx, hook, context::dest4(&ctx)))
+    sockaddr::judge(&ctx, hook, context::dest4(&ctx))
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn egress_connect6(ctx: SockAddrContext) -> i32 {
     let hook = Hook::Connect6;
-    finish(hook, sockaddr::judge(&ctx, hook, context::dest6(&ctx)))
+    sockaddr::judge(&ctx, hook, context::dest6(&ctx))
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn egress_sendmsg4(ctx: SockAddrContext) -> i32 {
     let hook = Hook::Sendmsg4;
-    finish(hook, sockaddr::judge(&ctx, hook, context::dest4(&ctx)))
+    sockaddr::judge(&ctx, hook, context::dest4(&ctx))
 }
 
 #[cgroup_sock_addr(sendmsg6)]
 pub fn egress_sendmsg6(ctx: SockAddrContext) -> i32 {
     let hook = Hook::Sendmsg6;
-    finish(hook, sockaddr::judge(&ctx, hook, context::dest6(&ctx)))
+    sockaddr::judge(&ctx, hook, context::dest6(&ctx))
 }
 
 /// Answers from the DNS proxy appear to come from the address the query was sent to, while the

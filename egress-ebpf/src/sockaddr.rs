@@ -9,11 +9,11 @@ use egress_common::{
 };
 
 use crate::events::Attempt;
-use crate::finish::Verdict;
+use crate::finish::{Verdict, finish};
 use crate::{counters, dns, tables};
 
 #[inline(always)]
-pub fn judge(ctx: &SockAddrContext, hook: Hook, dst: Dest) -> Verdict {
+pub fn judge(ctx: &SockAddrContext, hook: Hook, dst: Dest) -> i32 {
     let cfg = match tables::slot_config() {
         Ok(cfg) => cfg,
         Err(reason) => {
@@ -48,16 +48,21 @@ pub fn judge(ctx: &SockAddrContext, hook: Hook, dst: Dest) -> Verdict {
     carry_out(ctx, hook, &dst, outcome)
 }
 
-/// Sets the source the outcome asks for and says how the hook ends.
+/// Sets the source the outcome asks for and ends the hook. `finish` is called in each arm,
+/// with the kind of verdict known there: one merged call would have the verifier walk the
+/// counting and the event for every path that reaches it.
 #[inline(always)]
-fn carry_out(ctx: &SockAddrContext, hook: Hook, dst: &Dest, outcome: Outcome) -> Verdict {
+fn carry_out(ctx: &SockAddrContext, hook: Hook, dst: &Dest, outcome: Outcome) -> i32 {
     match outcome {
         Outcome::Allow { reason, source } => {
             set_source(ctx, hook, source);
-            Verdict::Allow {
-                reason,
-                proto: dst.proto,
-            }
+            finish(
+                hook,
+                Verdict::Allow {
+                    reason,
+                    proto: dst.proto,
+                },
+            )
         }
         Outcome::Audit {
             reason,
@@ -68,7 +73,7 @@ fn carry_out(ctx: &SockAddrContext, hook: Hook, dst: &Dest, outcome: Outcome) ->
             set_source(ctx, hook, source);
             let mut attempt = Attempt::to(dst, reason, rule_id);
             attempt.cause = cause;
-            Verdict::Audit(attempt)
+            finish(hook, Verdict::Audit(attempt))
         }
         Outcome::Deny {
             reason,
@@ -77,7 +82,7 @@ fn carry_out(ctx: &SockAddrContext, hook: Hook, dst: &Dest, outcome: Outcome) ->
         } => {
             let mut attempt = Attempt::to(dst, reason, rule_id);
             attempt.cause = cause;
-            Verdict::Deny(attempt)
+            finish(hook, Verdict::Deny(attempt))
         }
     }
 }
