@@ -96,6 +96,9 @@ fn a_changed_answer_moves_the_allowance_to_the_new_address() {
     let dns = Dnsmasq::start(tb.remote(), remote, &[(NAME, remote)]).expect("dnsmasq");
     let conf = resolv_conf(&tb, remote);
     let policy = PolicyYaml::new().allow_host(NAME, &[8443], &["tcp"]);
+    let sync = tb.sync_dir().unwrap();
+    let before_done = sync.path().join("before-done");
+    let touch = format!("touch {}", before_done.display());
     let run = tb
         .agent(&policy)
         .unwrap()
@@ -108,14 +111,19 @@ fn a_changed_answer_moves_the_allowance_to_the_new_address() {
         .args([
             "send tcp4 198.18.0.2 8443 before",
             "send tcp4 198.18.0.3 8443 before",
+            &touch,
             "sleep 4000",
             "send tcp4 198.18.0.3 8443 after",
             "send tcp4 198.18.0.2 8443 after",
         ]);
     let out = std::thread::scope(|s| {
         let agent = s.spawn(|| run.run_in(tb.client()).unwrap());
-        // Let the agent resolve and the probe make its first attempts, then change the answer.
-        std::thread::sleep(Duration::from_millis(1000));
+        // Once the probe made its first attempts (however long the agent took to start),
+        // change the answer.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !before_done.exists() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
         drop(dns);
         let _dns2 =
             Dnsmasq::start(tb.remote(), remote, &[(NAME, new_addr)]).expect("dnsmasq again");
