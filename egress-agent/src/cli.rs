@@ -183,6 +183,25 @@ pub struct KernelArgs {
     /// everywhere, at a cost per packet (docs/dns.md).
     #[arg(long, value_enum, default_value_t = PacketCheck::Auto)]
     pub packet_check: PacketCheck,
+    #[command(flatten)]
+    pub maps: MapArgs,
+}
+
+/// Map sizes, shared by `exec`, `run`, `learn` and `check`.
+#[derive(Clone, Debug, Default, Args)]
+pub struct MapArgs {
+    /// Create map KIND with N entries instead of its default (repeatable; a policy may use
+    /// half of each map): ports, addresses, prefixes, inbound, rate-limits, resolvers,
+    /// learned. N is 2..=16777216. An instance `run` adopts keeps the sizes it was created
+    /// with (docs/policy.md#limits).
+    #[arg(long = "max-entries", value_name = "KIND=N")]
+    pub max_entries: Vec<egress_policy::capacity::MaxEntries>,
+}
+
+impl MapArgs {
+    pub fn limits(&self) -> egress_policy::capacity::MapLimits {
+        egress_policy::capacity::MapLimits::from_flags(&self.max_entries)
+    }
 }
 
 /// `--mode`: enforce denials (the default), or only report them.
@@ -294,6 +313,8 @@ pub struct CheckArgs {
     /// HOST[:PORT][/PROTO], ADDR[:PORT][/PROTO] or [V6ADDR][:PORT][/PROTO] (repeatable).
     #[arg(long = "explain", value_name = "DEST")]
     pub explain: Vec<String>,
+    #[command(flatten)]
+    pub maps: MapArgs,
 }
 
 /// Telemetry options shared by `exec` and `run`.

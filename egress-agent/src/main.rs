@@ -65,19 +65,21 @@ fn main() -> ExitCode {
                 let _ = writeln!(std::io::stderr(), "{e}");
                 e.exit_code()
             }
-            cli::Command::Check(args) => match check::check(&args.file, &args.names) {
-                Ok(checked) => {
-                    let _ = std::io::stdout().write_all(checked.text.as_bytes());
-                    for w in &checked.warnings {
-                        let _ = writeln!(std::io::stderr(), "{w}");
+            cli::Command::Check(args) => {
+                match check::check(&args.file, &args.names, &args.maps.limits()) {
+                    Ok(checked) => {
+                        let _ = std::io::stdout().write_all(checked.text.as_bytes());
+                        for w in &checked.warnings {
+                            let _ = writeln!(std::io::stderr(), "{w}");
+                        }
+                        explain_or_fail(&args.file, &args.explain, &args.maps.limits())
                     }
-                    explain_or_fail(&args.file, &args.explain)
+                    Err(e) => {
+                        let _ = writeln!(std::io::stderr(), "{}", report::chain(&e));
+                        e.exit_code()
+                    }
                 }
-                Err(e) => {
-                    let _ = writeln!(std::io::stderr(), "{}", report::chain(&e));
-                    e.exit_code()
-                }
-            },
+            }
         }
     });
     ExitCode::from(code)
@@ -94,11 +96,15 @@ fn print_or_fail(r: Result<String, status::StatusError>) -> u8 {
 }
 
 /// `check --explain`: printed after the check's own text.
-fn explain_or_fail(file: &std::path::Path, queries: &[String]) -> u8 {
+fn explain_or_fail(
+    file: &std::path::Path,
+    queries: &[String],
+    limits: &egress_policy::capacity::MapLimits,
+) -> u8 {
     if queries.is_empty() {
         return exit::OK;
     }
-    match explain::explain_file(file, queries) {
+    match explain::explain_file(file, queries, limits) {
         Ok(text) => {
             let _ = std::io::stdout().write_all(text.as_bytes());
             exit::OK

@@ -97,14 +97,22 @@ pub enum Reason {
     /// A packet from a non-loopback peer to a listening TCP socket, allowed by an `inbound`
     /// rule (the SYN and the handshake's last ACK both reach the listener).
     AllowInbound = 30,
+    /// A packet the per-packet checks cannot read: shorter than its IP header (or its IPv6
+    /// header chain), or neither IPv4 nor IPv6. Dropped on the way out (hook `skb_egress`) or
+    /// in to a listening socket (`skb_ingress`): where it would go, or who sent it, cannot
+    /// be judged. Only a raw socket can send one (see `egress_common::packet`).
+    DenyPacketUnreadable = 31,
+    /// A loopback destination at a TCP or UDP port the policy's `loopback.ports` does not
+    /// list.
+    DenyLoopbackPort = 32,
 }
 
 /// Room for more reasons without a layout change of the counter map: the lower half counts
 /// decisions as made, the upper half ([`AUDIT_REASON_OFFSET`] and above) the denials that audit
 /// mode let through, by the reason they would have been refused for.
-pub const NUM_REASONS: u32 = 64;
+pub const NUM_REASONS: u32 = 96;
 /// Where the audited counters of a reason start within a slot's block.
-pub const AUDIT_REASON_OFFSET: u32 = 32;
+pub const AUDIT_REASON_OFFSET: u32 = 48;
 pub const NUM_PROTOS: u32 = 3;
 /// One block of counters per slot, plus a last block for programs whose slot is out of range
 /// (a load error that the kernel side still has to count).
@@ -113,7 +121,7 @@ pub const NUM_COUNTERS: u32 = (MAX_SLOTS + 1) * NUM_REASONS * NUM_PROTOS;
 pub const INVALID_SLOT_BLOCK: u32 = MAX_SLOTS;
 
 impl Reason {
-    pub const ALL: [Reason; 31] = [
+    pub const ALL: [Reason; 33] = [
         Reason::AllowRule,
         Reason::AllowLoopback,
         Reason::AllowSocket,
@@ -145,6 +153,8 @@ impl Reason {
         Reason::DnsUnauthorizedResolver,
         Reason::DenyInbound,
         Reason::AllowInbound,
+        Reason::DenyPacketUnreadable,
+        Reason::DenyLoopbackPort,
     ];
 
     #[inline(always)]
@@ -196,6 +206,8 @@ impl Reason {
             Reason::DnsUnauthorizedResolver => "dns_unauthorized_resolver",
             Reason::DenyInbound => "inbound_refused",
             Reason::AllowInbound => "inbound_allowed",
+            Reason::DenyPacketUnreadable => "packet_unreadable",
+            Reason::DenyLoopbackPort => "loopback_port_not_allowed",
         }
     }
 }

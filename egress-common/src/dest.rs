@@ -98,6 +98,22 @@ impl Dest {
         matches!(self.family, Family::V6) && self.addr[0] == 0xfe && self.addr[1] & 0xc0 == 0x80
     }
 
+    /// Exactly `::1`.
+    #[inline(always)]
+    pub const fn is_ipv6_localhost(&self) -> bool {
+        if !matches!(self.family, Family::V6) {
+            return false;
+        }
+        let mut i = 0;
+        while i < 15 {
+            if self.addr[i] != 0 {
+                return false;
+            }
+            i += 1;
+        }
+        self.addr[15] == 1
+    }
+
     /// Whether this destination reaches the local host through loopback: 127.0.0.0/8, ::1,
     /// and the unspecified addresses 0.0.0.0 and ::, which Linux connects to loopback.
     #[inline(always)]

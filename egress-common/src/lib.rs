@@ -10,6 +10,7 @@ pub mod dest;
 pub mod events;
 pub mod inbound;
 pub mod maps;
+pub mod packet;
 pub mod ratelimit;
 pub mod verdict;
 
@@ -21,4 +22,4 @@ pub use verdict::{Decision, Tables, decide};
 
 /// Version of the map layout. Part of every pin path, so that an agent never reuses maps it
 /// cannot read.
-pub const LAYOUT_VERSION: u32 = 4;
+pub const LAYOUT_VERSION: u32 = 5;

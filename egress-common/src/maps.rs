@@ -86,9 +86,28 @@ pub struct SlotConfig {
     /// namespace, host order; 0: no proxy, port 53 is judged like any other port.
     pub dns_port: u16,
     pub _pad: u16,
+    /// With [`SLOT_LOOPBACK_PORTS`]: the only TCP and UDP ports loopback destinations may
+    /// have (`loopback.ports`), host order; 0 marks an unused entry.
+    pub loopback_ports: [u16; MAX_LOOPBACK_PORTS],
 }
 
+/// How many ports `loopback.ports` may list.
+pub const MAX_LOOPBACK_PORTS: usize = 16;
+
 impl SlotConfig {
+    /// Whether `port` is one of the slot's loopback ports.
+    #[inline(always)]
+    pub const fn loopback_port(&self, port: u16) -> bool {
+        let mut i = 0;
+        while i < MAX_LOOPBACK_PORTS {
+            if self.loopback_ports[i] != 0 && self.loopback_ports[i] == port {
+                return true;
+            }
+            i += 1;
+        }
+        false
+    }
+
     /// Whether `dst` is this slot's start-up probe.
     #[inline(always)]
     pub fn is_probe(&self, dst: &Dest) -> bool {
@@ -136,6 +155,11 @@ pub const SLOT_DNS_RESOLVERS: u32 = 1 << 4;
 /// enforced: what they refuse would be invisible to the hooks, or would let the workload
 /// reach past its own DNS proxy.
 pub const SLOT_AUDIT: u32 = 1 << 5;
+
+/// `loopback: {ports: [...]}`: loopback destinations are allowed only to the TCP and UDP
+/// ports in [`SlotConfig::loopback_ports`], and denied with
+/// [`crate::Reason::DenyLoopbackPort`] at any other.
+pub const SLOT_LOOPBACK_PORTS: u32 = 1 << 6;
 
 /// Where a redirected DNS query was addressed, and who sent it.
 #[repr(C)]
@@ -328,7 +352,7 @@ impl PortKey {
 }
 
 const _: () = {
-    assert!(core::mem::size_of::<SlotConfig>() == 36);
+    assert!(core::mem::size_of::<SlotConfig>() == 68);
     assert!(core::mem::size_of::<DnsOrigin>() == 44);
     assert!(core::mem::size_of::<ResolverKey>() == 24);
     assert!(core::mem::size_of::<RuleKey>() == 24);

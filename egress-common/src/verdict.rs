@@ -1,12 +1,12 @@
 //! The policy core: one decision, shared by every hook and by the agent's table checks.
 
-use crate::counters::Reason;
+use crate::counters::{Hook, Reason};
 use crate::dest::{Dest, Family, Proto};
 use crate::maps::{
     ACTION_ALLOW, DNS_PORT, DNS_PROXY_PORT_FIRST, DNS_PROXY_RANGE_LAST,
     DNS_UNAUTHORIZED_PORT_OFFSET, DOT_PORT, MAX_EXPIRED_SKIPS, PortKey, RULE_DOH_BIT,
-    RULE_KEY_FIXED_BITS, RuleKey, RuleValue, SLOT_ALLOW_LOOPBACK, SLOT_BLOCK_DOT,
-    SLOT_DNS_RESOLVERS, SlotConfig, address_bits,
+    RULE_KEY_FIXED_BITS, RuleKey, RuleValue, SLOT_ALLOW_LOOPBACK, SLOT_AUDIT, SLOT_BLOCK_DOT,
+    SLOT_DNS_RESOLVERS, SLOT_LOOPBACK_PORTS, SlotConfig, address_bits,
 };
 
 /// Lookups the decision needs. The kernel implements it over BPF maps, the agent over the
@@ -80,7 +80,8 @@ impl Decision {
 /// Judges one destination under one slot's configuration.
 ///
 /// Order: no policy -> deny; loopback (when the policy leaves it out of scope) -> allow;
-/// protocol that no rule can name -> deny; DNS over TLS when blocked -> deny; longest prefix:
+/// protocol that no rule can name -> deny; loopback under `loopback.ports` -> allow at a listed
+/// port, deny at any other; DNS over TLS when blocked -> deny; longest prefix:
 /// deny entry -> deny, allow entry whose port set holds (protocol, port) -> allow; otherwise an
 /// address learned from DNS whose port set holds it -> allow; anything else -> deny. Deny entries win over allow
 /// entries because the compiler never lets an allow prefix shadow a covering deny.
@@ -96,6 +97,13 @@ pub fn decide<T: Tables>(tables: &T, slot: &SlotConfig, dst: &Dest) -> Decision 
     }
     if let Proto::Other = dst.proto {
         return Decision::of(Reason::DenyProtocol, NO_RULE);
+    }
+    if loopback && slot.flags & SLOT_LOOPBACK_PORTS != 0 {
+        return if slot.loopback_port(dst.port) {
+            Decision::of(Reason::AllowLoopback, NO_RULE)
+        } else {
+            Decision::of(Reason::DenyLoopbackPort, NO_RULE)
+        };
     }
     if dst.port == DOT_PORT && slot.flags & SLOT_BLOCK_DOT != 0 {
         return Decision::of(Reason::DenyDot, NO_RULE);
@@ -230,6 +238,197 @@ pub fn dns_route<F: FnOnce() -> bool, A: FnOnce() -> bool>(
     DnsRoute::Judge
 }
 
+/// The source address a send must leave with. Only the send hooks can set one; connects need
+/// none, since the options that bind a socket to a device are refused at setsockopt.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// The kernel chooses.
+    Keep,
+    /// 127.0.0.1 (sendmsg4): the kernel refuses to send from it out of any device but
+    /// loopback, whatever interface ancillary data names.
+    Loopback4,
+    /// ::1 (sendmsg6), likewise.
+    Loopback6,
+}
+
+/// The source a send to loopback (or to the proxy on loopback) gets from `hook`. sendmsg6 sees
+/// IPv6 destinations (mapped ones run sendmsg4): a mapped one there would need an IPv4
+/// source, so it is left alone.
+#[inline(always)]
+pub const fn loopback_source(hook: Hook, dst: &Dest) -> Source {
+    match (hook, dst.family) {
+        (Hook::Sendmsg4, _) => Source::Loopback4,
+        (Hook::Sendmsg6, Family::V6) => Source::Loopback6,
+        _ => Source::Keep,
+    }
+}
+
+/// What a connect or sendmsg hook does before, or instead of, asking the policy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Let through, counted under `reason`, from `source`.
+    Pass { reason: Reason, source: Source },
+    /// Rewritten to the slot's DNS proxy on loopback at `port`, then let through, counted
+    /// under `reason`, from `source`.
+    Redirect {
+        port: u16,
+        reason: Reason,
+        source: Source,
+    },
+    /// Refused by a guard of the DNS proxy or of the send rules: never audited.
+    Refuse(Decision),
+    /// The policy decides; [`settle`] says what its decision means for the hook.
+    Judge,
+}
+
+/// A send hook called without an address: a send on a connected socket with ancillary data
+/// (the kernel then hands the hooks AF_UNSPEC). The connect was judged. A loopback peer (the
+/// proxy, say) keeps a loopback source over IPv4, which no interface named in the data can
+/// take off the host; IPv6 has no such rule, so there the send is refused. A connect hook
+/// never runs without an address: should one, it is refused.
+#[inline(always)]
+pub const fn connected_send(hook: Hook, peer_loopback: bool) -> Step {
+    match hook {
+        Hook::Sendmsg4 | Hook::Sendmsg6 if !peer_loopback => Step::Pass {
+            reason: Reason::AllowConnected,
+            source: Source::Keep,
+        },
+        Hook::Sendmsg4 => Step::Pass {
+            reason: Reason::AllowConnected,
+            source: Source::Loopback4,
+        },
+        Hook::Sendmsg6 => Step::Refuse(Decision::of(Reason::DenyLoopbackAncillary, NO_RULE)),
+        _ => Step::Refuse(Decision::of(Reason::DenyInternal, NO_RULE)),
+    }
+}
+
+/// The step for a destination a connect or sendmsg names: the DNS redirect and its guards
+/// ([`dns_route`]), else the policy. A DNS query over sendmsg6 to a link-local resolver is
+/// refused: its scope id would take even the redirected query out of that interface. A query
+/// to a resolver the slot does not authorize goes to the proxy's second port, which answers it
+/// by the policy all the same and reports it.
+#[inline(always)]
+pub fn route<F: FnOnce() -> bool, A: FnOnce() -> bool>(
+    hook: Hook,
+    slot: &SlotConfig,
+    dst: &Dest,
+    alive: F,
+    authorized: A,
+) -> Step {
+    match dns_route(slot, dst, alive, authorized) {
+        DnsRoute::Redirect | DnsRoute::RedirectUnauthorized
+            if matches!(hook, Hook::Sendmsg6) && dst.is_link_local() =>
+        {
+            Step::Refuse(Decision::of(Reason::DenyDnsLinkLocal, NO_RULE))
+        }
+        DnsRoute::Redirect => Step::Redirect {
+            port: slot.dns_port,
+            reason: Reason::RedirectDns,
+            source: loopback_source(hook, dst),
+        },
+        DnsRoute::RedirectUnauthorized => Step::Redirect {
+            port: slot.dns_port.wrapping_add(DNS_UNAUTHORIZED_PORT_OFFSET),
+            reason: Reason::DnsUnauthorizedResolver,
+            source: loopback_source(hook, dst),
+        },
+        DnsRoute::Proxy => Step::Pass {
+            reason: Reason::RedirectDns,
+            source: loopback_source(hook, dst),
+        },
+        DnsRoute::ProxyDown => Step::Refuse(Decision::of(Reason::DnsProxyDown, NO_RULE)),
+        DnsRoute::OtherProxy => Step::Refuse(Decision::of(Reason::DenyOtherProxy, NO_RULE)),
+        DnsRoute::Judge => Step::Judge,
+    }
+}
+
+/// What a connect or sendmsg hook ends with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Let through, counted under `reason`, from `source`.
+    Allow { reason: Reason, source: Source },
+    /// Denied by the policy and let through by audit mode: counted as audited under `reason`
+    /// and reported with the policy's `cause`.
+    Audit {
+        reason: Reason,
+        cause: Reason,
+        rule_id: u32,
+        source: Source,
+    },
+    /// Refused, counted under `reason` and reported with the policy's `cause` (see
+    /// [`classify_denial`]).
+    Deny {
+        reason: Reason,
+        cause: Reason,
+        rule_id: u32,
+    },
+}
+
+/// A refusal by `hook`, classified (a UDP connect carries no data).
+#[inline(always)]
+pub const fn refusal(hook: Hook, dst: &Dest, decision: Decision) -> Outcome {
+    let connect = matches!(hook, Hook::Connect4 | Hook::Connect6);
+    let (reason, cause) = classify_denial(connect, dst, decision.reason);
+    Outcome::Deny {
+        reason,
+        cause,
+        rule_id: decision.rule_id,
+    }
+}
+
+/// What the policy's `decision` about `dst` means for `hook` under `slot`: an allowed
+/// loopback send gets a loopback source; audit mode lets a denial through, except the
+/// start-up probe (which proves enforcement is attached) and a slot without a policy (which
+/// fails closed whatever its flags say).
+#[inline(always)]
+pub const fn settle(hook: Hook, slot: &SlotConfig, dst: &Dest, decision: Decision) -> Outcome {
+    if decision.allowed() {
+        return Outcome::Allow {
+            reason: decision.reason,
+            source: policy_source(hook, dst),
+        };
+    }
+    let audit = slot.flags & SLOT_AUDIT != 0
+        && !matches!(
+            decision.reason,
+            Reason::StartupProbe | Reason::DenyNoPolicy | Reason::DenyInternal
+        );
+    match refusal(hook, dst, decision) {
+        Outcome::Deny {
+            reason,
+            cause,
+            rule_id,
+        } if audit => Outcome::Audit {
+            reason,
+            cause,
+            rule_id,
+            source: policy_source(hook, dst),
+        },
+        denied => denied,
+    }
+}
+
+/// The source a send the policy lets through gets: a loopback one to loopback.
+#[inline(always)]
+const fn policy_source(hook: Hook, dst: &Dest) -> Source {
+    if dst.is_loopback() {
+        loopback_source(hook, dst)
+    } else {
+        Source::Keep
+    }
+}
+
+/// The outcome of a step that did not ask the policy.
+#[inline(always)]
+pub const fn conclude(hook: Hook, dst: &Dest, step: Step) -> Option<Outcome> {
+    match step {
+        Step::Pass { reason, source } | Step::Redirect { reason, source, .. } => {
+            Some(Outcome::Allow { reason, source })
+        }
+        Step::Refuse(decision) => Some(refusal(hook, dst, decision)),
+        Step::Judge => None,
+    }
+}
+
 /// 127.0.0.1 (a mapped ::ffff:127.0.0.1 arrives canonical) or ::1.
 #[inline(always)]
 fn is_proxy_address(dst: &Dest) -> bool {
@@ -237,16 +436,7 @@ fn is_proxy_address(dst: &Dest) -> bool {
         Family::V4 => {
             dst.addr[0] == 127 && dst.addr[1] == 0 && dst.addr[2] == 0 && dst.addr[3] == 1
         }
-        Family::V6 => {
-            let mut i = 0;
-            while i < 15 {
-                if dst.addr[i] != 0 {
-                    return false;
-                }
-                i += 1;
-            }
-            dst.addr[15] == 1
-        }
+        Family::V6 => dst.is_ipv6_localhost(),
     }
 }
 
@@ -269,183 +459,5 @@ const fn loopback_spelling(dst: &Dest) -> Dest {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn slot(dns_port: u16) -> SlotConfig {
-        SlotConfig {
-            policy_id: 1,
-            dns_port,
-            ..SlotConfig::default()
-        }
-    }
-
-    #[test]
-    fn only_udp_connects_are_classified_as_carrying_no_data() {
-        let udp = Dest::v4([198, 18, 0, 2], 443, Proto::Udp);
-        let tcp = Dest::v4([198, 18, 0, 2], 443, Proto::Tcp);
-        assert_eq!(
-            classify_denial(true, &udp, Reason::DenyPort),
-            (Reason::UdpConnectRefused, Reason::DenyPort)
-        );
-        assert_eq!(
-            classify_denial(false, &udp, Reason::DenyPort),
-            (Reason::DenyPort, Reason::DenyPort)
-        );
-        assert_eq!(
-            classify_denial(true, &tcp, Reason::DenyNoRule),
-            (Reason::DenyNoRule, Reason::DenyNoRule)
-        );
-        assert_eq!(
-            classify_denial(true, &udp, Reason::StartupProbe),
-            (Reason::StartupProbe, Reason::StartupProbe)
-        );
-    }
-
-    #[test]
-    fn every_port_53_destination_goes_to_the_proxy_while_it_is_alive() {
-        let s = slot(707);
-        for dst in [
-            Dest::v4([198, 18, 0, 2], 53, Proto::Udp),
-            Dest::v4([127, 0, 0, 53], 53, Proto::Udp),
-            Dest::v4([8, 8, 8, 8], 53, Proto::Tcp),
-            Dest::v6(
-                [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1],
-                53,
-                Proto::Udp,
-            ),
-        ] {
-            assert_eq!(
-                dns_route(&s, &dst, || true, || true),
-                DnsRoute::Redirect,
-                "{dst:?}"
-            );
-            assert_eq!(
-                dns_route(&s, &dst, || false, || true),
-                DnsRoute::ProxyDown,
-                "{dst:?}"
-            );
-            assert_eq!(
-                dns_route(&slot(0), &dst, || true, || true),
-                DnsRoute::Judge,
-                "no proxy: {dst:?}"
-            );
-        }
-        let judged = |d: Dest| {
-            dns_route(
-                &s,
-                &d,
-                || panic!("the clock is read only for DNS"),
-                || panic!("resolvers are looked up only for DNS"),
-            )
-        };
-        assert_eq!(
-            judged(Dest::v4([8, 8, 8, 8], 853, Proto::Tcp)),
-            DnsRoute::Judge
-        );
-        assert_eq!(
-            judged(Dest::v4([8, 8, 8, 8], 53, Proto::Other)),
-            DnsRoute::Judge
-        );
-        let no_policy = SlotConfig { policy_id: 0, ..s };
-        assert_eq!(
-            dns_route(
-                &no_policy,
-                &Dest::v4([8, 8, 8, 8], 53, Proto::Udp),
-                || true,
-                || true
-            ),
-            DnsRoute::Judge
-        );
-    }
-
-    #[test]
-    fn queries_to_unauthorized_resolvers_are_told_apart_only_when_the_slot_asks() {
-        let dst = Dest::v4([203, 0, 113, 9], 53, Proto::Udp);
-        let plain = slot(707);
-        assert_eq!(
-            dns_route(&plain, &dst, || true, || panic!("no resolver check")),
-            DnsRoute::Redirect
-        );
-        let checked = SlotConfig {
-            flags: SLOT_DNS_RESOLVERS,
-            ..plain
-        };
-        assert_eq!(
-            dns_route(&checked, &dst, || true, || false),
-            DnsRoute::RedirectUnauthorized
-        );
-        assert_eq!(
-            dns_route(&checked, &dst, || true, || true),
-            DnsRoute::Redirect
-        );
-        assert_eq!(
-            dns_route(&checked, &dst, || false, || false),
-            DnsRoute::ProxyDown
-        );
-        // A local stub resolver is the host's own: its queries are not flagged.
-        assert_eq!(
-            dns_route(
-                &checked,
-                &Dest::v4([127, 0, 0, 53], 53, Proto::Udp),
-                || true,
-                || panic!("loopback needs no lookup")
-            ),
-            DnsRoute::Redirect
-        );
-    }
-
-    #[test]
-    fn only_the_own_proxy_passes_and_other_proxies_ports_are_refused() {
-        let s = slot(707);
-        let mut v6 = [0u8; 16];
-        v6[15] = 1;
-        let route = |d: Dest| dns_route(&s, &d, || true, || true);
-        assert_eq!(
-            route(Dest::v4([127, 0, 0, 1], 707, Proto::Udp)),
-            DnsRoute::Proxy
-        );
-        assert_eq!(route(Dest::v6(v6, 707, Proto::Tcp)), DnsRoute::Proxy);
-        assert_eq!(
-            dns_route(
-                &s,
-                &Dest::v4([127, 0, 0, 1], 707, Proto::Udp),
-                || false,
-                || true
-            ),
-            DnsRoute::ProxyDown
-        );
-        assert_eq!(
-            route(Dest::v4([127, 0, 0, 1], 807, Proto::Udp)),
-            DnsRoute::Proxy,
-            "the proxy's second port is its own too"
-        );
-        for port in [700, 708, 799, 800, 808, 899] {
-            assert_eq!(
-                route(Dest::v4([127, 0, 0, 1], port, Proto::Udp)),
-                DnsRoute::OtherProxy
-            );
-            assert_eq!(
-                route(Dest::v4([127, 0, 0, 2], port, Proto::Tcp)),
-                DnsRoute::OtherProxy
-            );
-            assert_eq!(route(Dest::v6(v6, port, Proto::Tcp)), DnsRoute::OtherProxy);
-        }
-        assert_eq!(
-            route(Dest::v4([127, 0, 0, 2], 707, Proto::Udp)),
-            DnsRoute::OtherProxy
-        );
-        assert_eq!(
-            route(Dest::v4([127, 0, 0, 1], 699, Proto::Udp)),
-            DnsRoute::Judge
-        );
-        assert_eq!(
-            route(Dest::v4([127, 0, 0, 1], 900, Proto::Udp)),
-            DnsRoute::Judge
-        );
-        assert_eq!(
-            route(Dest::v4([198, 18, 0, 2], 707, Proto::Udp)),
-            DnsRoute::Judge
-        );
-    }
-}
+#[path = "verdict_tests.rs"]
+mod tests;

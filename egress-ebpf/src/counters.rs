@@ -1,21 +1,11 @@
 //! Per-CPU verdict counters: exact, and independent of any event delivery.
 
-use aya_ebpf::{macros::map, maps::PerCpuArray};
 use egress_common::{
     Decision, Proto, Reason,
-    counters::{
-        NUM_COUNTERS, NUM_RULE_COUNTERS, RuleCount, counter_index, counter_index_audit,
-        rule_counter_index,
-    },
+    counters::{RuleCount, counter_index, counter_index_audit, rule_counter_index},
 };
 
-use crate::tables::slot;
-
-#[map(name = "EGRESS_COUNTERS")]
-static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(NUM_COUNTERS, 0);
-
-#[map(name = "EGRESS_RULE_COUNTERS")]
-static RULE_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(NUM_RULE_COUNTERS, 0);
+use crate::maps::{COUNTERS, RULE_COUNTERS, slot};
 
 #[inline(always)]
 pub fn count(reason: Reason, proto: Proto) {

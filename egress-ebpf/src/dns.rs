@@ -7,42 +7,29 @@ use aya_ebpf::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
         generated::{bpf_get_socket_cookie, bpf_ktime_get_boot_ns},
     },
-    macros::map,
-    maps::{Array, HashMap, LruHashMap},
     programs::SockAddrContext,
 };
 use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 use egress_common::{
     Dest, Family,
-    maps::{
-        DNS_UNAUTHORIZED_PORT_OFFSET, DnsOrigin, MAX_DNS_ORIGINS, MAX_DNS_RESOLVERS, MAX_SLOTS,
-        ResolverKey,
-    },
+    maps::{DNS_UNAUTHORIZED_PORT_OFFSET, DnsOrigin, ResolverKey},
 };
 
-#[map(name = "EGRESS_DNS_ORIGIN")]
-static ORIGINS: LruHashMap<u64, DnsOrigin> = LruHashMap::with_max_entries(MAX_DNS_ORIGINS, 0);
-
-#[map(name = "EGRESS_DNS_RESOLVERS")]
-static RESOLVERS: HashMap<ResolverKey, u32> =
-    HashMap::with_max_entries(MAX_DNS_RESOLVERS, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
+use crate::maps::{DNS_ALIVE as ALIVE, DNS_ORIGINS as ORIGINS, DNS_RESOLVERS as RESOLVERS, slot};
 
 /// Whether the slot authorizes queries addressed to `dst`'s address.
 #[inline(always)]
 pub fn authorized(dst: &Dest) -> bool {
-    let key = ResolverKey::for_dest(crate::tables::slot(), dst);
+    let key = ResolverKey::for_dest(slot(), dst);
     // SAFETY: only presence is read.
     unsafe { RESOLVERS.get(key) }.is_some()
 }
-
-#[map(name = "EGRESS_DNS_ALIVE")]
-static ALIVE: Array<u32> = Array::with_max_entries(MAX_SLOTS, 0);
 
 /// Whether the slot's proxy was alive within its last renewal (the agent renews the deadline
 /// every second; a stopped agent lets it lapse within seconds, or clears it on the way out).
 #[inline(always)]
 pub fn alive() -> bool {
-    let Some(until) = ALIVE.get(crate::tables::slot()) else {
+    let Some(until) = ALIVE.get(slot()) else {
         return false;
     };
     // SAFETY: reads the clock; available to every program type.
@@ -226,9 +213,26 @@ fn proxy_port(port: u16, proxy: u16) -> bool {
     proxy != 0 && (port == proxy || port == proxy.wrapping_add(DNS_UNAUTHORIZED_PORT_OFFSET))
 }
 
+/// recvmsg/getpeername: while the slot's proxy is alive, an address that is the proxy's
+/// becomes the one queried. Nothing to do without a slot, a proxy, or a live proxy.
+#[inline(always)]
+pub fn restore(ctx: &SockAddrContext, v6: bool) {
+    let Ok(cfg) = crate::tables::slot_config() else {
+        return;
+    };
+    if cfg.dns_port == 0 || !alive() {
+        return;
+    }
+    if v6 {
+        restore6(ctx, cfg.dns_port);
+    } else {
+        restore4(ctx, cfg.dns_port);
+    }
+}
+
 /// recvmsg4/getpeername4: an address that is the proxy's becomes the one queried.
 #[inline(always)]
-pub fn restore4(ctx: &SockAddrContext, proxy: u16) {
+fn restore4(ctx: &SockAddrContext, proxy: u16) {
     if !proxy_port(read_port(ctx), proxy) {
         return;
     }
@@ -258,7 +262,7 @@ pub fn restore4(ctx: &SockAddrContext, proxy: u16) {
 
 /// recvmsg6/getpeername6: as [`restore4`], for [::1] and ::ffff:127.0.0.1.
 #[inline(always)]
-pub fn restore6(ctx: &SockAddrContext, proxy: u16) {
+fn restore6(ctx: &SockAddrContext, proxy: u16) {
     if !proxy_port(read_port(ctx), proxy) {
         return;
     }

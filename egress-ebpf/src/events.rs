@@ -1,25 +1,23 @@
 //! Reporting denied attempts to the agent. Separate from the decision: a full ring buffer
 //! changes nothing but the lost-events count.
 
-use aya_ebpf::{
-    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid},
-    macros::map,
-    maps::{PerCpuArray, RingBuf},
-};
-use egress_common::{
-    Dest, Event, Hook, Proto, Reason,
-    events::{EVENTS_RING_BYTES, VERDICT_DENY},
-};
+use aya_ebpf::helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid};
+use egress_common::{Dest, Event, Hook, Proto, Reason, events::VERDICT_DENY, verdict::NO_RULE};
 
-#[map(name = "EGRESS_EVENTS")]
-static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_RING_BYTES, 0);
+use crate::maps::{EVENTS, EVENTS_LOST};
 
-#[map(name = "EGRESS_EVENTS_LOST")]
-static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+/// Whom the event names.
+#[derive(Clone, Copy)]
+pub enum Owner {
+    /// The current task: the attempt was made in its context.
+    Task,
+    /// A socket's owner `uid` and `cgroup_id`, for a packet seen outside the context of the
+    /// workload's tasks (no process: pid, gid and comm zero).
+    Socket { uid: u32, cgroup_id: u64 },
+}
 
-/// What the event says beyond who made the attempt.
+/// What the event says beyond the hook.
 pub struct Attempt {
-    pub hook: Hook,
     pub reason: Reason,
     /// The policy's reason behind a classified `reason` (see `classify_denial`).
     pub cause: Reason,
@@ -32,13 +30,14 @@ pub struct Attempt {
     pub sock_protocol: u32,
     /// `VERDICT_DENY`, or `VERDICT_AUDIT` for a denial audit mode let through.
     pub verdict: u8,
+    pub owner: Owner,
 }
 
 impl Attempt {
+    /// An attempt to `dst`, denied with `reason` by rule `rule_id`, by the current task.
     #[inline(always)]
-    pub fn to(hook: Hook, dst: &Dest, reason: Reason, rule_id: u32) -> Self {
+    pub fn to(dst: &Dest, reason: Reason, rule_id: u32) -> Self {
         Attempt {
-            hook,
             reason,
             cause: reason,
             rule_id,
@@ -49,6 +48,16 @@ impl Attempt {
             sock_type: 0,
             sock_protocol: 0,
             verdict: VERDICT_DENY,
+            owner: Owner::Task,
+        }
+    }
+
+    /// An attempt that names no destination (socket creation, socket options).
+    #[inline(always)]
+    pub fn nowhere(reason: Reason, proto: Proto) -> Self {
+        Attempt {
+            family: 0,
+            ..Attempt::to(&Dest::v4([0; 4], 0, proto), reason, NO_RULE)
         }
     }
 }
@@ -62,40 +71,28 @@ struct Who {
 }
 
 #[inline(always)]
-pub fn emit(slot: u32, a: &Attempt) {
-    // SAFETY: these helpers are available to cgroup sock and sock_addr programs and only
-    // read the current task.
-    let cgroup_id = unsafe { aya_ebpf::helpers::generated::bpf_get_current_cgroup_id() };
-    write(
-        slot,
-        a,
-        Who {
-            cgroup_id,
+pub fn emit(slot: u32, hook: Hook, a: &Attempt) {
+    let who = match a.owner {
+        Owner::Task => Who {
+            // SAFETY: these helpers are available to cgroup sock and sock_addr programs and
+            // only read the current task.
+            cgroup_id: unsafe { aya_ebpf::helpers::generated::bpf_get_current_cgroup_id() },
             pid_tgid: bpf_get_current_pid_tgid(),
             uid_gid: bpf_get_current_uid_gid(),
             comm: bpf_get_current_comm().unwrap_or([0; 16]),
         },
-    );
-}
-
-/// As [`emit`], for a packet seen outside the context of the workload's tasks: the event
-/// names the socket's owner `uid` and `cgroup_id`, and no process (pid, gid and comm zero).
-#[inline(always)]
-pub fn emit_for_socket(slot: u32, a: &Attempt, uid: u32, cgroup_id: u64) {
-    write(
-        slot,
-        a,
-        Who {
+        Owner::Socket { uid, cgroup_id } => Who {
             cgroup_id,
             pid_tgid: 0,
             uid_gid: u64::from(uid),
             comm: [0; 16],
         },
-    );
+    };
+    write(slot, hook, a, who);
 }
 
 #[inline(always)]
-fn write(slot: u32, a: &Attempt, who: Who) {
+fn write(slot: u32, hook: Hook, a: &Attempt, who: Who) {
     let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
         lost();
         return;
@@ -112,7 +109,7 @@ fn write(slot: u32, a: &Attempt, who: Who) {
         port: a.port,
         family: a.family,
         proto: a.proto as u8,
-        hook: a.hook as u8,
+        hook: hook as u8,
         verdict: a.verdict,
         _pad: [0; 2],
         reason: a.reason as u32,
@@ -127,7 +124,7 @@ fn write(slot: u32, a: &Attempt, who: Who) {
 
 #[inline(always)]
 fn lost() {
-    if let Some(p) = LOST.get_ptr_mut(0) {
+    if let Some(p) = EVENTS_LOST.get_ptr_mut(0) {
         // SAFETY: this CPU's slot of a per-CPU array.
         unsafe { *p += 1 };
     }

@@ -5,21 +5,18 @@
 
 use aya_ebpf::{
     helpers::generated::{bpf_get_socket_uid, bpf_skb_cgroup_id},
-    macros::map,
-    maps::{LpmTrie, lpm_trie::Key},
+    maps::lpm_trie::Key,
     programs::SkBuffContext,
 };
 use egress_common::{
-    Decision, Dest, Proto,
-    inbound::{InboundKey, InboundTables, InboundValue, MAX_INBOUND, TCP_LISTEN, decide_inbound},
+    Decision, Dest, Proto, Reason,
+    inbound::{InboundKey, InboundTables, InboundValue, TCP_LISTEN, decide_inbound},
+    packet::listener_peer,
+    verdict::NO_RULE,
 };
 
-#[map(name = "EGRESS_INBOUND")]
-static INBOUND: LpmTrie<InboundKey, InboundValue> = LpmTrie::with_max_entries(MAX_INBOUND, 0);
-
-/// EtherTypes in `skb->protocol`.
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86dd;
+use crate::backstop::{Skb, protocol};
+use crate::maps::INBOUND;
 
 struct Maps;
 
@@ -33,7 +30,8 @@ impl InboundTables for Maps {
 /// What was decided about a packet to a listener, and what to report.
 pub struct Judged {
     pub decision: Decision,
-    /// The peer, with the local (listening) port as its port.
+    /// The peer, with the local (listening) port as its port (the unspecified address when
+    /// the packet's source cannot be read).
     pub peer: Dest,
 }
 
@@ -45,8 +43,10 @@ pub fn check(ctx: &SkBuffContext) -> Option<Judged> {
     let sk = unsafe {
         core::ptr::read_volatile(core::ptr::addr_of!((*ctx.skb.skb).__bindgen_anon_2.sk))
     };
+    // The kernel runs ingress programs for the socket that receives the packet (its cgroup is
+    // how this program was found), so `sk` is never null; if it were, nothing could be judged.
     if sk.is_null() {
-        return None;
+        return Some(unreadable(0));
     }
     // SAFETY: `state` and `src_port` are sock_common fields, readable from the socket the
     // context names (the listener itself for a packet to a listening socket).
@@ -57,28 +57,30 @@ pub fn check(ctx: &SkBuffContext) -> Option<Judged> {
     // SAFETY: as above; src_port is the local port in host byte order.
     let local_port = unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*sk).src_port)) };
     let local_port = local_port as u16;
-    let protocol = u16::from_be(ctx.skb.protocol() as u16);
-    let peer = match protocol {
-        ETH_P_IP => match ctx.load::<[u8; 4]>(12) {
-            Ok(src) => Dest::v4(src, local_port, Proto::Tcp),
-            // Too short for its header: judged as the unspecified peer, which only a rule
-            // covering every address allows.
-            Err(_) => Dest::v4([0; 4], local_port, Proto::Tcp),
-        },
-        ETH_P_IPV6 => match ctx.load::<[u8; 16]>(8) {
-            Ok(src) => Dest::v6(src, local_port, Proto::Tcp),
-            Err(_) => Dest::v6([0; 16], local_port, Proto::Tcp),
-        },
-        _ => Dest::v4([0; 4], local_port, Proto::Tcp),
+    let peer = match listener_peer(&Skb(ctx), protocol(ctx), local_port) {
+        Ok(peer) => peer,
+        Err(_) => return Some(unreadable(local_port)),
     };
     let decision = match crate::tables::slot_config() {
         Ok(cfg) => decide_inbound(&Maps, cfg.policy_id, &peer),
         Err(reason) => Decision {
             reason,
-            rule_id: egress_common::verdict::NO_RULE,
+            rule_id: NO_RULE,
         },
     };
     Some(Judged { decision, peer })
+}
+
+/// A packet to a listener whose peer cannot be read: dropped.
+#[inline(always)]
+fn unreadable(local_port: u16) -> Judged {
+    Judged {
+        decision: Decision {
+            reason: Reason::DenyPacketUnreadable,
+            rule_id: NO_RULE,
+        },
+        peer: Dest::v4([0; 4], local_port, Proto::Tcp),
+    }
 }
 
 /// The listener's owner and cgroup: a packet arrives outside the context of any task of the

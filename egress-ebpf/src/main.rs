@@ -1,4 +1,38 @@
-//! Entry points only. Every hook reads its destination, then asks the one policy core.
+//! Entry points only. Every hook reads what it is given, asks the one policy core
+//! (`egress_common::verdict`, `egress_common::packet`, `egress_common::inbound`) and ends in
+//! [`finish::finish`], which counts, reports and returns the verdict (connect and sendmsg do
+//! so in `sockaddr`, once per kind of outcome).
+//!
+//! # Failure table
+//!
+//! Every path on which a program cannot decide as usual, what it returns, what it counts
+//! (the reason's counter of the slot, or of the out-of-range block) and where a test holds it.
+//!
+//! | Path | Verdict | Counter | Test |
+//! |------|---------|---------|------|
+//! | connect/sendmsg/sock_create: the program's slot is outside `EGRESS_SLOTS` | deny | `internal_error` | `kernel_errors::out_of_range_slot_denies_everything_and_counts_internal_error` |
+//! | connect/sendmsg/sock_create: the slot has no policy (policy id 0) | deny | `no_policy` | `kernel_errors::unconfigured_slot_denies_everything_and_counts_no_policy` |
+//! | sendmsg without an address (connected socket, ancillary data), IPv6 peer on loopback | deny | `loopback_ancillary_refused` | `agreement::kernel_agrees_with_reference_on_connected_sends_and_link_local_dns`, `dns_hardening::an_interface_named_per_message_cannot_take_loopback_traffic_onto_the_wire` |
+//! | sendmsg without an address, IPv4 peer on loopback | allow, source 127.0.0.1 | `connected_send` | the same two |
+//! | sendmsg6 DNS query to a link-local resolver (its scope id leaves the host) | deny | `dns_link_local_refused` | the same two |
+//! | DNS query, or a send to the proxy, while the proxy is not known alive | deny | `dns_proxy_down` | `dns_hardening::dns_is_denied_once_the_proxys_agent_is_gone_and_a_squatter_is_never_believed` |
+//! | loopback at another workload's proxy port | deny | `dns_proxy_of_another_workload` | `dns_hardening::a_workload_cannot_use_another_workloads_dns_proxy` |
+//! | the redirected query's origin cannot be recorded (`EGRESS_DNS_ORIGIN` insert fails) | allow (redirected); the answer shows the proxy's address and the resolver drops it | `dns_redirected` | none: the map is an LRU, an insert only fails without memory |
+//! | more than `MAX_EXPIRED_SKIPS` expired entries cover the address | deny | `no_matching_rule` | `verdict::tests::a_lookup_looks_past_at_most_max_expired_skips_expired_entries_then_denies` (egress-common) |
+//! | a rate-limit bucket cannot be created (table full, no memory) | deny | `rate_limit_table_full` | `ratelimit::a_full_bucket_table_refuses_new_destinations_and_resets_no_budget` |
+//! | a rate-limit entry the agent never writes (no budget, no interval) | deny | `rate_limited_destination` | `ratelimit::a_limit_entry_the_agent_never_writes_denies` |
+//! | the UDP flow record cannot be written | allow; the flow's next datagram is charged again | the rule's allow counter | none: an LRU map |
+//! | audit mode: the start-up probe, a slot without a policy, an internal error, a guard of the DNS proxy or the send rules | deny (never audited) | as above | `verdict::tests::settling_a_decision_sets_loopback_sources_and_audits_only_the_policys_denials` (egress-common); `audit::audit_mode_lets_denied_connections_through_and_logs_them_with_verdict_audit` (the probe still refused) |
+//! | recvmsg/getpeername: no slot, no proxy, or the proxy not alive | allow (the kernel requires 1), address left as it is | none: nothing is decided | `dns_hardening::a_socket_connected_to_the_proxy_is_not_answered_by_a_squatter_after_its_agent_stops` |
+//! | skb egress: an IPv4 or IPv6 header shorter than its destination, an IPv6 extension header cut off, or neither IPv4 nor IPv6 | drop | `packet_unreadable` (protocol other) | `packet::tests` (egress-common); `kernel_errors::a_truncated_raw_packet_is_dropped_and_counted_as_unreadable` (a raw socket's cut-off header chain) |
+//! | skb egress: more than four extension headers before the payload | drop | `routing_header_dropped` | `packet::tests::ipv6_header_chains_are_read_to_the_routing_header_or_dropped` (egress-common) |
+//! | skb ingress: the packet names no socket (cannot happen: the socket's cgroup runs the program) | drop | `packet_unreadable` | none: unreachable by construction |
+//! | skb ingress to a listener: source address unreadable, or neither IPv4 nor IPv6 | drop | `packet_unreadable` (tcp) | `packet::tests::a_listeners_peer_is_its_source_or_the_packet_is_unreadable` (egress-common); the TCP stack parsed the header before, so no peer can send one |
+//! | skb ingress to a listener: no slot, or no policy | drop | `internal_error` / `no_policy` (tcp) | `inbound::tests::no_rules_refuse_every_peer_but_loopback` (egress-agent, `decide_inbound` without a policy) |
+//! | the event ring buffer is full | the verdict stands; the event is lost | `EGRESS_EVENTS_LOST` | `events::a_million_denied_connects_are_all_denied_and_counted_exactly_with_a_small_log` |
+//!
+//! Packets to sockets other than listeners (skb ingress), and readable packets the egress
+//! check finds nothing wrong with, pass uncounted: they are the hot path.
 #![no_std]
 #![no_main]
 // BPF atomic instructions for the rate-limit buckets (see ratelimit.rs): the bpf target has no
@@ -10,8 +44,11 @@ mod context;
 mod counters;
 mod dns;
 mod events;
+mod finish;
 mod inbound;
+mod maps;
 mod ratelimit;
+mod sockaddr;
 mod sockopt;
 mod tables;
 
@@ -19,30 +56,33 @@ use aya_ebpf::{
     macros::{cgroup_skb, cgroup_sock, cgroup_sock_addr, cgroup_sockopt},
     programs::{SkBuffContext, SockAddrContext, SockContext, SockoptContext},
 };
-use egress_common::Hook;
+use egress_common::{Hook, Proto, Reason};
 
-/// Verdicts the kernel expects from cgroup sock and sock_addr programs.
-const ALLOW: i32 = 1;
-const DENY: i32 = 0;
+use crate::events::{Attempt, Owner};
+use crate::finish::{ALLOW, Verdict, finish};
 
 #[cgroup_sock_addr(connect4)]
 pub fn egress_connect4(ctx: SockAddrContext) -> i32 {
-    judge_addr(&ctx, Hook::Connect4, context::dest4(&ctx))
+    let hook = Hook::Connect4;
+    sockaddr::judge(&ctx, hook, context::dest4(&ctx))
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn egress_connect6(ctx: SockAddrContext) -> i32 {
-    judge_addr(&ctx, Hook::Connect6, context::dest6(&ctx))
+    let hook = Hook::Connect6;
+    sockaddr::judge(&ctx, hook, context::dest6(&ctx))
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn egress_sendmsg4(ctx: SockAddrContext) -> i32 {
-    judge_addr(&ctx, Hook::Sendmsg4, context::dest4(&ctx))
+    let hook = Hook::Sendmsg4;
+    sockaddr::judge(&ctx, hook, context::dest4(&ctx))
 }
 
 #[cgroup_sock_addr(sendmsg6)]
 pub fn egress_sendmsg6(ctx: SockAddrContext) -> i32 {
-    judge_addr(&ctx, Hook::Sendmsg6, context::dest6(&ctx))
+    let hook = Hook::Sendmsg6;
+    sockaddr::judge(&ctx, hook, context::dest6(&ctx))
 }
 
 /// Answers from the DNS proxy appear to come from the address the query was sent to, while the
@@ -50,70 +90,45 @@ pub fn egress_sendmsg6(ctx: SockAddrContext) -> i32 {
 /// and resolvers drop it). These hooks cannot refuse anything (the kernel requires 1).
 #[cgroup_sock_addr(recvmsg4)]
 pub fn egress_recvmsg4(ctx: SockAddrContext) -> i32 {
-    if let Ok(cfg) = tables::slot_config()
-        && cfg.dns_port != 0
-        && dns::alive()
-    {
-        dns::restore4(&ctx, cfg.dns_port);
-    }
+    dns::restore(&ctx, false);
     ALLOW
 }
 
 #[cgroup_sock_addr(recvmsg6)]
 pub fn egress_recvmsg6(ctx: SockAddrContext) -> i32 {
-    if let Ok(cfg) = tables::slot_config()
-        && cfg.dns_port != 0
-        && dns::alive()
-    {
-        dns::restore6(&ctx, cfg.dns_port);
-    }
+    dns::restore(&ctx, true);
     ALLOW
 }
 
 #[cgroup_sock_addr(getpeername4)]
 pub fn egress_getpeername4(ctx: SockAddrContext) -> i32 {
-    if let Ok(cfg) = tables::slot_config()
-        && cfg.dns_port != 0
-        && dns::alive()
-    {
-        dns::restore4(&ctx, cfg.dns_port);
-    }
+    dns::restore(&ctx, false);
     ALLOW
 }
 
 #[cgroup_sock_addr(getpeername6)]
 pub fn egress_getpeername6(ctx: SockAddrContext) -> i32 {
-    if let Ok(cfg) = tables::slot_config()
-        && cfg.dns_port != 0
-        && dns::alive()
-    {
-        dns::restore6(&ctx, cfg.dns_port);
-    }
+    dns::restore(&ctx, true);
     ALLOW
 }
 
 #[cgroup_sock(sock_create)]
 pub fn egress_sock_create(ctx: SockContext) -> i32 {
     let s = tables::judge_socket(&ctx);
-    counters::count(s.reason, s.proto);
-    if s.reason.allows() {
-        return ALLOW;
-    }
-    let attempt = events::Attempt {
-        hook: Hook::SockCreate,
-        reason: s.reason,
-        cause: s.reason,
-        rule_id: egress_common::verdict::NO_RULE,
-        proto: s.proto,
-        family: s.family,
-        addr: [0; 16],
-        port: 0,
-        sock_type: s.sock_type,
-        sock_protocol: s.sock_protocol,
-        verdict: egress_common::events::VERDICT_DENY,
+    let verdict = if s.reason.allows() {
+        Verdict::Allow {
+            reason: s.reason,
+            proto: s.proto,
+        }
+    } else {
+        Verdict::Deny(Attempt {
+            family: s.family,
+            sock_type: s.sock_type,
+            sock_protocol: s.sock_protocol,
+            ..Attempt::nowhere(s.reason, s.proto)
+        })
     };
-    events::emit(tables::slot(), &attempt);
-    DENY
+    finish(Hook::SockCreate, verdict)
 }
 
 /// Socket options that would route packets past the address the hooks judge are refused.
@@ -123,58 +138,27 @@ pub fn egress_setsockopt(ctx: SockoptContext) -> i32 {
     if !sockopt::reroutes(level, optname) {
         return ALLOW;
     }
-    let reason = egress_common::Reason::DenySockopt;
-    counters::count(reason, egress_common::Proto::Other);
-    let dst = egress_common::Dest::v4([0; 4], 0, egress_common::Proto::Other);
-    let mut attempt = events::Attempt::to(
-        Hook::Setsockopt,
-        &dst,
-        reason,
-        egress_common::verdict::NO_RULE,
-    );
-    attempt.family = 0;
-    attempt.sock_type = level as u32;
-    attempt.sock_protocol = optname as u32;
-    events::emit(tables::slot(), &attempt);
-    DENY
+    let verdict = Verdict::Deny(Attempt {
+        sock_type: level as u32,
+        sock_protocol: optname as u32,
+        ..Attempt::nowhere(Reason::DenySockopt, Proto::Other)
+    });
+    finish(Hook::Setsockopt, verdict)
 }
 
-/// Per packet, on the way out: a loopback destination leaving through another device, and
-/// IPv6 routing headers, are dropped (see backstop.rs).
+/// Per packet, on the way out: a loopback destination leaving through another device, IPv6
+/// routing headers and unreadable headers are dropped (see backstop.rs).
 #[cgroup_skb(egress)]
 pub fn egress_skb(ctx: SkBuffContext) -> i32 {
-    let Some(drop) = backstop::check(&ctx) else {
+    let Some(dropped) = backstop::check(&ctx) else {
         return ALLOW;
     };
-    let (reason, dest) = match drop {
-        backstop::Drop::LoopbackOffDevice { v6: false, dst } => (
-            egress_common::Reason::DenyLoopbackOffDevice,
-            egress_common::Dest::v4(
-                [dst[0], dst[1], dst[2], dst[3]],
-                0,
-                egress_common::Proto::Other,
-            ),
-        ),
-        backstop::Drop::LoopbackOffDevice { v6: true, dst } => (
-            egress_common::Reason::DenyLoopbackOffDevice,
-            egress_common::Dest::v6(dst, 0, egress_common::Proto::Other),
-        ),
-        backstop::Drop::RoutingHeader { dst } => (
-            egress_common::Reason::DenyRoutingHeader,
-            egress_common::Dest::v6(dst, 0, egress_common::Proto::Other),
-        ),
-    };
-    counters::count(reason, egress_common::Proto::Other);
-    events::emit(
-        tables::slot(),
-        &events::Attempt::to(
-            Hook::SkbEgress,
-            &dest,
-            reason,
-            egress_common::verdict::NO_RULE,
-        ),
+    let attempt = Attempt::to(
+        &dropped.dst,
+        dropped.reason,
+        egress_common::verdict::NO_RULE,
     );
-    DENY
+    finish(Hook::SkbEgress, Verdict::Deny(attempt))
 }
 
 /// Per packet, on the way in: a connection attempt from a peer no `inbound` rule allows is
@@ -184,176 +168,20 @@ pub fn egress_skb_ingress(ctx: SkBuffContext) -> i32 {
     let Some(judged) = inbound::check(&ctx) else {
         return ALLOW;
     };
-    counters::count(judged.decision.reason, egress_common::Proto::Tcp);
-    if judged.decision.allowed() {
-        return ALLOW;
-    }
-    let (uid, cgroup_id) = inbound::owner(&ctx);
-    events::emit_for_socket(
-        tables::slot(),
-        &events::Attempt::to(
-            Hook::SkbIngress,
-            &judged.peer,
-            judged.decision.reason,
-            judged.decision.rule_id,
-        ),
-        uid,
-        cgroup_id,
-    );
-    DENY
-}
-
-/// A connect or sendmsg: a DNS query goes to the proxy; anything else is decided, counted,
-/// and a denial reported. The counter is incremented whatever happens to the event.
-#[inline(always)]
-fn judge_addr(ctx: &SockAddrContext, hook: Hook, dst: egress_common::Dest) -> i32 {
-    use egress_common::{Reason, verdict::DnsRoute};
-    let send4 = matches!(hook, Hook::Sendmsg4);
-    let send6 = matches!(hook, Hook::Sendmsg6);
-    // Set only for the policy's own decision: the DNS proxy's guards stay enforced.
-    let mut audit = false;
-    let decision = match tables::slot_config() {
-        Ok(cfg) => {
-            if (send4 || send6) && dns::no_address(ctx) {
-                // A send on a connected socket with ancillary data: the connect was judged.
-                // A loopback peer (the proxy, say) keeps a loopback source over IPv4, which
-                // no interface named in the data can take off the host; IPv6 has no such
-                // rule, so there the send is refused.
-                if dns::peer_is_loopback(ctx, send6) {
-                    if send6 {
-                        return deny(
-                            hook,
-                            &dst,
-                            egress_common::Decision {
-                                reason: Reason::DenyLoopbackAncillary,
-                                rule_id: egress_common::verdict::NO_RULE,
-                            },
-                        );
-                    }
-                    dns::loopback_source4(ctx);
-                }
-                counters::count(Reason::AllowConnected, dst.proto);
-                return ALLOW;
-            }
-            match egress_common::verdict::dns_route(&cfg, &dst, dns::alive, || {
-                dns::authorized(&dst)
-            }) {
-                DnsRoute::Redirect | DnsRoute::RedirectUnauthorized
-                    if send6 && dst.is_link_local() =>
-                {
-                    // A scope id would take even the redirected query out of that interface.
-                    egress_common::Decision {
-                        reason: Reason::DenyDnsLinkLocal,
-                        rule_id: egress_common::verdict::NO_RULE,
-                    }
-                }
-                route @ (DnsRoute::Redirect | DnsRoute::RedirectUnauthorized) => {
-                    // A query to a resolver the slot does not authorize goes to the proxy's
-                    // second port: answered by the policy all the same, and reported there.
-                    let (port, reason) = if matches!(route, DnsRoute::Redirect) {
-                        (cfg.dns_port, Reason::RedirectDns)
-                    } else {
-                        (
-                            cfg.dns_port
-                                .wrapping_add(egress_common::maps::DNS_UNAUTHORIZED_PORT_OFFSET),
-                            Reason::DnsUnauthorizedResolver,
-                        )
-                    };
-                    match hook {
-                        Hook::Connect4 | Hook::Sendmsg4 => dns::redirect4(ctx, &dst, port),
-                        _ => dns::redirect6(ctx, &dst, port),
-                    }
-                    loopback_source(ctx, hook, &dst);
-                    counters::count(reason, dst.proto);
-                    return ALLOW;
-                }
-                DnsRoute::Proxy => {
-                    loopback_source(ctx, hook, &dst);
-                    counters::count(Reason::RedirectDns, dst.proto);
-                    return ALLOW;
-                }
-                DnsRoute::ProxyDown => egress_common::Decision {
-                    reason: Reason::DnsProxyDown,
-                    rule_id: egress_common::verdict::NO_RULE,
-                },
-                DnsRoute::OtherProxy => egress_common::Decision {
-                    reason: Reason::DenyOtherProxy,
-                    rule_id: egress_common::verdict::NO_RULE,
-                },
-                DnsRoute::Judge => {
-                    audit = cfg.flags & egress_common::maps::SLOT_AUDIT != 0;
-                    let decision = tables::judge_dest(&cfg, &dst);
-                    counters::count_rule(&decision);
-                    decision
-                }
-            }
+    let decision = judged.decision;
+    let verdict = if decision.allowed() {
+        Verdict::Allow {
+            reason: decision.reason,
+            proto: Proto::Tcp,
         }
-        Err(reason) => egress_common::Decision {
-            reason,
-            rule_id: egress_common::verdict::NO_RULE,
-        },
+    } else {
+        let (uid, cgroup_id) = inbound::owner(&ctx);
+        Verdict::Deny(Attempt {
+            owner: Owner::Socket { uid, cgroup_id },
+            ..Attempt::to(&judged.peer, decision.reason, decision.rule_id)
+        })
     };
-    if decision.allowed() {
-        counters::count(decision.reason, dst.proto);
-        if dst.is_loopback() {
-            loopback_source(ctx, hook, &dst);
-        }
-        return ALLOW;
-    }
-    // The start-up probe proves enforcement is attached: audit mode refuses it too. A slot
-    // without a policy fails closed whatever its flags say.
-    if audit
-        && !matches!(
-            decision.reason,
-            Reason::StartupProbe | Reason::DenyNoPolicy | Reason::DenyInternal
-        )
-    {
-        audited(hook, &dst, decision);
-        if dst.is_loopback() {
-            loopback_source(ctx, hook, &dst);
-        }
-        return ALLOW;
-    }
-    deny(hook, &dst, decision)
-}
-
-/// Counts and reports a denial that audit mode lets through, under the reason it would have
-/// been refused for.
-#[inline(always)]
-fn audited(hook: Hook, dst: &egress_common::Dest, decision: egress_common::Decision) {
-    let connect = matches!(hook, Hook::Connect4 | Hook::Connect6);
-    let (reason, cause) = egress_common::verdict::classify_denial(connect, dst, decision.reason);
-    counters::count_audit(reason, dst.proto);
-    let mut attempt = events::Attempt::to(hook, dst, reason, decision.rule_id);
-    attempt.cause = cause;
-    attempt.verdict = egress_common::events::VERDICT_AUDIT;
-    events::emit(tables::slot(), &attempt);
-}
-
-/// Counts and reports a denial (a UDP connect, which carries no data, apart).
-#[inline(always)]
-fn deny(hook: Hook, dst: &egress_common::Dest, decision: egress_common::Decision) -> i32 {
-    let connect = matches!(hook, Hook::Connect4 | Hook::Connect6);
-    let (reason, cause) = egress_common::verdict::classify_denial(connect, dst, decision.reason);
-    counters::count(reason, dst.proto);
-    let mut attempt = events::Attempt::to(hook, dst, reason, decision.rule_id);
-    attempt.cause = cause;
-    events::emit(tables::slot(), &attempt);
-    DENY
-}
-
-/// A send to loopback (or to the proxy on loopback) gets a loopback source, so no interface
-/// named in ancillary data or a scope id can take it onto the wire. Connects need none: the
-/// options that bind a socket to a device are refused at setsockopt.
-#[inline(always)]
-fn loopback_source(ctx: &SockAddrContext, hook: Hook, dst: &egress_common::Dest) {
-    match hook {
-        Hook::Sendmsg4 => dns::loopback_source4(ctx),
-        // sendmsg6 sees IPv6 destinations (mapped ones run sendmsg4); a mapped one here
-        // would need an IPv4 source, so it is left alone.
-        Hook::Sendmsg6 if dst.family == egress_common::Family::V6 => dns::loopback_source6(ctx),
-        _ => {}
-    }
+    finish(Hook::SkbIngress, verdict)
 }
 
 #[cfg(not(test))]

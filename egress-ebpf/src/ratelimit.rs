@@ -7,35 +7,17 @@
 //! has not sent to for `UDP_FLOW_IDLE_NS`. Later datagrams of a live flow are not charged,
 //! so DNS and QUIC clients are not throttled per datagram.
 
-use aya_ebpf::{
-    bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST},
-    helpers::bpf_ktime_get_ns,
-    macros::map,
-    maps::{HashMap, LruHashMap},
-};
+use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns};
 use egress_common::{
     Decision, Dest, Proto, Reason, SlotConfig,
     maps::SLOT_RATE_LIMITED,
     ratelimit::{
-        Bucket, BucketKey, FlowKey, HAS_DESTINATION, HAS_GLOBAL, LIMIT_PER_NAME, Limit, LimitKey,
-        MAX_BUCKETS, MAX_RATE_LIMITS, MAX_UDP_FLOWS, RuleLimits, Take, TatCell,
-        UDP_FLOW_REFRESH_NS, flow_is_live, fresh, refund, take,
+        BucketKey, FlowKey, HAS_DESTINATION, HAS_GLOBAL, LIMIT_PER_NAME, Limit, LimitKey, Take,
+        TatCell, UDP_FLOW_REFRESH_NS, flow_is_live, fresh, refund, take,
     },
 };
 
-#[map(name = "EGRESS_RATE_LIMITS")]
-static LIMITS: HashMap<LimitKey, RuleLimits> =
-    HashMap::with_max_entries(MAX_RATE_LIMITS, BPF_F_NO_PREALLOC);
-
-/// Not preallocated: an element deleted by the agent's collector while a program still holds
-/// a pointer to it is freed only after an RCU grace period, never reused under that pointer.
-#[map(name = "EGRESS_BUCKETS")]
-static BUCKETS: HashMap<BucketKey, Bucket> =
-    HashMap::with_max_entries(MAX_BUCKETS, BPF_F_NO_PREALLOC);
-
-/// LRU is safe here: forgetting a flow only charges its next datagram again.
-#[map(name = "EGRESS_UDP_FLOWS")]
-static FLOWS: LruHashMap<FlowKey, u64> = LruHashMap::with_max_entries(MAX_UDP_FLOWS, 0);
+use crate::maps::{BUCKETS, RATE_LIMITS as LIMITS, UDP_FLOWS as FLOWS};
 
 const EEXIST: i32 = 17;
 

@@ -1,44 +1,13 @@
 //! The policy core over BPF maps.
 
-use aya_ebpf::{
-    macros::map,
-    maps::{Array, HashMap, LpmTrie, lpm_trie::Key},
-    programs::SockContext,
-};
+use aya_ebpf::{maps::lpm_trie::Key, programs::SockContext};
 use egress_common::{
     Decision, Dest, PortKey, Proto, Reason, RuleKey, RuleValue, SlotConfig, Tables, decide,
     dest::{IPPROTO_MPTCP, IPPROTO_TCP, IPPROTO_UDP},
-    maps::{MAX_EXACT, MAX_LEARNED, MAX_PORTS, MAX_RULES, MAX_SLOTS, SLOT_ALLOW_OTHER_SOCKETS},
+    maps::SLOT_ALLOW_OTHER_SOCKETS,
 };
 
-/// The slot this copy of the programs serves; set by the agent at load time.
-#[unsafe(no_mangle)]
-static EGRESS_SLOT: u32 = u32::MAX;
-
-#[map(name = "EGRESS_SLOTS")]
-static SLOTS: Array<SlotConfig> = Array::with_max_entries(MAX_SLOTS, 0);
-
-#[map(name = "EGRESS_RULES")]
-static RULES: LpmTrie<RuleKey, RuleValue> = LpmTrie::with_max_entries(MAX_RULES, 0);
-
-#[map(name = "EGRESS_EXACT")]
-static EXACT: HashMap<RuleKey, RuleValue> =
-    HashMap::with_max_entries(MAX_EXACT, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
-
-#[map(name = "EGRESS_PORTS")]
-static PORTS: HashMap<PortKey, u32> =
-    HashMap::with_max_entries(MAX_PORTS, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
-
-#[map(name = "EGRESS_LEARNED")]
-static LEARNED: HashMap<RuleKey, RuleValue> =
-    HashMap::with_max_entries(MAX_LEARNED, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
-
-#[inline(always)]
-pub fn slot() -> u32 {
-    // SAFETY: a plain read of a load-time constant; volatile so the compiler does not fold
-    // the placeholder value.
-    unsafe { core::ptr::read_volatile(&EGRESS_SLOT) }
-}
+use crate::maps::{EXACT, LEARNED, PORTS, RULES, SLOTS, slot};
 
 struct Maps;
 

@@ -1,32 +1,249 @@
 //! Whether a policy fits the kernel's maps, decided when the policy is read (by `check` as
 //! by `exec`, `run` and every reload) rather than discovered as `E2BIG` half-way through
-//! writing the maps.
+//! writing the maps; and the sizes of those maps, which `--max-entries KIND=N` sets at load
+//! time.
 //!
 //! A reload writes the new policy's entries next to the old policy's and switches in one
 //! step, so each map must hold two policies at once: one policy may use at most half of a
-//! map. Addresses learned from DNS answers live in a separate map (`MAX_LEARNED`, least
-//! recently used entries go first) and are not counted here; nor are the addresses the
-//! policy's exact host names resolve to, at most `--dns-max-addrs-per-name` each.
+//! map. Addresses learned from DNS answers live in a separate map (`learned`, which the agent
+//! keeps within its size) and are not counted here; nor are the addresses the policy's exact
+//! host names resolve to, at most `--dns-max-addrs-per-name` each.
 
+use std::fmt;
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 
-use egress_common::inbound::MAX_INBOUND;
-use egress_common::maps::{MAX_DNS_RESOLVERS, MAX_EXACT, MAX_PORTS, MAX_RULES};
-use egress_common::ratelimit::MAX_RATE_LIMITS;
+use egress_common::inbound::{MAP_INBOUND, MAX_INBOUND};
+use egress_common::maps::{
+    MAP_DNS_RESOLVERS, MAP_EXACT, MAP_LEARNED, MAP_PORTS, MAP_RULES, MAX_DNS_RESOLVERS, MAX_EXACT,
+    MAX_LEARNED, MAX_PORTS, MAX_RULES,
+};
+use egress_common::ratelimit::{MAP_RATE_LIMITS, MAX_RATE_LIMITS};
 
 use crate::Policy;
 use crate::compile::{Resolved, SetIds, compile};
 use crate::doh::DohList;
 
-/// One map a policy would overfill.
+/// A map whose size the operator may set (`--max-entries KIND=N`). The others are sized by
+/// the layout (one entry per slot, per counter) or are caches the programs keep within
+/// bounds themselves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum MapKind {
+    Ports,
+    Addresses,
+    Prefixes,
+    Inbound,
+    RateLimits,
+    Resolvers,
+    Learned,
+}
+
+impl MapKind {
+    pub const ALL: [MapKind; 7] = [
+        MapKind::Ports,
+        MapKind::Addresses,
+        MapKind::Prefixes,
+        MapKind::Inbound,
+        MapKind::RateLimits,
+        MapKind::Resolvers,
+        MapKind::Learned,
+    ];
+
+    /// The name `--max-entries` takes.
+    pub const fn name(self) -> &'static str {
+        match self {
+            MapKind::Ports => "ports",
+            MapKind::Addresses => "addresses",
+            MapKind::Prefixes => "prefixes",
+            MapKind::Inbound => "inbound",
+            MapKind::RateLimits => "rate-limits",
+            MapKind::Resolvers => "resolvers",
+            MapKind::Learned => "learned",
+        }
+    }
+
+    /// The map's name in the eBPF object.
+    pub const fn map(self) -> &'static str {
+        match self {
+            MapKind::Ports => MAP_PORTS,
+            MapKind::Addresses => MAP_EXACT,
+            MapKind::Prefixes => MAP_RULES,
+            MapKind::Inbound => MAP_INBOUND,
+            MapKind::RateLimits => MAP_RATE_LIMITS,
+            MapKind::Resolvers => MAP_DNS_RESOLVERS,
+            MapKind::Learned => MAP_LEARNED,
+        }
+    }
+
+    /// The constant in `egress-common` that sizes the map unless `--max-entries` says
+    /// otherwise.
+    pub const fn constant(self) -> &'static str {
+        match self {
+            MapKind::Ports => "MAX_PORTS",
+            MapKind::Addresses => "MAX_EXACT",
+            MapKind::Prefixes => "MAX_RULES",
+            MapKind::Inbound => "MAX_INBOUND",
+            MapKind::RateLimits => "MAX_RATE_LIMITS",
+            MapKind::Resolvers => "MAX_DNS_RESOLVERS",
+            MapKind::Learned => "MAX_LEARNED",
+        }
+    }
+
+    pub const fn default_entries(self) -> u32 {
+        match self {
+            MapKind::Ports => MAX_PORTS,
+            MapKind::Addresses => MAX_EXACT,
+            MapKind::Prefixes => MAX_RULES,
+            MapKind::Inbound => MAX_INBOUND,
+            MapKind::RateLimits => MAX_RATE_LIMITS,
+            MapKind::Resolvers => MAX_DNS_RESOLVERS,
+            MapKind::Learned => MAX_LEARNED,
+        }
+    }
+
+    /// What the map holds, for messages.
+    pub const fn holds(self) -> &'static str {
+        match self {
+            MapKind::Ports => "port-set entries",
+            MapKind::Addresses => "address entries (single addresses)",
+            MapKind::Prefixes => "prefix entries (networks)",
+            MapKind::Inbound => "inbound entries",
+            MapKind::RateLimits => "rate-limit entries",
+            MapKind::Resolvers => "allowed resolvers",
+            MapKind::Learned => "learned addresses",
+        }
+    }
+
+    const fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// The smallest size `--max-entries` accepts: half of it holds one entry.
+pub const MIN_ENTRIES: u32 = 2;
+/// The largest size `--max-entries` accepts. The maps allocate per entry as it is written
+/// (or, for the trie, per node), so a large size costs nothing until it is used; this bounds
+/// what one policy can make the kernel allocate.
+pub const MAX_ENTRIES: u32 = 1 << 24;
+
+/// One `--max-entries KIND=N`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MaxEntries {
+    pub kind: MapKind,
+    pub entries: u32,
+}
+
+/// Why a `--max-entries` value is not one.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum MaxEntriesError {
+    #[error("`{0}` is not KIND=N, e.g. `ports=524288`")]
+    Form(String),
+    #[error("unknown map `{kind}`; the maps that can be sized are {}", kinds())]
+    Kind { kind: String },
+    #[error("`{value}` for {kind} is not a number of entries from {MIN_ENTRIES} to {MAX_ENTRIES}")]
+    Entries { kind: &'static str, value: String },
+}
+
+fn kinds() -> String {
+    MapKind::ALL
+        .iter()
+        .map(|k| format!("`{}`", k.name()))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+impl FromStr for MaxEntries {
+    type Err = MaxEntriesError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (kind, value) = s
+            .split_once('=')
+            .ok_or_else(|| MaxEntriesError::Form(s.to_owned()))?;
+        let kind = MapKind::ALL
+            .into_iter()
+            .find(|k| k.name() == kind.trim())
+            .ok_or_else(|| MaxEntriesError::Kind {
+                kind: kind.to_owned(),
+            })?;
+        let entries = value
+            .trim()
+            .parse::<u32>()
+            .ok()
+            .filter(|n| (MIN_ENTRIES..=MAX_ENTRIES).contains(n))
+            .ok_or_else(|| MaxEntriesError::Entries {
+                kind: kind.name(),
+                value: value.to_owned(),
+            })?;
+        Ok(MaxEntries { kind, entries })
+    }
+}
+
+/// Where a map's size came from, for messages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// The constant in `egress-common`.
+    Default,
+    /// `--max-entries`.
+    Flag,
+    /// The maps an earlier agent pinned for this cgroup (an adopted instance keeps them).
+    Pinned,
+}
+
+/// The size of every map [`MapKind`] names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapLimits {
+    sizes: [(u32, Origin); MapKind::ALL.len()],
+}
+
+impl Default for MapLimits {
+    fn default() -> Self {
+        let mut sizes = [(0, Origin::Default); MapKind::ALL.len()];
+        for kind in MapKind::ALL {
+            sizes[kind.index()] = (kind.default_entries(), Origin::Default);
+        }
+        MapLimits { sizes }
+    }
+}
+
+impl MapLimits {
+    /// The defaults, with each `--max-entries` applied in order (a later one for the same map
+    /// wins).
+    pub fn from_flags(flags: &[MaxEntries]) -> Self {
+        let mut limits = MapLimits::default();
+        for f in flags {
+            limits.set(f.kind, f.entries, Origin::Flag);
+        }
+        limits
+    }
+
+    pub fn set(&mut self, kind: MapKind, entries: u32, origin: Origin) {
+        self.sizes[kind.index()] = (entries, origin);
+    }
+
+    pub fn entries(&self, kind: MapKind) -> u32 {
+        self.sizes[kind.index()].0
+    }
+
+    pub fn origin(&self, kind: MapKind) -> Origin {
+        self.sizes[kind.index()].1
+    }
+
+    /// The maps whose size differs from the default, for the loader.
+    pub fn overrides(&self) -> impl Iterator<Item = (MapKind, u32)> + '_ {
+        MapKind::ALL
+            .into_iter()
+            .map(|k| (k, self.entries(k)))
+            .filter(|(k, n)| *n != k.default_entries())
+    }
+}
+
+/// How much of one map a policy needs.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Overflow {
-    /// What the map holds, for the message.
-    pub holds: &'static str,
-    /// The map's constant in `egress-common`.
-    pub constant: &'static str,
+    pub kind: MapKind,
     pub needed: usize,
     pub capacity: u32,
+    pub origin: Origin,
 }
 
 impl Overflow {
@@ -36,63 +253,79 @@ impl Overflow {
     }
 }
 
+impl fmt::Display for Overflow {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (kind, constant) = (self.kind.name(), self.kind.constant());
+        write!(
+            f,
+            "{} {} needed, at most {} allowed (",
+            self.needed,
+            self.kind.holds(),
+            self.allowed()
+        )?;
+        match self.origin {
+            Origin::Default => write!(
+                f,
+                "{constant} = {}; `--max-entries {kind}=N` sets another size",
+                self.capacity
+            )?,
+            Origin::Flag => write!(
+                f,
+                "--max-entries {kind}={}; the default is {constant} = {}",
+                self.capacity,
+                self.kind.default_entries()
+            )?,
+            Origin::Pinned => write!(
+                f,
+                "{kind} = {} in the maps pinned for this cgroup, which keep their size until \
+                 it is detached",
+                self.capacity
+            )?,
+        }
+        f.write_str(")")
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 #[error("{}: the policy does not fit the kernel's maps (a policy may use half of each map, so that a reload can write the new policy next to the old one):\n{}",
-    file.display(), .overflows.iter().map(|o| format!("  - {} {} needed, at most {} allowed ({} = {})", o.needed, o.holds, o.allowed(), o.constant, o.capacity)).collect::<Vec<_>>().join("\n"))]
+    file.display(), .overflows.iter().map(|o| format!("  - {o}")).collect::<Vec<_>>().join("\n"))]
 pub struct CapacityError {
     pub file: PathBuf,
     pub overflows: Vec<Overflow>,
 }
 
-/// How much of each map `policy` needs, before any name is resolved.
-pub fn usage(policy: &Policy, doh: &DohList) -> Vec<Overflow> {
+/// How much of each map `policy` needs, before any name is resolved, against `limits`.
+pub fn usage(policy: &Policy, doh: &DohList, limits: &MapLimits) -> Vec<Overflow> {
     let mut sets = SetIds::default();
     let compiled = compile(policy, 1, &Resolved::new(), doh, &mut sets);
-    let limits = crate::limits::compile_limits(policy, 1);
+    let rate = crate::limits::compile_limits(policy, 1);
     let resolvers = policy.dns.as_ref().map_or(0, |d| d.allowed_resolvers.len());
-    vec![
-        Overflow {
-            holds: "address entries (single addresses)",
-            constant: "MAX_EXACT",
-            needed: compiled.exact.len(),
-            capacity: MAX_EXACT,
-        },
-        Overflow {
-            holds: "prefix entries (networks)",
-            constant: "MAX_RULES",
-            needed: compiled.rules.len(),
-            capacity: MAX_RULES,
-        },
-        Overflow {
-            holds: "port-set entries",
-            constant: "MAX_PORTS",
-            needed: compiled.ports.len(),
-            capacity: MAX_PORTS,
-        },
-        Overflow {
-            holds: "inbound entries",
-            constant: "MAX_INBOUND",
-            needed: compiled.inbound.entries.len(),
-            capacity: MAX_INBOUND,
-        },
-        Overflow {
-            holds: "rate-limit entries",
-            constant: "MAX_RATE_LIMITS",
-            needed: limits.limits.len(),
-            capacity: MAX_RATE_LIMITS,
-        },
-        Overflow {
-            holds: "allowed resolvers",
-            constant: "MAX_DNS_RESOLVERS",
-            needed: resolvers,
-            capacity: MAX_DNS_RESOLVERS,
-        },
+    [
+        (MapKind::Addresses, compiled.exact.len()),
+        (MapKind::Prefixes, compiled.rules.len()),
+        (MapKind::Ports, compiled.ports.len()),
+        (MapKind::Inbound, compiled.inbound.entries.len()),
+        (MapKind::RateLimits, rate.limits.len()),
+        (MapKind::Resolvers, resolvers),
     ]
+    .into_iter()
+    .map(|(kind, needed)| Overflow {
+        kind,
+        needed,
+        capacity: limits.entries(kind),
+        origin: limits.origin(kind),
+    })
+    .collect()
 }
 
-/// Refuses a policy that needs more than half of any map.
-pub fn check(policy: &Policy, doh: &DohList, file: &Path) -> Result<(), CapacityError> {
-    let overflows: Vec<Overflow> = usage(policy, doh)
+/// Refuses a policy that needs more than half of any map of `limits`.
+pub fn check(
+    policy: &Policy,
+    doh: &DohList,
+    file: &Path,
+    limits: &MapLimits,
+) -> Result<(), CapacityError> {
+    let overflows: Vec<Overflow> = usage(policy, doh, limits)
         .into_iter()
         .filter(|o| o.needed > o.allowed())
         .collect();
@@ -107,67 +340,5 @@ pub fn check(policy: &Policy, doh: &DohList, file: &Path) -> Result<(), Capacity
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// A policy of `entries` allowed /32s (built directly: parsing half a million entries
-    /// would dominate the test).
-    fn policy_of(entries: usize) -> Policy {
-        let text = "egress_policy:\n  default_action: DENY\n  allowed_destinations:\n    - \
-                    cidr: 10.0.0.0/32\n      ports: [443]\n      protocols: [tcp]\n";
-        let mut policy = match crate::parse_str(text, Path::new("big.yaml")) {
-            Ok(p) => p,
-            Err(e) => panic!("{e}"),
-        };
-        let first = policy.allowed[0].clone();
-        policy.allowed = (0..entries)
-            .map(|i| {
-                let [_, a, b, c] = u32::try_from(i).unwrap_or(0).to_be_bytes();
-                let net = ipnet::IpNet::V4(
-                    ipnet::Ipv4Net::new(std::net::Ipv4Addr::new(10, a, b, c), 32)
-                        .unwrap_or_else(|e| panic!("{e}")),
-                );
-                crate::AllowedDestination {
-                    target: crate::Target::Cidr(net),
-                    ..first.clone()
-                }
-            })
-            .collect();
-        policy
-    }
-
-    #[test]
-    fn a_policy_over_half_a_map_is_refused_naming_the_map_and_its_size() {
-        let fits = policy_of(1000);
-        assert!(check(&fits, crate::doh::testing::builtin(), Path::new("big.yaml")).is_ok());
-        let used = usage(&fits, crate::doh::testing::builtin());
-        assert_eq!((used[0].needed, used[2].needed), (1000, 1000), "{used:?}");
-        // Every allowed entry has its own port set: the port map is the first to fill.
-        let half = (MAX_PORTS / 2) as usize;
-        assert!(
-            check(
-                &policy_of(half),
-                crate::doh::testing::builtin(),
-                Path::new("big.yaml")
-            )
-            .is_ok()
-        );
-        let e = match check(
-            &policy_of(half + 1),
-            crate::doh::testing::builtin(),
-            Path::new("big.yaml"),
-        ) {
-            Ok(()) => panic!("accepted"),
-            Err(e) => e,
-        };
-        assert_eq!(
-            e.to_string(),
-            format!(
-                "big.yaml: the policy does not fit the kernel's maps (a policy may use half of \
-                 each map, so that a reload can write the new policy next to the old one):\n  - \
-                 {} port-set entries needed, at most {half} allowed (MAX_PORTS = {MAX_PORTS})",
-                half + 1
-            )
-        );
-    }
-}
+#[path = "capacity_tests.rs"]
+mod tests;

@@ -13,8 +13,8 @@ use std::net::IpAddr;
 use egress_common::{
     Family, PortKey, Proto, RuleKey, RuleValue,
     maps::{
-        ACTION_ALLOW, ACTION_DENY, InlinePort, MAX_INLINE_PORTS, RULE_DOH_BIT, RULE_KEY_FIXED_BITS,
-        SLOT_ALLOW_LOOPBACK, SLOT_ALLOW_OTHER_SOCKETS,
+        ACTION_ALLOW, ACTION_DENY, InlinePort, MAX_INLINE_PORTS, MAX_LOOPBACK_PORTS, RULE_DOH_BIT,
+        RULE_KEY_FIXED_BITS, SLOT_ALLOW_LOOPBACK, SLOT_ALLOW_OTHER_SOCKETS, SLOT_LOOPBACK_PORTS,
     },
 };
 use ipnet::IpNet;
@@ -37,6 +37,8 @@ pub struct LpmKey {
 pub struct Compiled {
     pub policy_id: u32,
     pub slot_flags: u32,
+    /// `loopback.ports`, for the slot (0: unused entry).
+    pub loopback_ports: [u16; MAX_LOOPBACK_PORTS],
     /// Prefixes shorter than a single address, for the trie.
     pub rules: BTreeMap<LpmKey, RuleValue>,
     /// Single addresses, for the exact map.
@@ -47,6 +49,16 @@ pub struct Compiled {
 }
 
 impl Compiled {
+    /// The slot configuration that puts this policy in force (no DNS proxy, no probe).
+    pub fn slot_config(&self) -> egress_common::SlotConfig {
+        egress_common::SlotConfig {
+            policy_id: self.policy_id,
+            flags: self.slot_flags,
+            loopback_ports: self.loopback_ports,
+            ..egress_common::SlotConfig::default()
+        }
+    }
+
     /// Routes an entry to the exact map (a single address) or the trie.
     fn insert(&mut self, key: LpmKey, value: RuleValue) {
         let bits = key.prefix_len - RULE_KEY_FIXED_BITS;
@@ -169,6 +181,7 @@ pub fn compile_with_deadlines(
     let mut compiled = Compiled {
         policy_id,
         slot_flags: slot_flags(policy),
+        loopback_ports: loopback_ports(policy),
         inbound: crate::inbound::compile_inbound(policy, policy_id),
         ..Compiled::default()
     };
@@ -333,6 +346,9 @@ pub fn slot_flags(policy: &Policy) -> u32 {
     if policy.allow_other_socket_types {
         flags |= SLOT_ALLOW_OTHER_SOCKETS;
     }
+    if !policy.loopback_ports.is_empty() {
+        flags |= SLOT_LOOPBACK_PORTS;
+    }
     if crate::limits::has_limits(policy) {
         flags |= egress_common::maps::SLOT_RATE_LIMITED;
     }
@@ -343,6 +359,17 @@ pub fn slot_flags(policy: &Policy) -> u32 {
         flags |= egress_common::maps::SLOT_AUDIT;
     }
     flags
+}
+
+const _: () = assert!(crate::MAX_LOOPBACK_PORTS == MAX_LOOPBACK_PORTS);
+
+/// `loopback.ports` in the slot's array (the parser allows at most `MAX_LOOPBACK_PORTS`).
+fn loopback_ports(policy: &Policy) -> [u16; MAX_LOOPBACK_PORTS] {
+    let mut ports = [0; MAX_LOOPBACK_PORTS];
+    for (slot, port) in ports.iter_mut().zip(&policy.loopback_ports) {
+        *slot = *port;
+    }
+    ports
 }
 
 fn index(i: usize) -> u32 {
@@ -548,6 +575,7 @@ mod tests {
             dns: None,
             rate_limits: None,
             allow_loopback: true,
+            loopback_ports: Vec::new(),
             allow_other_socket_types: false,
             inbound: Vec::new(),
             mode: None,
@@ -562,11 +590,7 @@ mod tests {
             crate::doh::testing::builtin(),
             &mut SetIds::default(),
         );
-        let slot = SlotConfig {
-            policy_id: 7,
-            flags: c.slot_flags,
-            ..SlotConfig::default()
-        };
+        let slot = c.slot_config();
         (
             decide(&c, &slot, dst).reason,
             reference::decide(p, resolved, crate::doh::testing::builtin(), dst).reason,
@@ -930,6 +954,13 @@ mod tests {
             }
             let mut p = policy(allowed, denied);
             p.allow_loopback = rng.random_bool(0.5);
+            if !p.allow_loopback && rng.random_bool(0.5) {
+                p.loopback_ports = [100, 200, 300]
+                    .into_iter()
+                    .filter(|_| rng.random_bool(0.5))
+                    .chain([400])
+                    .collect();
+            }
             let r = Resolved::new();
             let c = compile(
                 &p,
@@ -938,11 +969,7 @@ mod tests {
                 crate::doh::testing::builtin(),
                 &mut SetIds::default(),
             );
-            let slot = SlotConfig {
-                policy_id: 3,
-                flags: c.slot_flags,
-                ..SlotConfig::default()
-            };
+            let slot = c.slot_config();
             for _ in 0..200 {
                 let dst = random_dest(&mut rng);
                 let k = decide(&c, &slot, &dst);

@@ -189,6 +189,7 @@ mod tests {
             dns: None,
             rate_limits: None,
             allow_loopback: true,
+            loopback_ports: Vec::new(),
             allow_other_socket_types: false,
             inbound,
             mode: None,

@@ -35,6 +35,16 @@ pub fn warnings(policy: &Policy) -> Vec<String> {
                 policy.denied[j].target
             ));
         }
+        if !policy.loopback_ports.is_empty()
+            && let Target::Cidr(net) = &rule.target
+            && within_loopback(net)
+        {
+            found.push(format!(
+                "{}: `{net}` is loopback, which `loopback.ports` decides alone: this entry never \
+                 applies; list its ports there",
+                allowed(i)
+            ));
+        }
         if rule.ports.contains(&egress_common::maps::DNS_PORT) {
             found.push(format!(
                 "{}: port 53 in this entry never applies: the workload's port-53 traffic always \
@@ -74,8 +84,8 @@ pub fn warnings(policy: &Policy) -> Vec<String> {
             "egress_policy.allow_loopback: loopback is allowed on every port (the default): a \
              local forwarder (an HTTP proxy, an SSH tunnel, `kubectl port-forward`, a socat \
              relay) listening on 127.0.0.1 can carry the workload's traffic to any destination. \
-             Set `allow_loopback: false` and allow only the local ports needed, e.g. an entry \
-             `cidr: 127.0.0.1/32` with `ports: [5432]`",
+             Allow only the local services needed with `loopback: {ports: [5432]}` (in place of \
+             `allow_loopback`)",
         );
         if !policy.inbound.is_empty() {
             let _ = write!(w, " (inbound rules are unaffected)");
@@ -83,6 +93,17 @@ pub fn warnings(policy: &Policy) -> Vec<String> {
         found.push(w);
     }
     found
+}
+
+/// Whether every address of `net` is loopback (127.0.0.0/8, ::1, or their mapped forms).
+fn within_loopback(net: &ipnet::IpNet) -> bool {
+    match net {
+        ipnet::IpNet::V4(n) => n.prefix_len() >= 8 && n.network().octets()[0] == 127,
+        ipnet::IpNet::V6(n) => match n.network().to_ipv4_mapped() {
+            Some(v4) => n.prefix_len() >= 104 && v4.octets()[0] == 127,
+            None => n.prefix_len() == 128 && n.network().is_loopback(),
+        },
+    }
 }
 
 /// Whether denying `deny` leaves nothing of `allow`.
@@ -183,6 +204,26 @@ mod tests {
         let w = lint(text);
         assert_eq!(w.len(), 1, "{w:#?}");
         assert!(w[0].starts_with("egress_policy.allow_loopback: "), "{w:#?}");
+        assert!(w[0].contains("`loopback: {ports: [5432]}`"), "{w:#?}");
+        // Loopback scoped by port leaves no local relay open: nothing to say.
+        let scoped = text.replace(
+            "  default_action: DENY\n",
+            "  default_action: DENY\n  loopback: {ports: [5432]}\n",
+        );
+        assert_eq!(lint(&scoped), Vec::<String>::new());
+        // Under `loopback.ports` an entry for loopback never applies.
+        let entry = scoped.replace("host: api.example.com", "cidr: 127.0.0.1/32");
+        let w = lint(&entry);
+        assert_eq!(w.len(), 1, "{w:#?}");
+        assert!(
+            w[0].starts_with(
+                "egress_policy.allowed_destinations[0]: `127.0.0.1/32` is loopback, which \
+                 `loopback.ports` decides alone"
+            ),
+            "{w:#?}"
+        );
+        let wide = scoped.replace("host: api.example.com", "cidr: 10.0.0.0/8");
+        assert_eq!(lint(&wide), Vec::<String>::new());
         // A wildcard denial does not cover the bare suffix it is under.
         let deny = Target::Host(HostPattern::Wildcard("example.com".into()));
         assert!(!denial_covers(

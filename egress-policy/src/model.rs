@@ -21,6 +21,10 @@ pub struct Policy {
     pub rate_limits: Option<RateLimits>,
     /// Loopback destinations are out of MCP-NET-02's scope and allowed unless this is false.
     pub allow_loopback: bool,
+    /// `loopback: {ports: [...]}`: loopback destinations are allowed at these TCP and UDP
+    /// ports only (sorted, no repeats); empty when the key is left out. Never set together
+    /// with `allow_loopback` (which is then false).
+    pub loopback_ports: Vec<u16>,
     /// Inet sockets other than TCP/UDP (raw, ICMP, SCTP, ...) may be created.
     pub allow_other_socket_types: bool,
     /// Listening ports that accept connections from non-loopback peers, and from whom.
@@ -28,6 +32,9 @@ pub struct Policy {
     /// `mode:` as written (`None`: left out, enforce unless `--mode audit` asks otherwise).
     pub mode: Option<Mode>,
 }
+
+/// How many ports `loopback.ports` may list (the kernel's slot holds that many).
+pub const MAX_LOOPBACK_PORTS: usize = 16;
 
 /// Whether denials are enforced or only reported.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -385,9 +392,12 @@ impl fmt::Display for Summary<'_> {
             f,
             "  loopback (127.0.0.0/8, ::1): {}",
             if p.allow_loopback {
-                "allowed"
+                "allowed".to_owned()
+            } else if !p.loopback_ports.is_empty() {
+                let ports: Vec<String> = p.loopback_ports.iter().map(u16::to_string).collect();
+                format!("allowed at tcp/udp ports {} only", ports.join(", "))
             } else {
-                "refused"
+                "refused".to_owned()
             }
         )?;
         write!(

@@ -29,7 +29,7 @@ use super::aws;
 use super::error::PolicyError;
 use super::model::{
     AllowedDestination, DefaultAction, DeniedDestination, DnsPolicy, HostPattern, InboundRule,
-    Mode, Policy, Protocol, RateLimit, RateLimits, Restrictions, Target,
+    MAX_LOOPBACK_PORTS, Mode, Policy, Protocol, RateLimit, RateLimits, Restrictions, Target,
 };
 use crate::names::{PublicSuffixKind, wildcard_public_suffix};
 
@@ -380,6 +380,7 @@ const POLICY_KEYS: &[&str] = &[
     "dns_policy",
     "rate_limits",
     "allow_loopback",
+    "loopback",
     "allow_other_socket_types",
     "inbound",
     "mode",
@@ -394,6 +395,7 @@ struct Body {
     dns: Option<DnsPolicy>,
     rate_limits: Option<RateLimits>,
     allow_loopback: bool,
+    loopback_ports: Vec<u16>,
     allow_other_socket_types: bool,
     inbound: Vec<InboundRule>,
     mode: Option<Mode>,
@@ -415,6 +417,7 @@ impl Body {
             dns: self.dns,
             rate_limits: self.rate_limits,
             allow_loopback: self.allow_loopback,
+            loopback_ports: self.loopback_ports,
             allow_other_socket_types: self.allow_other_socket_types,
             inbound: self.inbound,
             mode: self.mode,
@@ -432,6 +435,7 @@ struct RawPolicy {
     dns_policy: Option<RawDnsPolicy>,
     rate_limits: Option<RawRateLimits>,
     allow_loopback: Option<bool>,
+    loopback: Option<LoopbackValue>,
     allow_other_socket_types: Option<bool>,
     inbound: Option<Vec<inbound::InboundEntry>>,
     mode: Option<ModeValue>,
@@ -444,7 +448,8 @@ impl<'de> Deserialize<'de> for PolicyBody {
         deserializer.deserialize_map(Checked {
             expecting: "a mapping with `default_action`, `allowed_destinations` and optionally \
                         `denied_destinations`, `dns_policy`, `rate_limits`, `name`, \
-                        `allow_loopback`, `allow_other_socket_types`, `inbound`, `mode`",
+                        `allow_loopback`, `loopback`, `allow_other_socket_types`, `inbound`, \
+                        `mode`",
             check: check_policy,
             raw: PhantomData,
         })
@@ -455,6 +460,14 @@ fn check_policy(raw: RawPolicy) -> Result<PolicyBody, String> {
     let default_action = raw.default_action.ok_or(
         "missing `default_action`; egress enforces allowlists: write `default_action: DENY`",
     )?;
+    if raw.loopback.is_some() && raw.allow_loopback.is_some() {
+        return Err(
+            "`loopback` and `allow_loopback` exclude each other: `loopback: {ports: \
+                    [...]}` allows loopback at those ports only, `allow_loopback` at every port \
+                    (true) or by the rules (false); keep one"
+                .into(),
+        );
+    }
     Ok(PolicyBody(Body {
         name: raw.name.map(|n| n.0),
         default_action: default_action.0,
@@ -485,7 +498,8 @@ fn check_policy(raw: RawPolicy) -> Result<PolicyBody, String> {
                 time_window_secs: g.time_window.0,
             }),
         }),
-        allow_loopback: raw.allow_loopback.unwrap_or(true),
+        allow_loopback: raw.allow_loopback.unwrap_or(raw.loopback.is_none()),
+        loopback_ports: raw.loopback.map(|l| l.0).unwrap_or_default(),
         allow_other_socket_types: raw.allow_other_socket_types.unwrap_or(false),
         inbound: raw
             .inbound
@@ -495,6 +509,45 @@ fn check_policy(raw: RawPolicy) -> Result<PolicyBody, String> {
             .collect(),
         mode: raw.mode.map(|m| m.0),
     }))
+}
+
+// --- loopback -------------------------------------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLoopback {
+    ports: Option<NonEmpty<PortValue>>,
+}
+
+/// `loopback: {ports: [...]}`: the ports, sorted, without repeats.
+struct LoopbackValue(Vec<u16>);
+
+impl<'de> Deserialize<'de> for LoopbackValue {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_map(Checked {
+            expecting: "a mapping with `ports`, e.g. `loopback: {ports: [5432]}`",
+            check: check_loopback,
+            raw: PhantomData,
+        })
+    }
+}
+
+fn check_loopback(raw: RawLoopback) -> Result<LoopbackValue, String> {
+    let ports = raw.ports.ok_or(
+        "missing `ports`: the loopback ports the workload may reach, e.g. `loopback: {ports: \
+         [5432]}`",
+    )?;
+    let mut ports: Vec<u16> = ports.0.into_iter().map(|p| p.0).collect();
+    ports.sort_unstable();
+    ports.dedup();
+    if ports.len() > MAX_LOOPBACK_PORTS {
+        return Err(format!(
+            "{} ports: `loopback.ports` holds at most {MAX_LOOPBACK_PORTS} (for more, write \
+             `allow_loopback: false` and allow them as `cidr: 127.0.0.1/32` entries)",
+            ports.len()
+        ));
+    }
+    Ok(LoopbackValue(ports))
 }
 
 /// `items` without repeats, in the order of their first occurrence (resolvers are tried in
@@ -1410,11 +1463,73 @@ mod tests {
                 }),
             }),
             allow_loopback: true,
+            loopback_ports: Vec::new(),
             allow_other_socket_types: false,
             inbound: Vec::new(),
             mode: None,
         };
         assert_eq!(p, expected);
+    }
+
+    #[test]
+    fn loopback_ports_are_sorted_bounded_and_exclude_allow_loopback() {
+        let head = "egress_policy:\n  default_action: DENY\n";
+        let p = ok(&format!(
+            "{head}  loopback: {{ports: [6379, 5432, 6379]}}\n"
+        ));
+        assert_eq!(p.loopback_ports, vec![5432, 6379]);
+        assert!(!p.allow_loopback);
+        assert!(ok(head).loopback_ports.is_empty());
+        assert_eq!(
+            msg(&format!(
+                "{head}  allow_loopback: false\n  loopback: {{ports: [5432]}}\n"
+            )),
+            "policies/t.yaml:2:3: egress_policy: `loopback` and `allow_loopback` exclude each \
+             other: `loopback: {ports: [...]}` allows loopback at those ports only, \
+             `allow_loopback` at every port (true) or by the rules (false); keep one"
+        );
+        let many: Vec<String> = (1..=17).map(|i| (5000 + i).to_string()).collect();
+        for (value, want) in [
+            (
+                "{ports: []}",
+                "empty list; expected at least one of the port numbers",
+            ),
+            ("{ports: [0]}", "port"),
+            ("{ports: [65536]}", "port"),
+            (
+                "{}",
+                "missing `ports`: the loopback ports the workload may reach",
+            ),
+            ("{ports: [5432], tcp: true}", "unknown field `tcp`"),
+            ("[5432]", "a mapping with `ports`"),
+        ] {
+            let m = msg(&format!("{head}  loopback: {value}\n"));
+            assert!(
+                m.starts_with("policies/t.yaml:3:") && m.contains(want),
+                "{value}: {m}"
+            );
+        }
+        assert!(
+            msg(&format!(
+                "{head}  loopback: {{ports: [{}]}}\n",
+                many.join(", ")
+            ))
+            .contains("17 ports: `loopback.ports` holds at most 16"),
+        );
+        // Exactly 16, with repeats, is fine.
+        let sixteen: Vec<String> = (1..=16)
+            .chain([3])
+            .map(|i| (5000 + i).to_string())
+            .collect();
+        assert_eq!(
+            ok(&format!(
+                "{head}  loopback: {{ports: [{}]}}\n",
+                sixteen.join(", ")
+            ))
+            .loopback_ports
+            .len(),
+            16
+        );
     }
 
     #[test]

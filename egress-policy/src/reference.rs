@@ -2,11 +2,78 @@
 //! scans. It shares no code with `compile` or the kernel's lookups, so tests can hold both
 //! against it: the compiled tables (without root) and the kernel (with real sockets).
 
-use egress_common::{Decision, Dest, Family, Proto, Reason, verdict::NO_RULE};
+use egress_common::{
+    Decision, Dest, Family, Hook, Proto, Reason, SlotConfig,
+    maps::{SLOT_AUDIT, SLOT_DNS_RESOLVERS},
+    verdict::{NO_RULE, Outcome, conclude, connected_send, route, settle},
+};
 
 use crate::compile::{Resolved, targets};
 use crate::doh::DohList;
 use crate::{Policy, Transport};
+
+/// The workload's DNS proxy as the hooks see it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Proxy {
+    /// Its port on 127.0.0.1 and ::1.
+    pub port: u16,
+    /// Whether its agent keeps it known alive.
+    pub alive: bool,
+    /// The resolvers the workload may address (the proxy's upstream servers); a query to any
+    /// other is redirected to the proxy's second port.
+    pub resolvers: Vec<std::net::IpAddr>,
+}
+
+/// A connect or sendmsg as the hook the kernel runs for it sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Call {
+    /// The call names `dst`.
+    To { hook: Hook, dst: Dest },
+    /// A send on a connected socket with ancillary data: it names no address; the socket's
+    /// peer is or is not on loopback.
+    Connected { hook: Hook, peer_loopback: bool },
+}
+
+/// What the hooks make of `call`: the send rules and the DNS redirect with its guards (the
+/// kernel's own pure core, `egress_common::verdict`), then [`decide`] for the policy. Rate
+/// limits are left out (see `crate::limits::reference`).
+pub fn judge(
+    policy: &Policy,
+    resolved: &Resolved,
+    doh: &DohList,
+    proxy: Option<&Proxy>,
+    call: Call,
+) -> Outcome {
+    let mut slot = SlotConfig {
+        policy_id: 1,
+        ..SlotConfig::default()
+    };
+    if policy.audit() {
+        slot.flags |= SLOT_AUDIT;
+    }
+    if let Some(p) = proxy {
+        slot.dns_port = p.port;
+        slot.flags |= SLOT_DNS_RESOLVERS;
+    }
+    let (hook, dst, step) = match call {
+        Call::To { hook, dst } => {
+            let alive = || proxy.is_some_and(|p| p.alive);
+            let authorized = || proxy.is_some_and(|p| p.resolvers.contains(&ip(&dst)));
+            (hook, dst, route(hook, &slot, &dst, alive, authorized))
+        }
+        // The hook reads no address: the event names none.
+        Call::Connected {
+            hook,
+            peer_loopback,
+        } => (
+            hook,
+            Dest::v4([0; 4], 0, Proto::Udp),
+            connected_send(hook, peer_loopback),
+        ),
+    };
+    conclude(hook, &dst, step)
+        .unwrap_or_else(|| settle(hook, &slot, &dst, decide(policy, resolved, doh, &dst)))
+}
 
 /// What `policy` says about `dst`.
 pub fn decide(policy: &Policy, resolved: &Resolved, doh: &DohList, dst: &Dest) -> Decision {
@@ -27,6 +94,17 @@ pub fn decide(policy: &Policy, resolved: &Resolved, doh: &DohList, dst: &Dest) -
             };
         }
     };
+    if loopback && !policy.loopback_ports.is_empty() {
+        let reason = if policy.loopback_ports.contains(&dst.port) {
+            Reason::AllowLoopback
+        } else {
+            Reason::DenyLoopbackPort
+        };
+        return Decision {
+            reason,
+            rule_id: NO_RULE,
+        };
+    }
     if dst.port == egress_common::maps::DOT_PORT && policy.dns.as_ref().is_some_and(|d| d.block_dot)
     {
         return Decision {

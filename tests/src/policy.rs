@@ -9,6 +9,7 @@ use std::fmt::Write as _;
 ///   name: "dns-a"                    # only when set
 ///   default_action: DENY
 ///   allow_loopback: false            # only when set
+///   loopback: {ports: [5432]}        # only when set
 ///   allowed_destinations:
 ///     - {cidr: "198.18.0.2/32", ports: [8080], protocols: [tcp]}
 ///     - {host: "*.example.test", ports: [443], protocols: [https]}
@@ -28,6 +29,7 @@ pub struct PolicyYaml {
     allowed: Vec<String>,
     denied: Vec<String>,
     allow_loopback: Option<bool>,
+    loopback_ports: Option<Vec<u16>>,
     allow_other_socket_types: Option<bool>,
     dns: Option<DnsPolicyYaml>,
     inbound: Vec<String>,
@@ -129,6 +131,13 @@ impl PolicyYaml {
         self
     }
 
+    /// `loopback: {ports: [...]}`: loopback at these ports only.
+    #[must_use]
+    pub fn loopback_ports(mut self, ports: &[u16]) -> Self {
+        self.loopback_ports = Some(ports.to_vec());
+        self
+    }
+
     #[must_use]
     pub fn allow_other_socket_types(mut self, allow: bool) -> Self {
         self.allow_other_socket_types = Some(allow);
@@ -144,6 +153,10 @@ impl PolicyYaml {
         y.push_str("  default_action: DENY\n");
         if let Some(b) = self.allow_loopback {
             let _ = writeln!(y, "  allow_loopback: {b}");
+        }
+        if let Some(ports) = &self.loopback_ports {
+            let ports: Vec<String> = ports.iter().map(u16::to_string).collect();
+            let _ = writeln!(y, "  loopback: {{ports: [{}]}}", ports.join(", "));
         }
         if let Some(b) = self.allow_other_socket_types {
             let _ = writeln!(y, "  allow_other_socket_types: {b}");

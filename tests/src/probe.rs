@@ -85,6 +85,9 @@
 //!                                                                `count` = connections accepted,
 //!                                                                `addrs` = their peers, `from` = the
 //!                                                                listening address
+//! raw6             ADDR HEX                                      the bytes HEX as one IPv6 packet, header
+//!                                                                included, to ADDR from an IPPROTO_RAW
+//!                                                                socket (needs CAP_NET_RAW)
 //! touch            PATH                                          create the file (for a test to sync on)
 //! wait-file        PATH MS                                       wait until PATH exists, at most MS
 //!                                                                (<= 120000) ms; ETIMEDOUT otherwise

@@ -127,6 +127,15 @@ impl Testbed {
         out
     }
 
+    /// As [`Testbed::run_in_cgroup_ns`], as root.
+    #[track_caller]
+    pub fn run_in_cgroup_ns_as_root(&self, ns: &Netns, cgroup: &Path, ops: &[&str]) -> RunOutput {
+        let out = run_probe_in_cgroup_as_root(ns, cgroup, self.probe.path(), ops, WORKLOAD_TIMEOUT)
+            .unwrap_or_else(|e| panic!("running the workload in {}: {e:#}", cgroup.display()));
+        assert!(!out.timed_out, "workload timed out\n{}", out.describe());
+        out
+    }
+
     /// A fresh directory every user may create files in, for the probe's `touch` and
     /// `wait-file` ops (workloads and the test sync through it). Removed on drop.
     pub fn sync_dir(&self) -> Result<tempfile::TempDir> {
@@ -170,6 +179,30 @@ pub fn probe_in_cgroup_command<S: AsRef<std::ffi::OsStr>>(
     probe: &Path,
     ops: &[S],
 ) -> Result<Command> {
+    let mut cmd = joining_cgroup(cgroup, probe, ops)?;
+    ns.run_in_as(&mut cmd, NOBODY_UID, NOBODY_GID);
+    Ok(cmd)
+}
+
+/// As [`run_probe_in_cgroup`], as root: for the ops that need CAP_NET_RAW.
+pub fn run_probe_in_cgroup_as_root(
+    ns: &Netns,
+    cgroup: &Path,
+    probe: &Path,
+    ops: &[&str],
+    timeout: Duration,
+) -> Result<RunOutput> {
+    let mut cmd = joining_cgroup(cgroup, probe, ops)?;
+    ns.run_in(&mut cmd);
+    run_captured(&mut cmd, timeout, || {})
+}
+
+/// `probe ops...`, which joins `cgroup` before it execs.
+fn joining_cgroup<S: AsRef<std::ffi::OsStr>>(
+    cgroup: &Path,
+    probe: &Path,
+    ops: &[S],
+) -> Result<Command> {
     use std::io::Write as _;
     use std::os::unix::process::CommandExt as _;
     let procs = std::fs::OpenOptions::new()
@@ -185,6 +218,5 @@ pub fn probe_in_cgroup_command<S: AsRef<std::ffi::OsStr>>(
             f.write_all(b"0")
         });
     }
-    ns.run_in_as(&mut cmd, NOBODY_UID, NOBODY_GID);
     Ok(cmd)
 }

@@ -38,8 +38,12 @@ pub struct Checked {
 /// The text to print for a policy that this version can enforce, followed by how the DNS
 /// proxy would judge each of `names`, and its warnings. A policy with errors in several
 /// entries gets all of them (up to `policy::MAX_REPORTED`).
-pub fn check(path: &Path, names: &[String]) -> Result<Checked, CheckError> {
-    let policy = match session::load_policy(path) {
+pub fn check(
+    path: &Path,
+    names: &[String],
+    limits: &egress_policy::capacity::MapLimits,
+) -> Result<Checked, CheckError> {
+    let policy = match session::load_policy(path, limits) {
         Ok(p) => p,
         Err(SessionError::Policy(first @ PolicyError::Invalid { .. })) => {
             let all = egress_policy::read_policy_text(path)
@@ -198,7 +202,7 @@ mod tests {
              protocols: [tcp]\n",
         )
         .unwrap_or_else(|e| panic!("{e}"));
-        let e = match check(&p, &[]) {
+        let e = match check(&p, &[], &egress_policy::capacity::MapLimits::default()) {
             Ok(t) => panic!("{}", t.text),
             Err(e) => e,
         };
@@ -222,7 +226,11 @@ mod tests {
             env!("CARGO_MANIFEST_DIR"),
             "/../policies/mcp-net-02-example.yaml"
         ));
-        let text = match check(path, &["s3.us-east-1.amazonaws.com".to_owned()]) {
+        let text = match check(
+            path,
+            &["s3.us-east-1.amazonaws.com".to_owned()],
+            &egress_policy::capacity::MapLimits::default(),
+        ) {
             Ok(t) => t.text,
             Err(e) => panic!("{e}"),
         };

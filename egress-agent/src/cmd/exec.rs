@@ -73,7 +73,12 @@ impl ExecError {
 pub async fn run(args: ExecArgs) -> Result<u8, ExecError> {
     let mut clock = StartupClock::new();
     let mode = args.mode.map(egress_policy::Mode::from);
-    let policy = session::with_mode(session::load_policy(&args.policy)?, mode, &args.policy)?;
+    let limits = args.kernel.maps.limits();
+    let policy = session::with_mode(
+        session::load_policy(&args.policy, &limits)?,
+        mode,
+        &args.policy,
+    )?;
     clock.policy = clock.lap();
     run_with(args, policy, None, clock).await
 }
@@ -114,7 +119,17 @@ pub async fn run_with(
     };
     clock.cgroup = clock.lap();
 
-    match Supervisor::start(policy, &args.dns, &args.telemetry, EXEC_SLOT, &placement).await {
+    let limits = args.kernel.maps.limits();
+    match Supervisor::start(
+        policy,
+        &args.dns,
+        &args.telemetry,
+        EXEC_SLOT,
+        &placement,
+        &limits,
+    )
+    .await
+    {
         Ok(mut sup) => {
             clock.programs = clock.lap();
             sup.set_mode(mode);

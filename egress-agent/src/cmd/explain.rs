@@ -249,9 +249,13 @@ pub fn parse_all(queries: &[String]) -> Result<Vec<Query>, ExplainError> {
 }
 
 /// `check FILE --explain ...`: one explanation per query, from the file's policy.
-pub fn explain_file(path: &Path, queries: &[String]) -> Result<String, ExplainError> {
+pub fn explain_file(
+    path: &Path,
+    queries: &[String],
+    limits: &egress_policy::capacity::MapLimits,
+) -> Result<String, ExplainError> {
     let queries = parse_all(queries)?;
-    let policy = session::load_policy(path)?;
+    let policy = session::load_policy(path, limits)?;
     let text = std::fs::read_to_string(path).map_err(|source| ExplainError::Io {
         path: path.to_path_buf(),
         source,
@@ -547,9 +551,32 @@ impl Context {
         };
         let covering = self.allowed_covering(addr);
         match d.reason {
+            Reason::AllowLoopback if !p.loopback_ports.is_empty() => out.why.push(format!(
+                "loopback is allowed at tcp/udp port {port}: `loopback.ports` lists it"
+            )),
             Reason::AllowLoopback => out
                 .why
                 .push("loopback is out of MCP-NET-02's scope and allowed (allow_loopback)".into()),
+            Reason::DenyLoopbackPort => {
+                let pairs: Vec<(Transport, u16)> = p
+                    .loopback_ports
+                    .iter()
+                    .flat_map(|&lp| [(Transport::Tcp, lp), (Transport::Udp, lp)])
+                    .collect();
+                if query.port.is_none() {
+                    out.verdict = Verdict::AllowOn(pairs);
+                    out.reason = Reason::AllowLoopback.as_str();
+                    out.why
+                        .push("loopback is allowed at the ports `loopback.ports` lists".into());
+                } else {
+                    out.why.push(format!(
+                        "loopback is allowed only at the ports `loopback.ports` lists ({}), not \
+                         {}/{port}",
+                        pairs_text(&pairs),
+                        query.transport
+                    ));
+                }
+            }
             Reason::DenyDot => out.why.push(
                 "port 853 (DNS over TLS) is denied to every destination (`block_dot`)".into(),
             ),

@@ -187,6 +187,59 @@ fn loopback_and_mapped_addresses() {
 }
 
 #[test]
+fn loopback_scoped_by_port_names_the_ports() {
+    let text = "egress_policy:\n  default_action: DENY\n  loopback: {ports: [6379, 5432]}\n";
+    let file = Path::new("lo.yaml");
+    let policy = match crate::policy::parse_str(text, file) {
+        Ok(p) => p,
+        Err(e) => panic!("{e}"),
+    };
+    let ctx = Context::new(policy, entry_lines(text), file);
+    let explain = |q: &str| match Query::parse(q) {
+        Ok(q) => ctx.explain(&q),
+        Err(e) => panic!("{e}"),
+    };
+    for q in [
+        "127.0.0.1:5432",
+        "[::1]:6379/udp",
+        "[::ffff:127.0.0.9]:5432",
+        "0.0.0.0:5432",
+    ] {
+        let e = explain(q);
+        assert_eq!(
+            (e.verdict.clone(), e.reason),
+            (Verdict::Allow, "loopback"),
+            "{q}"
+        );
+        assert!(
+            why(&e).contains("`loopback.ports` lists it"),
+            "{q}: {}",
+            why(&e)
+        );
+    }
+    let e = explain("127.0.0.1:8080");
+    assert_eq!(
+        (e.verdict.clone(), e.reason),
+        (Verdict::Deny, "loopback_port_not_allowed")
+    );
+    assert_eq!(
+        why(&e),
+        "loopback is allowed only at the ports `loopback.ports` lists (tcp/5432, udp/5432, \
+         tcp/6379, udp/6379), not tcp/8080"
+    );
+    let e = explain("::1");
+    assert_eq!(
+        e.verdict,
+        Verdict::AllowOn(vec![
+            (Transport::Tcp, 5432),
+            (Transport::Udp, 5432),
+            (Transport::Tcp, 6379),
+            (Transport::Udp, 6379),
+        ])
+    );
+}
+
+#[test]
 fn query_syntax() {
     let q = |s: &str| {
         Query::parse(s)
@@ -229,6 +282,7 @@ fn explain_file_reads_the_seed_policy_with_lines() {
     let text = match explain_file(
         path,
         &["10.1.2.3:5432".to_owned(), "api.company.com:443".to_owned()],
+        &egress_policy::capacity::MapLimits::default(),
     ) {
         Ok(t) => t,
         Err(e) => panic!("{e}"),

@@ -44,7 +44,12 @@ impl RunError {
 
 pub async fn run(args: RunArgs) -> Result<u8, RunError> {
     let mode = args.mode.map(egress_policy::Mode::from);
-    let policy = session::with_mode(session::load_policy(&args.policy)?, mode, &args.policy)?;
+    let limits = args.kernel.maps.limits();
+    let policy = session::with_mode(
+        session::load_policy(&args.policy, &limits)?,
+        mode,
+        &args.policy,
+    )?;
     crate::workload::privilege::require("run")?;
     if args.kernel.packet_check == crate::cli::PacketCheck::Always {
         crate::kernel::mip6::check_always();
@@ -67,19 +72,48 @@ pub async fn run(args: RunArgs) -> Result<u8, RunError> {
         ),
     };
     let adopting = matches!(placement, Placement::Adopt { .. });
-    let mut sup =
-        match Supervisor::start(policy, &args.dns, &args.telemetry, slot, &placement).await {
-            Ok(mut sup) => {
-                sup.set_mode(mode);
-                sup
-            }
-            Err(e) => {
-                if !adopting {
-                    let _ = loc.remove();
+    // An adopted instance keeps the map sizes it was created with: the policy must fit those.
+    let limits = match &placement {
+        Placement::Adopt { dir } => {
+            let pinned = crate::loader::pinned_sizes(dir)
+                .map_err(|e| SessionError::from(crate::enforcer::EnforcerError::from(e)))?;
+            for (kind, entries) in limits.overrides() {
+                if pinned.entries(kind) != entries {
+                    tracing::warn!(
+                        map = kind.name(),
+                        asked = entries,
+                        size = pinned.entries(kind),
+                        "--max-entries does not resize an adopted instance: its pinned maps keep their size until it is detached"
+                    );
                 }
-                return Err(e.into());
             }
-        };
+            egress_policy::capacity::check(&policy, crate::dns::doh_list(), &args.policy, &pinned)
+                .map_err(SessionError::from)?;
+            pinned
+        }
+        Placement::Fresh { .. } => limits,
+    };
+    let mut sup = match Supervisor::start(
+        policy,
+        &args.dns,
+        &args.telemetry,
+        slot,
+        &placement,
+        &limits,
+    )
+    .await
+    {
+        Ok(mut sup) => {
+            sup.set_mode(mode);
+            sup
+        }
+        Err(e) => {
+            if !adopting {
+                let _ = loc.remove();
+            }
+            return Err(e.into());
+        }
+    };
     if !adopting && let Err(e) = sup.enforcer.attach(&path) {
         drop(sup);
         let _ = loc.remove();

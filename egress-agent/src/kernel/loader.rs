@@ -19,6 +19,7 @@ use aya::{
 
 use crate::kernel::{bpf_sys, bpffs};
 use egress_common::maps::GLOBAL_SLOT;
+use egress_policy::capacity::{MapKind, MapLimits, Origin};
 
 /// The object aya-build produced from `egress-ebpf`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/egress"));
@@ -115,16 +116,28 @@ pub struct Programs {
     pins: Option<PathBuf>,
     /// Links made outside aya and not pinned: held here, released with the programs.
     held_links: Vec<std::os::fd::OwnedFd>,
+    /// The sizes of the maps an operator may size: as loaded, or as pinned.
+    sizes: MapLimits,
 }
 
 impl Programs {
-    /// Loads and verifies every program, bound to `slot`.
+    /// Loads and verifies every program, bound to `slot`, with the maps at their default
+    /// sizes.
     pub fn load(slot: u32) -> Result<Self, LoadError> {
+        Self::load_sized(slot, &MapLimits::default())
+    }
+
+    /// As [`Programs::load`], with the maps `limits` sizes created at those sizes.
+    pub fn load_sized(slot: u32, limits: &MapLimits) -> Result<Self, LoadError> {
         if OBJECT.is_empty() {
             return Err(LoadError::NoPrograms);
         }
-        let mut ebpf = EbpfLoader::new()
-            .override_global(GLOBAL_SLOT, &slot, true)
+        let mut loader = EbpfLoader::new();
+        loader.override_global(GLOBAL_SLOT, &slot, true);
+        for (kind, entries) in limits.overrides() {
+            loader.map_max_entries(kind.map(), entries);
+        }
+        let mut ebpf = loader
             .load(OBJECT)
             .map_err(|e| LoadError::Object(Box::new(e)))?;
         for name in SOCK_ADDR_PROGRAMS {
@@ -156,6 +169,7 @@ impl Programs {
             slot,
             pins: None,
             held_links: Vec::new(),
+            sizes: *limits,
         })
     }
 
@@ -179,7 +193,13 @@ impl Programs {
             slot,
             pins: Some(dir.to_path_buf()),
             held_links: Vec::new(),
+            sizes: pinned_sizes(dir)?,
         })
+    }
+
+    /// The sizes of the maps an operator may size, as they are in the kernel.
+    pub fn sizes(&self) -> &MapLimits {
+        &self.sizes
     }
 
     pub fn slot(&self) -> u32 {
@@ -406,6 +426,30 @@ impl Programs {
         }
         Ok(())
     }
+}
+
+/// The sizes of the pinned maps of an instance, read from the kernel: they are the ones the
+/// instance was created with, whatever `--max-entries` says now.
+pub fn pinned_sizes(dir: &Path) -> Result<MapLimits, LoadError> {
+    let mut sizes = MapLimits::default();
+    for kind in MapKind::ALL {
+        let path = bpffs::map_pin(dir, kind.map());
+        let info = aya::maps::MapData::from_pin(&path)
+            .and_then(|m| m.info())
+            .map_err(|e| LoadError::Pin {
+                what: "reading the size of the pinned map",
+                path,
+                message: e.to_string(),
+            })?;
+        let entries = info.max_entries();
+        let origin = if entries == kind.default_entries() {
+            Origin::Default
+        } else {
+            Origin::Pinned
+        };
+        sizes.set(kind, entries, origin);
+    }
+    Ok(sizes)
 }
 
 /// Pins a link so that it outlives this process; the pin, not the descriptor, keeps it.

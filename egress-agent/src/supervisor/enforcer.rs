@@ -18,6 +18,7 @@ use crate::supervisor::install::{Installed, Tables, install};
 use crate::supervisor::lookups::{Lookups, Recorded, look_up, take_answer};
 use crate::supervisor::resolve::{Resolver, policy_hosts};
 use egress_policy::Policy;
+use egress_policy::capacity::MapLimits;
 use egress_policy::compile::{Compiled, Resolved, SetIds, compile_with_deadlines};
 use egress_policy::limits::CompiledLimits;
 
@@ -105,7 +106,7 @@ impl Enforcer {
         lookups: impl Into<Lookups>,
         slot: u32,
     ) -> Result<Self, EnforcerError> {
-        Self::start_with(policy, lookups.into(), slot, None)
+        Self::start_sized(policy, lookups.into(), slot, None, &MapLimits::default())
     }
 
     /// As [`Enforcer::start`], with every map pinned in `dir`; attaching pins the links there
@@ -116,16 +117,19 @@ impl Enforcer {
         slot: u32,
         dir: &Path,
     ) -> Result<Self, EnforcerError> {
-        Self::start_with(policy, lookups, slot, Some(dir))
+        Self::start_sized(policy, lookups, slot, Some(dir), &MapLimits::default())
     }
 
-    fn start_with(
+    /// As [`Enforcer::start`] (pinned in `pins` when given), with the maps `limits` sizes
+    /// created at those sizes.
+    pub fn start_sized(
         policy: Policy,
         lookups: Lookups,
         slot: u32,
         pins: Option<&Path>,
+        limits: &MapLimits,
     ) -> Result<Self, EnforcerError> {
-        let mut programs = Programs::load(slot)?;
+        let mut programs = Programs::load_sized(slot, limits)?;
         if let Some(dir) = pins {
             programs.pin_maps(dir)?;
         }
@@ -388,6 +392,11 @@ impl Enforcer {
 
     pub fn slot(&self) -> u32 {
         self.programs.slot()
+    }
+
+    /// The sizes of the maps a policy must fit (half of each), as they are in the kernel.
+    pub fn map_sizes(&self) -> &MapLimits {
+        self.programs.sizes()
     }
 
     /// The earliest time a host name is due for a lookup.

@@ -60,6 +60,7 @@ pub fn install(
         SlotConfig {
             policy_id,
             flags: compiled.slot_flags | own_flags,
+            loopback_ports: compiled.loopback_ports,
             ..base
         },
     )?;

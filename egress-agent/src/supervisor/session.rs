@@ -18,6 +18,7 @@ use crate::observe::recent::Recent;
 use crate::supervisor::enforcer::{Enforcer, EnforcerError};
 use crate::supervisor::resolve::{ResolveError, Resolver, TtlBounds, policy_hosts};
 use egress_dns_wire::message::Rcode;
+use egress_policy::capacity::MapLimits;
 use egress_policy::ip_ranges::AwsIpRanges;
 use egress_policy::{self as policy, Policy, PolicyError, Unsupported};
 
@@ -76,7 +77,7 @@ impl SessionError {
 }
 
 /// Parses and validates the policy file, and refuses what this version cannot enforce.
-pub fn load_policy(path: &Path) -> Result<Policy, SessionError> {
+pub fn load_policy(path: &Path, limits: &MapLimits) -> Result<Policy, SessionError> {
     let policy = policy::load_file(path)?;
     let items = policy::unsupported_features(&policy, crate::dns::doh_list());
     if !items.is_empty() {
@@ -85,7 +86,7 @@ pub fn load_policy(path: &Path) -> Result<Policy, SessionError> {
             items,
         });
     }
-    egress_policy::capacity::check(&policy, crate::dns::doh_list(), path)?;
+    egress_policy::capacity::check(&policy, crate::dns::doh_list(), path, limits)?;
     Ok(policy)
 }
 
@@ -112,9 +113,13 @@ pub fn with_mode(
 
 /// [`load_policy`] on a blocking thread: the runtime thread serves the workload's DNS and
 /// reads its events, and must not wait on a large or slow policy file.
-pub async fn load_policy_off_thread(path: &Path) -> Result<Policy, SessionError> {
+pub async fn load_policy_off_thread(
+    path: &Path,
+    limits: &MapLimits,
+) -> Result<Policy, SessionError> {
     let owned = path.to_path_buf();
-    match tokio::task::spawn_blocking(move || load_policy(&owned)).await {
+    let limits = *limits;
+    match tokio::task::spawn_blocking(move || load_policy(&owned, &limits)).await {
         Ok(loaded) => loaded,
         Err(joined) => Err(SessionError::Other(Box::new(joined))),
     }
@@ -334,6 +339,7 @@ pub async fn start(
     dns: &DnsArgs,
     slot: u32,
     placement: &Placement,
+    limits: &MapLimits,
     rebinding: &RebindCounter,
 ) -> Result<(Enforcer, Option<Arc<Resolver>>), SessionError> {
     let hosts = policy_hosts(&policy);
@@ -344,8 +350,9 @@ pub async fn start(
     };
     let lookups = resolve_all(&policy, resolver.as_ref(), rebinding).await;
     let enforcer = match placement {
-        Placement::Fresh { pins: None } => Enforcer::start(policy, lookups, slot)?,
-        Placement::Fresh { pins: Some(dir) } => Enforcer::start_pinned(policy, lookups, slot, dir)?,
+        Placement::Fresh { pins } => {
+            Enforcer::start_sized(policy, lookups, slot, pins.as_deref(), limits)?
+        }
         Placement::Adopt { dir } => {
             let (e, old_policy_id) = Enforcer::adopt(policy, lookups, slot, dir)?;
             tracing::info!(dir = %dir.display(), old_policy_id, policy_id = e.compiled().policy_id,
@@ -407,19 +414,28 @@ impl Supervisor {
         telemetry: &TelemetryArgs,
         slot: u32,
         placement: &Placement,
+        limits: &MapLimits,
     ) -> Result<Self, SessionError> {
         let name = policy.name.clone();
         // Read before anything is loaded: a bad file is a configuration error.
         let aws_ranges = load_aws_ranges(dns)?;
         let dns_metrics = DnsMetrics::default();
-        let (mut enforcer, resolver) =
-            match start(policy, dns, slot, placement, &dns_metrics.rebinding_blocked).await {
-                Ok(v) => v,
-                Err(e) => {
-                    tracing::error!(policy = %name, "policy load failed");
-                    return Err(e);
-                }
-            };
+        let (mut enforcer, resolver) = match start(
+            policy,
+            dns,
+            slot,
+            placement,
+            limits,
+            &dns_metrics.rebinding_blocked,
+        )
+        .await
+        {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::error!(policy = %name, "policy load failed");
+                return Err(e);
+            }
+        };
         let (metrics, registry) = Metrics::new(enforcer.maps().shared_counters(), dns_metrics);
         metrics
             .policy_loads
@@ -654,16 +670,19 @@ impl Supervisor {
     /// Replaces the policy with the one in `path`, if it parses, validates and compiles. A bad
     /// file is logged and counted, and the policy in force stays. Returns the new policy id.
     pub async fn reload(&mut self, path: &Path) -> Option<u32> {
-        let prepared = load_policy_off_thread(path).await.and_then(|policy| {
-            let policy = with_mode(policy, self.mode, path)?;
-            let resolver = if policy_hosts(&policy).is_empty() {
-                None
-            } else {
-                Some(resolver(&policy, &self.dns)?)
-            };
-            let upstream = upstream(&policy, &self.dns)?;
-            Ok((policy, resolver, upstream))
-        });
+        let sizes = *self.enforcer.map_sizes();
+        let prepared = load_policy_off_thread(path, &sizes)
+            .await
+            .and_then(|policy| {
+                let policy = with_mode(policy, self.mode, path)?;
+                let resolver = if policy_hosts(&policy).is_empty() {
+                    None
+                } else {
+                    Some(resolver(&policy, &self.dns)?)
+                };
+                let upstream = upstream(&policy, &self.dns)?;
+                Ok((policy, resolver, upstream))
+            });
         let (policy, resolver, upstream) = match prepared {
             Ok(v) => v,
             Err(error) => {

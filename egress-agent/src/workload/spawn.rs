@@ -9,7 +9,7 @@ use std::io::{self, Read as _};
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd};
 
-use egress_common::{Dest, Proto, SlotConfig, decide};
+use egress_common::{Dest, Proto, decide};
 
 use std::os::unix::ffi::OsStrExt as _;
 
@@ -99,11 +99,7 @@ pub struct Probes {
 
 impl Probes {
     pub fn choose(compiled: &Compiled) -> Result<Self, WorkloadError> {
-        let slot = SlotConfig {
-            policy_id: compiled.policy_id,
-            flags: compiled.slot_flags,
-            ..SlotConfig::default()
-        };
+        let slot = compiled.slot_config();
         let denied = |a: &&SocketAddr| {
             let dst = match a.ip() {
                 IpAddr::V4(ip) => Dest::v4(ip.octets(), a.port(), Proto::Udp),

@@ -61,3 +61,69 @@ fn unconfigured_slot_denies_everything_and_counts_no_policy() {
 fn out_of_range_slot_denies_everything_and_counts_internal_error() {
     check_denies_and_counts(MAX_SLOTS + 3, Reason::DenyInternal);
 }
+
+/// An IPv6 header to the remote end of the veth pair, with `next` as its next header, and
+/// `rest` after it.
+fn raw6_packet(next: u8, rest: &[u8]) -> String {
+    let mut p = vec![0x60, 0, 0, 0, 0, 0, next, 64];
+    p.extend_from_slice(
+        &"fd00:e9::1"
+            .parse::<std::net::Ipv6Addr>()
+            .expect("literal")
+            .octets(),
+    );
+    p.extend_from_slice(
+        &"fd00:e9::2"
+            .parse::<std::net::Ipv6Addr>()
+            .expect("literal")
+            .octets(),
+    );
+    let len = u16::try_from(rest.len()).expect("short");
+    p[4..6].copy_from_slice(&len.to_be_bytes());
+    p.extend_from_slice(rest);
+    let hex: String = p.iter().map(|b| format!("{b:02x}")).collect();
+    format!("raw6 fd00:e9::2 {hex}")
+}
+
+/// A packet whose IPv6 header chain is cut off (a hop-by-hop header announced, none there),
+/// sent whole from a raw socket (root, with `allow_other_socket_types`), is dropped by the
+/// per-packet check as unreadable and counted as such; the same packet with its hop-by-hop
+/// header, or with no next header, leaves.
+#[test]
+fn a_truncated_raw_packet_is_dropped_and_counted_as_unreadable() {
+    use egress_agent::compile::Resolved;
+    use egress_agent::enforcer::Enforcer;
+    let Some(tb) = testbed() else { return };
+    egress_agent::kernel::mip6::check_always();
+    let cgroup = tb.cgroups.child("kerr-raw").expect("child cgroup");
+    let yaml = egress_tests::policy::PolicyYaml::new()
+        .allow_other_socket_types(true)
+        .render();
+    let policy = egress_agent::policy::parse_str(&yaml, std::path::Path::new("raw.yaml"))
+        .expect("the policy parses");
+    let slot = 2;
+    let mut enforcer = Enforcer::start(policy, Resolved::new(), slot).expect("starting");
+    enforcer.attach(&cgroup).expect("attaching");
+
+    const NO_NEXT_HEADER: u8 = 59;
+    const HOP_BY_HOP: u8 = 0;
+    let cut = raw6_packet(HOP_BY_HOP, &[]);
+    let plain = raw6_packet(NO_NEXT_HEADER, &[]);
+    let with_hop = raw6_packet(HOP_BY_HOP, &[NO_NEXT_HEADER, 0, 1, 4, 0, 0, 0, 0]);
+    let out = tb.run_in_cgroup_ns_as_root(tb.client(), &cgroup, &[&cut, &plain, &with_hop]);
+    out.assert_errno(&cut, libc::EPERM);
+    out.assert_ok(&plain);
+    out.assert_ok(&with_hop);
+    let maps = enforcer.maps();
+    assert_eq!(
+        (
+            maps.counter(slot, Reason::DenyPacketUnreadable, Proto::Other)
+                .expect("counter"),
+            maps.counter(slot, Reason::DenyRoutingHeader, Proto::Other)
+                .expect("counter"),
+        ),
+        (1, 0),
+        "{}",
+        out.describe()
+    );
+}

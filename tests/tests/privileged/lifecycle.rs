@@ -473,3 +473,93 @@ fn a_reload_that_fails_half_way_leaves_nothing_that_a_later_policy_could_inherit
     assert!(agent.signal(Signal::SIGTERM).success());
     assert_eq!(detach(tb.client(), &cg).0, 0);
 }
+
+/// A reload that fails half-way through writing the maps: the capacity check passes (it
+/// cannot count the addresses host names resolve to), the address map was made small with
+/// `--max-entries addresses=16`, and the new policy's host name resolves to 20 addresses, so
+/// the write fails after the new policy's port entries are in. The policy in force stays, and
+/// a later policy (with its ports in the port map, like the failed one's) inherits nothing.
+#[test]
+fn a_reload_that_overfills_a_map_fails_half_way_and_a_later_policy_inherits_nothing() {
+    let Some(tb) = testbed() else { return };
+    let listener = tb
+        .listen_tcp(format!("{ALLOWED}:9999").parse().unwrap())
+        .unwrap();
+    let dns = (1..=20)
+        .fold(
+            egress_tests::dnsmasq::Dnsmasq::config().listen(ALLOWED.parse().unwrap()),
+            |c, i| {
+                c.host(
+                    "many.halfway.test",
+                    format!("198.18.9.{i}").parse().unwrap(),
+                )
+            },
+        )
+        .start(tb.remote())
+        .unwrap();
+    let cg = tb.cgroups.child("halfway-dns").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("policy.yaml");
+    let first = PolicyYaml::new().allowed_resolvers(&[ALLOWED]).allow_cidr(
+        "198.18.0.2/32",
+        &[8443],
+        &["tcp"],
+    );
+    std::fs::write(&path, first.render()).unwrap();
+    let mut agent = run_agent(&tb, &path, &cg, &["--max-entries", "addresses=16"]);
+
+    let failing = PolicyYaml::new()
+        .allowed_resolvers(&[ALLOWED])
+        .allow_cidr("198.18.0.2/32", &[9999, 9998, 9997], &["tcp"])
+        .allow_host("many.halfway.test", &[443], &["tcp"]);
+    let tmp = dir.path().join("policy.yaml.new");
+    std::fs::write(&tmp, failing.render()).unwrap();
+    std::fs::rename(&tmp, &path).unwrap();
+    agent.wait_for("applying the reloaded policy failed");
+    assert!(agent.log().contains("EGRESS_EXACT"), "{}", agent.log());
+    assert!(
+        !dns.queries_for("many.halfway.test").is_empty(),
+        "the name was never resolved: {}",
+        agent.log()
+    );
+    let r = finish(workload(
+        &tb,
+        &cg,
+        tb.client(),
+        &[
+            format!("connect tcp4 {ALLOWED} 9999"),
+            format!("connect tcp4 {ALLOWED} 8443"),
+        ],
+    ));
+    assert_eq!(
+        (r[0].errno, r[1].errno == Some(libc::EPERM)),
+        (Some(libc::EPERM), false),
+        "after the failed reload the first policy must still be in force: {r:?}\n{}",
+        agent.log()
+    );
+
+    let good = PolicyYaml::new().allowed_resolvers(&[ALLOWED]).allow_cidr(
+        "198.18.0.2/32",
+        &[8443, 8444, 8445],
+        &["tcp"],
+    );
+    std::fs::write(&tmp, good.render()).unwrap();
+    std::fs::rename(&tmp, &path).unwrap();
+    agent.wait_for("\"policy reloaded\"");
+    let r = finish(workload(
+        &tb,
+        &cg,
+        tb.client(),
+        &[format!("connect tcp4 {ALLOWED} 9999")],
+    ));
+    assert_eq!(
+        r[0].errno,
+        Some(libc::EPERM),
+        "a port of the failed policy came into force: {r:?}\n{}",
+        agent.log()
+    );
+    std::thread::sleep(SETTLE);
+    assert_eq!(listener.connections(), 0);
+    assert!(agent.signal(nix::sys::signal::Signal::SIGTERM).success());
+    assert_eq!(detach(tb.client(), &cg).0, 0);
+}

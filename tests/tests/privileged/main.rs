@@ -27,6 +27,8 @@ mod inbound;
 mod kernel_errors;
 mod learn;
 mod lifecycle;
+mod limits;
+mod loopback;
 mod ratelimit;
 mod reroute;
 mod restrictions;

@@ -325,9 +325,12 @@ impl LearnError {
 
 /// The starting policy: the given file's, or one that allows nothing. Run in audit mode in
 /// both cases: learn is asked for by name, and writes an enforced policy.
-pub fn start_policy(path: Option<&std::path::Path>) -> Result<Policy, LearnError> {
+pub fn start_policy(
+    path: Option<&std::path::Path>,
+    limits: &egress_policy::capacity::MapLimits,
+) -> Result<Policy, LearnError> {
     let mut policy = match path {
-        Some(p) => crate::supervisor::session::load_policy(p)?,
+        Some(p) => crate::supervisor::session::load_policy(p, limits)?,
         None => egress_policy::parse_str(
             "egress_policy:\n  name: learned\n  default_action: DENY\n  allowed_destinations: []\n",
             std::path::Path::new("learned.yaml"),
@@ -341,7 +344,7 @@ pub fn start_policy(path: Option<&std::path::Path>) -> Result<Policy, LearnError
 /// `learn`: runs the workload like `exec` and writes the learned policy to `out`. Returns the
 /// workload's exit code.
 pub async fn run(args: crate::cli::LearnArgs) -> Result<u8, LearnError> {
-    let start = start_policy(args.policy.as_deref())?;
+    let start = start_policy(args.policy.as_deref(), &args.kernel.maps.limits())?;
     let command = args
         .command
         .iter()

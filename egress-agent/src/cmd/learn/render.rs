@@ -36,7 +36,10 @@ pub fn render(
             DefaultAction::Allow => "ALLOW",
         }
     );
-    if !policy.allow_loopback {
+    if !policy.loopback_ports.is_empty() {
+        let ports: Vec<String> = policy.loopback_ports.iter().map(u16::to_string).collect();
+        let _ = writeln!(y, "  loopback: {{ports: [{}]}}", ports.join(", "));
+    } else if !policy.allow_loopback {
         y.push_str("  allow_loopback: false\n");
     }
     if policy.allow_other_socket_types {

@@ -43,7 +43,7 @@ fn allowed(p: &Policy, addr: &str, port: u16, proto: Proto) -> bool {
 
 #[test]
 fn names_become_host_rules_and_bare_addresses_single_address_cidrs() {
-    let start = match start_policy(None) {
+    let start = match start_policy(None, &egress_policy::capacity::MapLimits::default()) {
         Ok(p) => p,
         Err(e) => panic!("{e}"),
     };

@@ -72,6 +72,26 @@ pub fn ping4(to: std::net::Ipv4Addr) -> OpResult {
     Ok(())
 }
 
+/// An IPPROTO_RAW IPv6 socket takes the packet's header from the data (IPV6_HDRINCL is
+/// implied); `to` only routes it.
+pub fn raw6(to: std::net::Ipv6Addr, packet: &[u8]) -> OpResult {
+    let sock = new_socket(Family::V6, libc::SOCK_RAW, libc::IPPROTO_RAW)?;
+    let fd = sock.as_raw_fd();
+    let sa = sock_addr(Family::V6, SocketAddr::new(IpAddr::V6(to), 0));
+    // SAFETY: sendto with a valid buffer and address.
+    check(unsafe {
+        libc::sendto(
+            fd,
+            packet.as_ptr().cast(),
+            packet.len(),
+            0,
+            sa.ptr(),
+            sa.socklen(),
+        )
+    } as libc::c_int)?;
+    Ok(())
+}
+
 /// setsockopt(fd, level, name, value) with `value`'s bytes.
 pub fn setsockopt_bytes(
     fd: RawFd,

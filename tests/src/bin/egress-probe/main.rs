@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use egress_tests::probe::{ProbeResult, errno_name};
 
-use crate::bypass::{cmsg_send, ping4, set_sockopt, srh6};
+use crate::bypass::{cmsg_send, ping4, raw6, set_sockopt, srh6};
 use crate::dnsloop::{dns_loop, dns_serve};
 use crate::listen::listen;
 use crate::load::{flood, hammer};
@@ -142,6 +142,7 @@ fn run(op: &Op) -> ProbeResult {
         Action::Flood(f, a, n) => return flood(text, *f, *a, *n),
         Action::Srh6(via, a, data) => srh6(*via, *a, data),
         Action::Ping4(a) => ping4(*a),
+        Action::Raw6(a, bytes) => raw6(*a, bytes),
         Action::Hammer(threads, n, inner) => return hammer(text, *threads, *n, inner),
         Action::Dns(mode, f, addr, name, n) => return dns(text, *mode, *f, *addr, name, *n),
         Action::Resolve(r) => return resolve(text, r),

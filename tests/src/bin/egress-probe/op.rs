@@ -43,6 +43,8 @@ pub enum Action {
     Srh6(std::net::Ipv6Addr, SocketAddr, Vec<u8>),
     /// One ICMP echo request from a ping socket.
     Ping4(std::net::Ipv4Addr),
+    /// One IPv6 packet written whole (header included) to ADDR from an IPPROTO_RAW socket.
+    Raw6(std::net::Ipv6Addr, Vec<u8>),
     Hammer(usize, u64, Box<Op>),
     Dns(DnsMode, Family, SocketAddr, String, u64),
     Resolve(Box<Resolve>),

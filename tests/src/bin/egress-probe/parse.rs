@@ -148,6 +148,16 @@ pub fn parse_op(text: &str) -> Result<Op, String> {
                     .map_err(|_| bad("ADDR must be an IPv4 address"))?,
             )
         }
+        "raw6" => {
+            exact(3)?;
+            let addr = fields[1]
+                .parse()
+                .map_err(|_| bad("ADDR must be an IPv6 address"))?;
+            let bytes = parse_hex(fields[2])
+                .filter(|b| !b.is_empty() && b.len() <= 65535)
+                .ok_or_else(|| bad("HEX must be 1..=65535 bytes as pairs of hex digits"))?;
+            Action::Raw6(addr, bytes)
+        }
         "ignore-sigterm" => {
             exact(1)?;
             Action::IgnoreStop

@@ -32,6 +32,28 @@ fn data_is_the_rest_of_the_op() {
 }
 
 #[test]
+fn raw6_takes_an_address_and_the_whole_packet() {
+    match parse_op("raw6 fd00:e9::2 6000000000003b40")
+        .expect("valid op")
+        .action
+    {
+        Action::Raw6(addr, bytes) => {
+            assert_eq!(addr, "fd00:e9::2".parse::<Ipv6Addr>().expect("literal"));
+            assert_eq!(bytes, [0x60, 0, 0, 0, 0, 0, 0x3b, 0x40]);
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    for bad in [
+        "raw6 198.18.0.2 60",
+        "raw6 fd00:e9::2 6",
+        "raw6 fd00:e9::2",
+        "raw6 ::1 zz",
+    ] {
+        assert!(parse_op(bad).is_err(), "{bad}");
+    }
+}
+
+#[test]
 fn malformed_ops_are_rejected() {
     for bad in [
         "",

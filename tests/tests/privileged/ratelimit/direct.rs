@@ -186,7 +186,13 @@ impl Direct {
 
 fn compiled(p: &Policy, policy_id: u32) -> (Compiled, CompiledLimits) {
     (
-        compile(p, policy_id, &Resolved::new(), egress_agent::dns::doh_list(), &mut SetIds::default()),
+        compile(
+            p,
+            policy_id,
+            &Resolved::new(),
+            egress_agent::dns::doh_list(),
+            &mut SetIds::default(),
+        ),
         compile_limits(p, policy_id),
     )
 }

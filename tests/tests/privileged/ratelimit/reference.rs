@@ -110,7 +110,12 @@ fn kernel_rate_limits_agree_with_the_reference() {
         let mut rates = ratelimit::reference::Reference::new();
         let mut disagreements = Vec::new();
         for ((op, dst), result) in ops.iter().zip(&out.results) {
-            let base = reference::decide(&policy, &Resolved::new(), egress_agent::dns::doh_list(), dst);
+            let base = reference::decide(
+                &policy,
+                &Resolved::new(),
+                egress_agent::dns::doh_list(),
+                dst,
+            );
             let want = rates.judge(&policy, base, dst, 0);
             *tally.entry(want.reason.as_str()).or_default() += 1;
             if result.failed_with(EPERM) == want.allowed() {

@@ -178,7 +178,13 @@ fn load_egress(
             .join("; ")
     );
     let t = Instant::now();
-    let compiled = compile(&policy, 1, &Resolved::new(), egress_agent::dns::doh_list(), &mut SetIds::default());
+    let compiled = compile(
+        &policy,
+        1,
+        &Resolved::new(),
+        egress_agent::dns::doh_list(),
+        &mut SetIds::default(),
+    );
     let compile_time = t.elapsed();
     let t = Instant::now();
     let mut enforcer = Enforcer::start(policy, Resolved::new(), slot)?;
