@@ -7,19 +7,20 @@
 //! entries covering it say: a deny anywhere above makes it a deny, and its port set is the
 //! union of the port sets of every allow rule above it.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use egress_common::{
     Family, PortKey, Proto, RuleKey, RuleValue,
     maps::{
-        ACTION_ALLOW, ACTION_DENY, InlinePort, MAX_INLINE_PORTS, MAX_LOOPBACK_PORTS, RULE_DOH_BIT,
-        RULE_KEY_FIXED_BITS, SLOT_ALLOW_LOOPBACK, SLOT_ALLOW_OTHER_SOCKETS, SLOT_LOOPBACK_PORTS,
+        ACTION_ALLOW, ACTION_DENY, MAX_LOOPBACK_PORTS, RULE_DOH_BIT, RULE_KEY_FIXED_BITS,
+        SLOT_ALLOW_LOOPBACK, SLOT_ALLOW_OTHER_SOCKETS, SLOT_LOOPBACK_PORTS,
     },
 };
 use ipnet::IpNet;
 
 use crate::doh::DohList;
+pub use crate::ports::{SetIds, inline_ports, port_entries, port_pairs};
 use crate::{HostPattern, Policy, Target, Transport};
 
 /// Addresses each exact host name of the policy resolved to.
@@ -77,31 +78,6 @@ impl Compiled {
     /// Prefix and address entries together.
     pub fn entries(&self) -> usize {
         self.rules.len() + self.exact.len()
-    }
-}
-
-/// Hands out port-set ids and keeps them stable for the life of one policy id, so that a
-/// recompile (for example after a DNS refresh) never changes what an existing set id means
-/// while the kernel may be reading it.
-#[derive(Clone, Debug, Default)]
-pub struct SetIds {
-    ids: HashMap<Vec<u32>, u32>,
-    next: u32,
-}
-
-impl SetIds {
-    fn id_for(&mut self, rules: &[u32]) -> u32 {
-        if let Some(&id) = self.ids.get(rules) {
-            return id;
-        }
-        self.next += 1;
-        self.ids.insert(rules.to_vec(), self.next);
-        self.next
-    }
-
-    /// Forgets sets no entry uses any more.
-    fn retain_used(&mut self, used: &BTreeSet<u32>) {
-        self.ids.retain(|_, id| used.contains(id));
     }
 }
 
@@ -232,7 +208,7 @@ pub fn compile_with_deadlines(
                 );
             }
         } else if let Some(&first) = allow.first() {
-            let set_id = sets.id_for(&allow);
+            let (set_id, _) = sets.id_for(&allow);
             let pairs = port_pairs(policy, &allow);
             if used_sets.insert(set_id) {
                 compiled
@@ -265,59 +241,6 @@ pub fn compile_with_deadlines(
     }
     sets.retain_used(&used_sets);
     compiled
-}
-
-/// Every (protocol, port) that the allow rules `allow` open, with the lowest-numbered rule
-/// opening it.
-pub fn port_pairs(policy: &Policy, allow: &[u32]) -> BTreeMap<(u16, u8), u32> {
-    let mut pairs: BTreeMap<(u16, u8), u32> = BTreeMap::new();
-    for &rule_id in allow {
-        let Some(rule) = policy.allowed.get(rule_id as usize) else {
-            continue;
-        };
-        for (transport, port) in rule.transport_ports() {
-            pairs
-                .entry((port, proto(transport) as u8))
-                .or_insert(rule_id);
-        }
-    }
-    pairs
-}
-
-/// The port-map entries of set `set_id` holding `pairs`.
-pub fn port_entries(
-    policy_id: u32,
-    set_id: u32,
-    pairs: &BTreeMap<(u16, u8), u32>,
-) -> impl Iterator<Item = (PortKey, u32)> + '_ {
-    pairs.iter().map(move |(&(port, p), &rule_id)| {
-        let p = if p == Proto::Udp as u8 {
-            Proto::Udp
-        } else {
-            Proto::Tcp
-        };
-        (PortKey::new(policy_id, set_id, port, p), rule_id)
-    })
-}
-
-/// The pairs as a value's inline ports when they fit (count 1 or 2), else none (count 0: the
-/// port map holds the set).
-pub fn inline_ports(
-    pairs: &BTreeMap<(u16, u8), u32>,
-) -> ([InlinePort; MAX_INLINE_PORTS as usize], u8) {
-    let mut inline = [InlinePort::default(); MAX_INLINE_PORTS as usize];
-    if pairs.is_empty() || pairs.len() > inline.len() {
-        return (inline, 0);
-    }
-    for (slot, (&(port, proto), &rule_id)) in inline.iter_mut().zip(pairs) {
-        *slot = InlinePort {
-            port,
-            proto,
-            _pad: 0,
-            rule_id,
-        };
-    }
-    (inline, u8::try_from(pairs.len()).unwrap_or(0))
 }
 
 /// The known DNS-over-HTTPS provider addresses a policy with `block_doh` denies, each with the
@@ -376,7 +299,7 @@ fn index(i: usize) -> u32 {
     u32::try_from(i).unwrap_or(u32::MAX)
 }
 
-fn proto(t: Transport) -> Proto {
+pub(crate) fn proto(t: Transport) -> Proto {
     match t {
         Transport::Tcp => Proto::Tcp,
         Transport::Udp => Proto::Udp,

@@ -16,11 +16,7 @@ use egress_common::{
 };
 
 use crate::Policy;
-use crate::compile::{inline_ports, port_entries, port_pairs};
-
-/// Port-set ids of learned entries start here, far from the ids `compile` hands out (which
-/// count up from 1), so the two never share an id under one policy id.
-pub const LEARNED_SET_BASE: u32 = 1 << 31;
+use crate::ports::{SetIds, inline_ports, port_entries, port_pairs};
 
 /// What the kernel maps must change to match the table.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -48,9 +44,7 @@ pub struct LearnedTable {
     names: HashMap<String, NameEntry>,
     by_addr: HashMap<IpAddr, BTreeSet<String>>,
     /// Rule set -> port-set id, for this policy id; each set's port entries are written once.
-    sets: HashMap<Vec<u32>, u32>,
-    /// The next port-set id to hand out (ids are never reused under one policy id).
-    next_set: u32,
+    sets: SetIds,
     /// What is in the kernel map now.
     installed: BTreeMap<RuleKey, RuleValue>,
 }
@@ -62,8 +56,7 @@ impl LearnedTable {
             max_per_name: max_per_name.max(1),
             names: HashMap::new(),
             by_addr: HashMap::new(),
-            sets: HashMap::new(),
-            next_set: LEARNED_SET_BASE,
+            sets: SetIds::learned(),
             installed: BTreeMap::new(),
         }
     }
@@ -150,7 +143,7 @@ impl LearnedTable {
             self.installed.remove(key);
         }
         let sets: BTreeSet<u32> = w.ports.iter().map(|(k, _)| k.set_id).collect();
-        self.sets.retain(|_, id| !sets.contains(id));
+        self.sets.forget(&sets);
     }
 
     /// Drops every (name, address) whose deadline is before `now_s`, and the entries no name
@@ -236,18 +229,12 @@ impl LearnedTable {
         }
         let rules: Vec<u32> = rules.into_iter().collect();
         let pairs = port_pairs(policy, &rules);
-        let set_id = match self.sets.get(&rules) {
-            Some(id) => *id,
-            None => {
-                let id = self.next_set;
-                self.next_set = self.next_set.wrapping_add(1).max(LEARNED_SET_BASE);
-                self.sets.insert(rules.clone(), id);
-                writes
-                    .ports
-                    .extend(port_entries(self.policy_id, id, &pairs));
-                id
-            }
-        };
+        let (set_id, new) = self.sets.id_for(&rules);
+        if new {
+            writes
+                .ports
+                .extend(port_entries(self.policy_id, set_id, &pairs));
+        }
         let (inline, n_inline) = inline_ports(&pairs);
         let family = family_of(addr);
         let value = RuleValue {

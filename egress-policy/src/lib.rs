@@ -35,6 +35,7 @@ pub mod lint;
 mod model;
 pub mod names;
 mod parse;
+pub mod ports;
 pub mod reference;
 mod support;
 
